@@ -1,0 +1,725 @@
+"""Loading rank1 checkpoints on plain transformers: dtype, device placement, quantization, planning.
+
+Everything a user can get wrong here (a missing path, a missing optional extra, a bad ``max_memory``
+string, an unknown quantization name) becomes a one-line :class:`Rank1Error`, not a traceback.
+
+Three kinds of weights are handled:
+
+* full precision checkpoints (rank1-7b/-14b/-32b, rank1-llama3-8b, rank1-mistral-2501-24b);
+* the ``-awq`` variants: AutoAWQ int4 GEMM (group 128, zero point). They are recognised from
+  ``config.json``'s ``quantization_config`` and need no flag; transformers 5 runs them through
+  gptqmodel (``pip install 'rank1-hf[awq]'``);
+* on-the-fly bitsandbytes quantization of a full precision checkpoint (``quantization="bnb-4bit"`` or
+  ``"bnb-8bit"``; ``pip install 'rank1-hf[bnb]'``).
+
+Several GPUs are used model-parallel (whole decoder layers per device) through accelerate's device
+maps; :func:`plan_device_map` shows such a split without loading any weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import logging
+import os
+import re
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Union
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from rank1_hf.errors import Rank1Error
+
+__all__ = [
+    "QUANTIZATIONS",
+    "Plan",
+    "format_plan",
+    "input_device",
+    "is_awq_config",
+    "load_model",
+    "output_device",
+    "parse_max_memory",
+    "plan_device_map",
+    "resolve_dtype",
+]
+
+DeviceKey = Union[int, str]
+MaxMemory = dict[DeviceKey, Union[int, str]]
+DtypeLike = Union[str, torch.dtype, None]
+
+#: The quantization names ``load_model(quantization=...)`` accepts (besides a BitsAndBytesConfig).
+QUANTIZATIONS = ("bnb-4bit", "bnb-8bit")
+
+#: device_map strategies that accelerate computes from ``max_memory``.
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+_DTYPE_NAMES: dict[str, torch.dtype] = {
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+}
+
+# Pad token candidates, most preferred first. A pad token only ever fills left-padding that the
+# attention mask hides, so any token works; a dedicated or reserved one keeps pads from being mistaken
+# for a real end of text (eos) when outputs are post-processed.
+_PAD_CANDIDATES = (
+    "<|finetune_right_pad_id|>",  # Llama 3.1: reserved for exactly this
+    "<pad>",  # Mistral (Tekken, SentencePiece)
+    "[PAD]",
+    "<|pad|>",
+    "<|endoftext|>",  # Qwen2.5's own pad
+)
+
+_SIZE_RE = re.compile(r"^\d+(\.\d+)?\s*([KMGT]i?B)$", re.IGNORECASE)
+
+
+# --------------------------------------------------------------------------------------------------
+# small helpers
+
+
+def _first_line(error: BaseException) -> str:
+    """The first non-empty line of an exception's message (transformers' messages run to paragraphs)."""
+    for line in str(error).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(error).__name__
+
+
+def _require(module: str, extra: str, why: str) -> None:
+    """Import an optional dependency or raise a Rank1Error that says which extra to install."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        raise Rank1Error(f"{why}; install the extra: pip install 'rank1-hf[{extra}]'") from None
+
+
+def _hub_offline() -> bool:
+    """True when the Hugging Face hub is switched off (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE)."""
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
+            return True
+    try:
+        from huggingface_hub import constants
+
+        return bool(constants.HF_HUB_OFFLINE)
+    except Exception:  # pragma: no cover - an old or odd huggingface_hub
+        return False
+
+
+def _looks_like_path(name: str) -> bool:
+    """A name the user meant as a directory rather than a hub id ("org/model")."""
+    return name.startswith(("/", "./", "../", "~", ".\\")) or name.count("/") > 1 or "\\" in name
+
+
+def _cannot_load(name: str, error: BaseException) -> Rank1Error:
+    """Turn a config/tokenizer/weights loading failure into a one-line Rank1Error."""
+    if os.path.isdir(name):
+        return Rank1Error(f"cannot load model '{name}': {_first_line(error)}")
+    if _looks_like_path(name):
+        return Rank1Error(f"cannot load model '{name}': no such local directory")
+    if _hub_offline():
+        return Rank1Error(
+            f"cannot load model '{name}': not a local directory and the Hugging Face hub is unreachable (offline)"
+        )
+    return Rank1Error(
+        f"cannot load model '{name}': not a local directory and not fetched from the Hugging Face hub "
+        f"({_first_line(error)})"
+    )
+
+
+def _load_config(name: str, *, trust_remote_code: bool = False, revision: str | None = None) -> PretrainedConfig:
+    try:
+        return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code, revision=revision)
+    except (OSError, ValueError, KeyError) as error:  # HFValidationError is a ValueError
+        raise _cannot_load(name, error) from None
+
+
+def _quant_method(config: PretrainedConfig) -> str | None:
+    qc = getattr(config, "quantization_config", None)
+    if qc is None:
+        return None
+    method = qc.get("quant_method") if isinstance(qc, Mapping) else getattr(qc, "quant_method", None)
+    return str(getattr(method, "value", method)).lower() if method is not None else None
+
+
+def is_awq_config(config: PretrainedConfig) -> bool:
+    """True for a checkpoint whose config.json declares an AWQ ``quantization_config``."""
+    return _quant_method(config) == "awq"
+
+
+def _awq_group_size(config: PretrainedConfig) -> int:
+    qc = config.quantization_config
+    group = qc.get("group_size", 128) if isinstance(qc, Mapping) else getattr(qc, "group_size", 128)
+    return int(group)
+
+
+def _checkpoint_dtype(config: PretrainedConfig) -> torch.dtype:
+    """The dtype the weights were saved in (config ``dtype``/``torch_dtype``); float32 if unstated."""
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(value, torch.dtype):
+        return value
+    if isinstance(value, str) and value in _DTYPE_NAMES:
+        return _DTYPE_NAMES[value]
+    return torch.float32
+
+
+def _parse_dtype(dtype: DtypeLike) -> torch.dtype | None:
+    """A torch dtype from a name or dtype; None for None/"auto"."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        if dtype is not None and dtype not in _DTYPE_NAMES.values():
+            raise Rank1Error(f"unsupported dtype {dtype}; use float16, bfloat16, float32 or auto")
+        return dtype
+    name = str(dtype).strip().lower().removeprefix("torch.")
+    if name == "auto":
+        return None
+    if name not in _DTYPE_NAMES:
+        raise Rank1Error(f"unknown dtype '{dtype}'; use float16, bfloat16, float32 or auto")
+    return _DTYPE_NAMES[name]
+
+
+def resolve_dtype(dtype: DtypeLike, config: PretrainedConfig, *, on_gpu: bool) -> torch.dtype:
+    """The dtype the model will compute in.
+
+    ``None``/``"auto"``: AWQ checkpoints -> float16; otherwise the checkpoint's own dtype when the model
+    goes on a GPU, and float32 on a CPU-only placement (half precision matmuls on CPU are slow on many
+    processors and lose accuracy for no memory benefit worth the risk). An explicit dtype is kept, except
+    that AWQ refuses float32 (its kernels compute in float16 or bfloat16).
+    """
+    wanted = _parse_dtype(dtype)
+    if is_awq_config(config):
+        if wanted is None:
+            return torch.float16
+        if wanted == torch.float32:
+            raise Rank1Error("AWQ checkpoints compute in float16 or bfloat16, not float32; pass dtype='float16'")
+        return wanted
+    if wanted is not None:
+        return wanted
+    return _checkpoint_dtype(config) if on_gpu else torch.float32
+
+
+def _resolve_device_map(device_map: Any, max_memory: MaxMemory | None) -> str | dict[str, Any]:
+    """A device map transformers accepts: a strategy name or a dict (module prefix -> device)."""
+    if device_map is None:
+        if max_memory:
+            return "auto"  # a memory budget only makes sense with a computed split
+        return {"": "cuda:0" if torch.cuda.is_available() else "cpu"}
+    if isinstance(device_map, Mapping):
+        return dict(device_map)
+    if isinstance(device_map, (int, torch.device)):
+        return {"": device_map}
+    if isinstance(device_map, str):
+        if device_map in DEVICE_MAP_STRATEGIES:
+            return device_map
+        try:
+            return {"": str(torch.device(device_map))}
+        except RuntimeError:
+            pass
+    raise Rank1Error(
+        f"bad device_map {device_map!r}; use None, a device ('cpu', 'cuda:0'), a dict, or one of "
+        + ", ".join(DEVICE_MAP_STRATEGIES)
+    )
+
+
+def _map_uses_gpu(device_map: str | dict[str, Any]) -> bool:
+    """Whether weights will sit on an accelerator (decides the "auto" dtype)."""
+    if isinstance(device_map, str):
+        return torch.cuda.is_available()
+    for device in device_map.values():
+        if isinstance(device, int):
+            return True
+        if str(device) not in ("cpu", "disk", "meta"):
+            return True
+    return False
+
+
+def _map_uses_disk(device_map: str | dict[str, Any], max_memory: MaxMemory | None) -> bool:
+    if isinstance(device_map, dict) and "disk" in device_map.values():
+        return True
+    return bool(max_memory) and "disk" in max_memory
+
+
+def parse_max_memory(spec: str | Mapping[Any, Any]) -> MaxMemory:
+    """Parse ``"0=40GiB,1=40GiB,cpu=100GiB"`` (or check a dict) into accelerate's ``max_memory``.
+
+    Keys: GPU index (``0``, ``cuda:1``), ``cpu``, ``disk`` or ``mps``. Values: a size with a unit
+    (``40GiB``, ``500MB``; binary units are powers of 1024, decimal ones of 1000) or a byte count.
+    """
+    if isinstance(spec, Mapping):
+        items = [(str(k), str(v)) for k, v in spec.items()]
+    else:
+        items = []
+        for part in str(spec).split(","):
+            if not part.strip():
+                continue
+            key, sep, value = part.partition("=")
+            if not sep:
+                raise Rank1Error(f"bad max_memory entry '{part.strip()}'; write DEVICE=SIZE, e.g. 0=40GiB,cpu=100GiB")
+            items.append((key, value))
+    if not items:
+        raise Rank1Error("empty max_memory; write DEVICE=SIZE pairs, e.g. 0=40GiB,cpu=100GiB")
+    result: MaxMemory = {}
+    for raw_key, raw_value in items:
+        key_text, value = raw_key.strip().lower(), raw_value.strip()
+        key: DeviceKey
+        if key_text.isdigit():
+            key = int(key_text)
+        elif key_text.startswith("cuda:") and key_text[5:].isdigit():
+            key = int(key_text[5:])
+        elif key_text in ("cpu", "disk", "mps"):
+            key = key_text
+        else:
+            raise Rank1Error(f"bad max_memory device '{raw_key.strip()}'; use a GPU index (0, 1, ...), cpu or disk")
+        if value.isdigit():
+            result[key] = int(value)
+        elif _SIZE_RE.match(value):
+            result[key] = value.replace(" ", "")
+        else:
+            raise Rank1Error(f"bad max_memory size '{value}' for device {key}; write e.g. 40GiB, 500MB or a byte count")
+    return result
+
+
+def _size_to_bytes(value: int | str) -> int:
+    from accelerate.utils import convert_file_size_to_int
+
+    return int(convert_file_size_to_int(value))
+
+
+def _quantization_config(quantization: Any, config: PretrainedConfig, dtype: torch.dtype, on_gpu: bool) -> Any:
+    """The transformers quantization config for ``load_model(quantization=...)`` (None for none)."""
+    if quantization is None or (isinstance(quantization, str) and quantization.lower() in ("", "none")):
+        return None
+    if _quant_method(config) is not None:
+        raise Rank1Error(
+            f"this checkpoint is already quantized ({_quant_method(config)}); drop quantization={quantization!r}"
+        )
+    if not isinstance(quantization, str):
+        from transformers.utils.quantization_config import QuantizationConfigMixin
+
+        if not isinstance(quantization, QuantizationConfigMixin):
+            raise Rank1Error(f"bad quantization {quantization!r}; use one of: {', '.join(QUANTIZATIONS)}")
+        method = getattr(quantization, "quant_method", "")
+        if str(getattr(method, "value", method)) == "bitsandbytes":
+            _require("bitsandbytes", "bnb", "bitsandbytes quantization needs the bitsandbytes package")
+        return quantization  # passed through untouched: the caller chose every setting
+    name = quantization.strip().lower()
+    if name not in QUANTIZATIONS:
+        raise Rank1Error(f"unknown quantization '{quantization}'; use one of: {', '.join(QUANTIZATIONS)}")
+    _require("bitsandbytes", "bnb", f"quantization='{name}' needs the bitsandbytes package")
+    from transformers import BitsAndBytesConfig
+
+    if name == "bnb-8bit":
+        # LLM.int8 casts float32/bfloat16 activations to float16 and warns on every matmul of every
+        # forward pass; the cast is expected, the flood of warnings is not useful.
+        warnings.filterwarnings("ignore", message=r"MatMul8bitLt: inputs will be cast", category=UserWarning)
+        return BitsAndBytesConfig(load_in_8bit=True)
+    # nf4 with float16 compute on GPU (the fast bnb kernels); on CPU the compute dtype follows the
+    # model's dtype (float32 by default), which keeps CPU results close to full precision.
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.float16 if on_gpu and dtype != torch.float32 else dtype,
+    )
+
+
+def _choose_pad_token(tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """A pad token for a tokenizer that has none: a dedicated/reserved token if present, else eos."""
+    vocab = tokenizer.get_vocab()
+    for candidate in _PAD_CANDIDATES:
+        if candidate in vocab:
+            return candidate
+    reserved = sorted(t for t in vocab if re.fullmatch(r"<\|reserved_special_token_\d+\|>", t))
+    if reserved:
+        return reserved[0]
+    return tokenizer.eos_token
+
+
+def _load_tokenizer(name: str, *, trust_remote_code: bool, revision: str | None) -> PreTrainedTokenizerBase:
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            name, padding_side="left", trust_remote_code=trust_remote_code, revision=revision
+        )
+    except (OSError, ValueError, KeyError) as error:
+        raise _cannot_load(name, error) from None
+    # Decoder-only batching needs left padding: every row's last prompt token sits at position -1.
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        pad = _choose_pad_token(tokenizer)
+        if pad is None:
+            raise Rank1Error(f"cannot load model '{name}': its tokenizer has neither a pad nor an eos token")
+        tokenizer.pad_token = pad
+    return tokenizer
+
+
+# --------------------------------------------------------------------------------------------------
+# loading
+
+
+def load_model(
+    model_name_or_path: str,
+    *,
+    dtype: DtypeLike = None,
+    device_map: str | dict[str, Any] | int | torch.device | None = None,
+    max_memory: MaxMemory | str | None = None,
+    offload_folder: str | os.PathLike[str] | None = None,
+    quantization: str | Any | None = None,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a rank1 checkpoint and its tokenizer, ready for inference (``model.eval()``).
+
+    Args:
+        model_name_or_path: a local directory or a hub id (hub ids need the hub to be reachable).
+        dtype: ``None``/``"auto"``, ``"float16"``, ``"bfloat16"``, ``"float32"`` or a torch dtype.
+            Auto: AWQ checkpoints load in float16; other checkpoints in their saved dtype (bfloat16 for
+            rank1) when placed on a GPU, and in **float32 on a CPU-only placement**.
+        device_map: ``None`` puts the whole model on one device (``cuda:0`` if CUDA is available, else
+            ``cpu``; or ``"auto"`` when ``max_memory`` is given); a device name; ``"auto"``,
+            ``"balanced"``, ``"balanced_low_0"``, ``"sequential"`` (accelerate splits whole decoder
+            layers across GPUs, then CPU, then disk); or an explicit ``{module prefix: device}`` dict.
+        max_memory: per-device budget, ``{0: "40GiB", 1: "40GiB", "cpu": "100GiB"}`` or the same as a
+            string ``"0=40GiB,1=40GiB,cpu=100GiB"``.
+        offload_folder: directory for weights offloaded to disk (needed when any go there).
+        quantization: ``None``, ``"bnb-4bit"`` (nf4; float16 compute on GPU, the model dtype - float32
+            by default - on CPU), ``"bnb-8bit"`` (LLM.int8), or a transformers ``BitsAndBytesConfig`` (or
+            other quantization config) passed through. AWQ checkpoints need no flag.
+        trust_remote_code: run code shipped with the checkpoint (off unless asked; rank1 needs none).
+        revision: hub revision (branch, tag or commit).
+
+    Returns:
+        ``(model, tokenizer)``. The tokenizer pads on the left; if it had no pad token one is set: a
+        dedicated or reserved token when the vocabulary has one (``<|finetune_right_pad_id|>`` for
+        Llama 3, ``<pad>`` for Mistral), else eos. Padding is always masked, so the choice never changes
+        scores. Feed inputs to :func:`input_device` and read logits from :func:`output_device`.
+
+    Raises:
+        Rank1Error: unknown path/id, missing optional extra (``rank1-hf[awq]``, ``rank1-hf[bnb]``),
+            bad dtype/device_map/max_memory/quantization.
+    """
+    name = os.fspath(model_name_or_path)
+    config = _load_config(name, trust_remote_code=trust_remote_code, revision=revision)
+    if max_memory is not None:
+        max_memory = parse_max_memory(max_memory)  # also validates a dict
+    resolved_map = _resolve_device_map(device_map, max_memory)
+    on_gpu = _map_uses_gpu(resolved_map)
+
+    if is_awq_config(config):
+        # transformers 5 runs AWQ through gptqmodel; without it its error is a long traceback.
+        _require("gptqmodel", "awq", "this checkpoint is AWQ-quantized")
+    torch_dtype = resolve_dtype(dtype, config, on_gpu=on_gpu)
+    quant_config = _quantization_config(quantization, config, torch_dtype, on_gpu)
+
+    if _map_uses_disk(resolved_map, max_memory) and offload_folder is None:
+        raise Rank1Error("weights offloaded to disk need a folder: pass offload_folder=...")
+
+    kwargs: dict[str, Any] = {
+        "config": config,
+        "dtype": torch_dtype,
+        "device_map": resolved_map,
+        "trust_remote_code": trust_remote_code,
+        "revision": revision,
+    }
+    if max_memory:
+        kwargs["max_memory"] = max_memory
+    if offload_folder is not None:
+        kwargs["offload_folder"] = os.fspath(offload_folder)
+    if quant_config is not None:
+        kwargs["quantization_config"] = quant_config
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    except OSError as error:
+        raise _cannot_load(name, error) from None
+    except ValueError as error:
+        # e.g. accelerate decided to offload to disk with no folder, or a device that does not exist
+        if "offload" in str(error).lower():
+            raise Rank1Error(
+                f"cannot load model '{name}': the device map offloads to disk; pass offload_folder=..."
+            ) from None
+        raise
+    model.eval()
+
+    tokenizer = _load_tokenizer(name, trust_remote_code=trust_remote_code, revision=revision)
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None and generation_config.pad_token_id is None:
+        generation_config.pad_token_id = tokenizer.pad_token_id  # silences generate's pad warning
+    return model, tokenizer
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    """Where a module computes: its accelerate hook's execution device, else its weights' device.
+
+    Offloaded (cpu/disk) modules keep their weights on the meta device or on cpu and run on the
+    hook's execution device, so the hook has to be asked first.
+    """
+    hook = getattr(module, "_hf_hook", None)
+    hooks = list(getattr(hook, "hooks", ())) or ([hook] if hook is not None else [])
+    for h in hooks:
+        device = getattr(h, "execution_device", None)
+        if device is not None:
+            return torch.device(f"cuda:{device}" if isinstance(device, int) else device)
+    for tensor in module.parameters():
+        if tensor.device.type != "meta":
+            return tensor.device
+    return torch.device("cpu")
+
+
+def input_device(model: PreTrainedModel) -> torch.device:
+    """The device input ids must be on: the one the token embeddings compute on."""
+    return _module_device(model.get_input_embeddings())
+
+
+def output_device(model: PreTrainedModel) -> torch.device:
+    """The device logits come out on: the one ``lm_head`` computes on."""
+    head = model.get_output_embeddings()
+    return _module_device(head) if head is not None else input_device(model)
+
+
+# --------------------------------------------------------------------------------------------------
+# planning
+
+
+class _QuantizedLinearShape(nn.Module):
+    """A stand-in for a quantized Linear on the meta device: only its tensors' shapes and dtypes.
+
+    accelerate sizes a module by the bytes of its parameters and buffers, so giving the stand-in the
+    tensors the real quantized layer holds makes the plan count the quantized bytes.
+    """
+
+    def __init__(self, tensors: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
+        super().__init__()
+        for name, (shape, dtype) in tensors.items():
+            self.register_buffer(name, torch.empty(shape, dtype=dtype, device="meta"))
+
+
+def _quantized_tensors(
+    linear: nn.Linear, scheme: str, dtype: torch.dtype, group_size: int
+) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """The tensors a quantized version of ``linear`` holds.
+
+    awq: exact AutoAWQ GEMM layout - qweight int32 [in, out/8], qzeros int32 [in/g, out/8], scales
+        fp16 [in/g, out] (about 0.52 bytes per weight at group 128).
+    bnb-4bit: packed uint8 (0.5 byte per weight) + one float32 absmax per 64 weights (~0.56 B/weight).
+    bnb-8bit: int8 weight + one float32 scale per output row (~1 byte per weight).
+    """
+    n_in, n_out = linear.in_features, linear.out_features
+    if scheme == "awq":
+        groups = n_in // group_size if group_size > 0 else 1
+        tensors = {
+            "qweight": ((n_in, n_out // 8), torch.int32),
+            "qzeros": ((groups, n_out // 8), torch.int32),
+            "scales": ((groups, n_out), torch.float16),
+        }
+    elif scheme == "bnb-4bit":
+        tensors = {
+            "weight": ((n_in * n_out // 2, 1), torch.uint8),
+            "absmax": (((n_in * n_out + 63) // 64,), torch.float32),
+        }
+    else:  # bnb-8bit
+        tensors = {"weight": ((n_out, n_in), torch.int8), "SCB": ((n_out,), torch.float32)}
+    if linear.bias is not None:
+        tensors["bias"] = ((n_out,), dtype)
+    return tensors
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Where each part of a model would go, computed from its config alone (no weights read).
+
+    device_map: accelerate's map, module prefix -> device (GPU index, "cpu" or "disk").
+    layers: device -> indices of the decoder layers it holds (each layer lies whole on one device).
+    bytes_per_device: device -> bytes of weights placed there.
+    total_bytes: bytes of all weights.
+    max_memory: the budget per device, in bytes.
+    dtype: dtype of the unquantized weights.
+    quantization: "awq", "bnb-4bit", "bnb-8bit" or None; quantized sizes are counted from the real
+        quantized layouts (exact for AWQ, within a few percent for bitsandbytes).
+    """
+
+    device_map: dict[str, DeviceKey]
+    layers: dict[DeviceKey, list[int]]
+    bytes_per_device: dict[DeviceKey, int]
+    total_bytes: int
+    max_memory: dict[DeviceKey, int]
+    dtype: torch.dtype
+    quantization: str | None
+
+
+@contextmanager
+def _quiet(logger_names: tuple[str, ...]) -> Iterator[None]:
+    """Silence warnings such as accelerate's "Device 1 is not available" while planning fake GPUs."""
+    loggers = [logging.getLogger(n) for n in logger_names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _device_of(module_name: str, device_map: Mapping[str, DeviceKey]) -> DeviceKey | None:
+    """The device a module lands on: the entry of its longest prefix in the map."""
+    best, best_len = None, -1
+    for prefix, device in device_map.items():
+        if prefix == "" or module_name == prefix or module_name.startswith(prefix + "."):
+            if len(prefix) > best_len:
+                best, best_len = device, len(prefix)
+    return best
+
+
+def _meta_model(config: PretrainedConfig, dtype: torch.dtype) -> PreTrainedModel:
+    config = copy.deepcopy(config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # build the plain architecture; quantized layers are swapped in below
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def plan_device_map(
+    model_name_or_path_or_config: str | os.PathLike[str] | PretrainedConfig,
+    *,
+    max_memory: MaxMemory | str,
+    dtype: DtypeLike = "bfloat16",
+    quantization: str | None = None,
+    device_map: str = "auto",
+) -> Plan:
+    """Plan how a model would be split over devices, without loading or even allocating weights.
+
+    The model is built on the meta device from its config, quantized Linear layers are replaced by
+    stand-ins of the right byte size (AWQ from the config, or ``quantization="bnb-4bit"/"bnb-8bit"``),
+    and the split is computed the way ``from_pretrained`` does it: ``get_balanced_memory`` for
+    "auto"/"balanced"/"balanced_low_0", then ``infer_auto_device_map`` with the model's
+    ``_no_split_modules`` (e.g. Qwen2DecoderLayer), so no decoder layer is ever cut in two.
+    GPU indices in ``max_memory`` need not exist on this machine.
+    """
+    if isinstance(model_name_or_path_or_config, PretrainedConfig):
+        config = model_name_or_path_or_config
+    else:
+        config = _load_config(os.fspath(model_name_or_path_or_config))
+    budget = parse_max_memory(max_memory)
+    if device_map not in DEVICE_MAP_STRATEGIES:
+        raise Rank1Error(f"bad device_map '{device_map}' for planning; use one of {', '.join(DEVICE_MAP_STRATEGIES)}")
+
+    scheme: str | None = None
+    if is_awq_config(config):
+        if quantization:
+            raise Rank1Error(f"this checkpoint is already AWQ-quantized; drop quantization={quantization!r}")
+        # AWQ's unquantized parts run in float16 (same bytes as the bfloat16 default)
+        scheme, torch_dtype = "awq", torch.float16
+    else:
+        if quantization is not None and quantization not in QUANTIZATIONS:
+            raise Rank1Error(f"unknown quantization '{quantization}'; use one of: {', '.join(QUANTIZATIONS)}")
+        scheme = quantization
+        torch_dtype = _parse_dtype(dtype) or _checkpoint_dtype(config)
+
+    model = _meta_model(config, torch_dtype)
+    if scheme is not None:
+        head = model.get_output_embeddings()
+        group = _awq_group_size(config) if scheme == "awq" else 0
+        for name, module in list(model.named_modules()):
+            if isinstance(module, nn.Linear) and module is not head:
+                model.set_submodule(name, _QuantizedLinearShape(_quantized_tensors(module, scheme, torch_dtype, group)))
+
+    from transformers.integrations.accelerate import (
+        compute_module_sizes,
+        get_balanced_memory,
+        get_max_memory,
+        infer_auto_device_map,
+    )
+
+    no_split = model._no_split_modules
+    with _quiet(("accelerate", "accelerate.utils.modeling", "transformers.integrations.accelerate")):
+        if device_map == "sequential":
+            memory = get_max_memory(dict(budget))
+        else:
+            memory = get_balanced_memory(
+                model, max_memory=dict(budget), no_split_module_classes=no_split, low_zero=device_map == "balanced_low_0"
+            )
+        placed = dict(infer_auto_device_map(model, max_memory=memory, no_split_module_classes=no_split))
+
+    sizes, _ = compute_module_sizes(model)
+    per_device: dict[DeviceKey, int] = {}
+    for prefix, device in placed.items():
+        per_device[device] = per_device.get(device, 0) + int(sizes.get(prefix, 0))
+    layers: dict[DeviceKey, list[int]] = {}
+    layer_re = re.compile(r"(?:^|\.)layers\.(\d+)$")
+    for name, _module in model.named_modules():
+        match = layer_re.search(name)
+        if match:
+            device = _device_of(name, placed)
+            layers.setdefault(device, []).append(int(match.group(1)))
+    return Plan(
+        device_map=placed,
+        layers={d: sorted(ix) for d, ix in layers.items()},
+        bytes_per_device=per_device,
+        total_bytes=int(sizes[""]),
+        max_memory={k: _size_to_bytes(v) for k, v in budget.items()},
+        dtype=torch_dtype,
+        quantization=scheme,
+    )
+
+
+def _ranges(indices: list[int]) -> str:
+    """[0,1,2,5,6] -> "0-2, 5-6"."""
+    parts: list[str] = []
+    start = prev = None
+    for i in indices:
+        if start is None:
+            start = prev = i
+        elif i == prev + 1:
+            prev = i
+        else:
+            parts.append(f"{start}-{prev}" if start != prev else f"{start}")
+            start = prev = i
+    if start is not None:
+        parts.append(f"{start}-{prev}" if start != prev else f"{start}")
+    return ", ".join(parts)
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def format_plan(plan: Plan) -> str:
+    """A readable table: device | layers | other modules | size | budget."""
+    devices = list(dict.fromkeys(list(plan.bytes_per_device) + list(plan.layers)))
+    order = {d: (0, d) if isinstance(d, int) else (1, ["mps", "cpu", "disk"].index(d) if d in ("mps", "cpu", "disk") else 9) for d in devices}
+    devices.sort(key=lambda d: order[d])
+    rows = [("device", "layers", "other modules", "size", "budget")]
+    for device in devices:
+        idx = plan.layers.get(device, [])
+        others = [p for p, d in plan.device_map.items() if d == device and not re.search(r"layers\.\d+$", p)]
+        budget = plan.max_memory.get(device)
+        rows.append(
+            (
+                f"cuda:{device}" if isinstance(device, int) else str(device),
+                f"{_ranges(idx)} ({len(idx)})" if idx else "-",
+                ", ".join(o.rsplit(".", 1)[-1] if o else "(all)" for o in others) or "-",
+                _gib(plan.bytes_per_device.get(device, 0)),
+                _gib(budget) if budget is not None else "-",
+            )
+        )
+    n_layers = sum(len(v) for v in plan.layers.values())
+    rows.append(("total", str(n_layers), "", _gib(plan.total_bytes), ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [" | ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    title = f"plan: {plan.quantization or str(plan.dtype).removeprefix('torch.')} weights"
+    return title + "\n" + "\n".join(lines)

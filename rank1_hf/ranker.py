@@ -1,0 +1,328 @@
+"""``Rank1``: score (query, passage) pairs with a rank1 model, as the reference implementation does.
+
+A judgement goes through four steps, each in its own module:
+
+1. prompt: the exact rank1 string, tokenized with the tokenizer's own special-token rule
+   (passage-only truncation when prompt + max_new_tokens would not fit the context);
+2. engine: greedy reasoning until ``</think>``, many prompts at once;
+3. readout: the " true"/" false" logits right after ``</think>`` (from the engine's next step when the
+   model closed it itself, from a forced pass on the cut reasoning otherwise);
+4. scoring: the softmax over those two logits.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .engine import ContinuousEngine, DecodeSettings, EngineStats, GenerateEngine, Generation
+from .errors import Rank1Error
+from .judgement import Judgement
+from .prompt import THINK_END, Pair, Passage, build_prompt, forced_prompt, unpack_pair
+from .scoring import forced_readout, readout_ids, score
+from .stopping import ThinkDetector, split_reasoning
+
+ENGINES = ("auto", "continuous", "generate")
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One pair ready for the model: its prompt string, token ids, and whether the passage was cut."""
+
+    prompt: str
+    ids: list[int]
+    truncated: bool
+
+
+class Rank1:
+    """A rank1 reranker on plain transformers.
+
+    >>> ranker = Rank1("jhu-clsp/rank1-7b")
+    >>> js = ranker.judge([("what is a cat", "Cats are small felines.")])
+    >>> js[0].score, js[0].outcome
+    (0.97..., 'answered')
+
+    Loading options (``dtype``, ``device_map``, ``max_memory``, ``offload_folder``, ``quantization``,
+    ``trust_remote_code``, ``revision``) go to :func:`rank1_hf.loading.load_model`; the others are the
+    judging options of :meth:`from_model`.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str,
+        *,
+        dtype: Any = None,
+        device_map: Any = None,
+        max_memory: dict | None = None,
+        offload_folder: str | None = None,
+        quantization: Any = None,
+        trust_remote_code: bool = False,
+        revision: str | None = None,
+        **options: Any,
+    ):
+        from .loading import load_model
+
+        model, tokenizer = load_model(
+            model_name_or_path,
+            dtype=dtype,
+            device_map=device_map,
+            max_memory=max_memory,
+            offload_folder=offload_folder,
+            quantization=quantization,
+            trust_remote_code=trust_remote_code,
+            revision=revision,
+        )
+        load = {"model": model_name_or_path, "revision": revision, "quantization": _describe(quantization)}
+        self._setup(model, tokenizer, load, **options)
+
+    @classmethod
+    def from_model(cls, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, **options: Any) -> "Rank1":
+        """Wrap an already-loaded causal LM and its tokenizer.
+
+        Options:
+            max_new_tokens: reasoning cap, 8192 as the reference.
+            context_size: prompt + max_new_tokens must fit in it (16000 as the reference); longer passages
+                are cut (only the passage, never the template's tail) and flagged ``truncated``.
+            batch_size: most pairs decoded together (default 32 on GPU, 16 on CPU).
+            token_budget: most (prompt + max_new_tokens) tokens reserved by the pairs in flight.
+            dataset_prompt: a template with ``FILL_QUERY_HERE`` applied to every query.
+            engine: "continuous" (rows leave and join the batch as they finish), "generate"
+                (``model.generate`` with a StoppingCriteria), or "auto" (continuous where the model's
+                cache allows it).
+            show_progress_bar: None shows one when stderr is a terminal.
+        """
+        self = cls.__new__(cls)
+        name = getattr(model.config, "_name_or_path", "") or type(model).__name__
+        load = {"model": name, "revision": None, "quantization": _describe(getattr(model.config, "quantization_config", None))}
+        self._setup(model, tokenizer, load, **options)
+        return self
+
+    def _setup(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        load: dict,
+        *,
+        max_new_tokens: int = 8192,
+        context_size: int = 16000,
+        batch_size: int | None = None,
+        token_budget: int | None = None,
+        dataset_prompt: str | None = None,
+        engine: str = "auto",
+        show_progress_bar: bool | None = None,
+    ) -> None:
+        if engine not in ENGINES:
+            raise Rank1Error(f"unknown engine {engine!r}: choose one of {', '.join(ENGINES)}")
+        if max_new_tokens < 1 or context_size <= max_new_tokens:
+            raise Rank1Error(f"need 1 <= max_new_tokens < context_size, got {max_new_tokens} and {context_size}")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.readout = readout_ids(tokenizer)
+        self.detector = ThinkDetector(tokenizer)
+        self.max_new_tokens = max_new_tokens
+        self.context_size = context_size
+        self.batch_size = batch_size or (32 if torch.cuda.is_available() else 16)
+        self.token_budget = token_budget
+        self.dataset_prompt = dataset_prompt
+        self.engine = engine
+        self.show_progress_bar = show_progress_bar
+        self.load_options = load
+        self.last_stats = EngineStats()
+
+    # ---- prompts -------------------------------------------------------------------------------------
+
+    def prepare(self, query: str, passage: str) -> Prepared:
+        """Prompt and token ids for one (joined query, passage text), cutting the passage if it must.
+
+        The prompt may use at most ``context_size - max_new_tokens`` tokens. Only the passage is cut, at a
+        token boundary, and the template around it stays whole.
+        """
+        budget = self.context_size - self.max_new_tokens
+        prompt = build_prompt(query, passage)
+        ids = self.tokenizer(prompt)["input_ids"]
+        if len(ids) <= budget:
+            return Prepared(prompt, ids, False)
+        pieces = self.tokenizer(passage, add_special_tokens=False, return_offsets_mapping=True)
+        ends = [end for _, end in pieces["offset_mapping"]]
+        keep = len(ends) - (len(ids) - budget)
+        while keep > 0:
+            prompt = build_prompt(query, passage[: ends[keep - 1]].rstrip())
+            ids = self.tokenizer(prompt)["input_ids"]
+            if len(ids) <= budget:
+                return Prepared(prompt, ids, True)
+            keep -= max(1, len(ids) - budget)
+        raise Rank1Error(
+            f"query too long: the prompt without its passage exceeds context_size - max_new_tokens "
+            f"= {budget} tokens (query starts {query[:60]!r})"
+        )
+
+    def settings(self) -> dict[str, Any]:
+        """Everything that determines a judgement besides the pair: the key of the judgement store."""
+        return {
+            **self.load_options,
+            "dtype": str(self.model.dtype),
+            "max_new_tokens": self.max_new_tokens,
+            "context_size": self.context_size,
+            "dataset_prompt": self.dataset_prompt,
+            "prompt": build_prompt("{query}", "{passage}"),
+            "readout": list(self.readout),
+        }
+
+    # ---- judging -------------------------------------------------------------------------------------
+
+    def judge(
+        self, pairs: Sequence[Pair], batch_size: int | None = None, show_progress_bar: bool | None = None
+    ) -> list[Judgement]:
+        """Judge pairs; results in input order.
+
+        pairs: (query, passage) or (query, passage, instruction) tuples; a passage is a string or a
+            ``{"title", "text"}`` dict.
+        Returns: one :class:`Judgement` per pair.
+        """
+        out: list[Judgement | None] = [None] * len(pairs)
+        for i, judgement in self.judge_iter(pairs, batch_size=batch_size, show_progress_bar=show_progress_bar):
+            out[i] = judgement
+        return out  # type: ignore[return-value]
+
+    def judge_iter(
+        self, pairs: Sequence[Pair], batch_size: int | None = None, show_progress_bar: bool | None = None
+    ) -> Iterator[tuple[int, Judgement]]:
+        """Yield (input index, judgement) as each pair finishes, in whatever order they finish."""
+        texts = [unpack_pair(pair, self.dataset_prompt) for pair in pairs]
+        prepared = [self.prepare(q, p) for q, p in texts]
+        show = self.show_progress_bar if show_progress_bar is None else show_progress_bar
+        if show is None:
+            show = sys.stderr.isatty() and len(pairs) > 1
+        engine = self._engine(batch_size)
+        bar = tqdm(total=len(pairs), unit="pair", disable=not show, desc="rank1", dynamic_ncols=True)
+        waiting: list[tuple[int, Generation]] = []  # unfinished rows, forced together in groups
+        try:
+            for i, generation in engine.run([p.ids for p in prepared]):
+                if generation.think is not None and generation.readout is not None:
+                    yield i, self._judgement(prepared[i], generation, generation.readout, "answered")
+                    bar.update(1)
+                    continue
+                waiting.append((i, generation))
+                if len(waiting) >= engine.settings.batch_size:
+                    yield from self._force(prepared, waiting, bar)
+                    waiting = []
+            yield from self._force(prepared, waiting, bar)
+        finally:
+            bar.close()
+            self.last_stats = engine.stats
+
+    def predict(
+        self, pairs: Sequence[Pair], batch_size: int | None = None, show_progress_bar: bool | None = None
+    ) -> np.ndarray:
+        """Scores in input order, shape (len(pairs),), float32 in [0, 1] (CrossEncoder-style)."""
+        judgements = self.judge(pairs, batch_size=batch_size, show_progress_bar=show_progress_bar)
+        return np.array([j.score for j in judgements], dtype=np.float32)
+
+    def rank(
+        self,
+        query: str,
+        documents: Sequence[Passage],
+        top_k: int | None = None,
+        return_documents: bool = False,
+        instruction: str | None = None,
+        batch_size: int | None = None,
+        show_progress_bar: bool | None = None,
+    ) -> list[dict[str, Any]]:
+        """Rank documents for one query, best first, like sentence-transformers' ``CrossEncoder.rank``.
+
+        Returns: ``[{"corpus_id": i, "score": s}, ...]`` (plus ``"text"`` with return_documents), ties
+        broken by corpus_id.
+        """
+        pairs = [(query, doc, instruction) for doc in documents]
+        scores = self.predict(pairs, batch_size=batch_size, show_progress_bar=show_progress_bar)
+        order = sorted(range(len(documents)), key=lambda i: (-float(scores[i]), i))
+        hits = []
+        for i in order[:top_k]:
+            hit: dict[str, Any] = {"corpus_id": i, "score": float(scores[i])}
+            if return_documents:
+                hit["text"] = documents[i]
+            hits.append(hit)
+        return hits
+
+    # ---- internals -----------------------------------------------------------------------------------
+
+    def _engine(self, batch_size: int | None) -> ContinuousEngine | GenerateEngine:
+        tok, config = self.tokenizer, self.model.generation_config
+        eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+        configured = config.eos_token_id if config is not None else None
+        eos |= set(configured if isinstance(configured, (list, tuple)) else [configured] if configured is not None else [])
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (min(eos) if eos else 0)
+        settings = DecodeSettings(
+            max_new_tokens=self.max_new_tokens,
+            eos_ids=eos,
+            pad_id=pad,
+            readout=self.readout,
+            detector=self.detector,
+            batch_size=batch_size or self.batch_size,
+            token_budget=self.token_budget,
+        )
+        use = self.engine
+        if use == "auto":
+            use = "continuous" if ContinuousEngine.supports(self.model) else "generate"
+        if use == "continuous":
+            if not ContinuousEngine.supports(self.model):
+                raise Rank1Error("the continuous engine needs a plain full-attention KV cache; use engine='generate'")
+            return ContinuousEngine(self.model, settings)
+        return GenerateEngine(self.model, settings)
+
+    def _judgement(self, prepared: Prepared, generation: Generation, logits: tuple[float, float], outcome: str) -> Judgement:
+        reasoning, n = split_reasoning(self.tokenizer, generation.tokens, generation.think)
+        t, f = logits
+        if not (math.isfinite(t) and math.isfinite(f)):
+            return Judgement(0.5, "fallback", reasoning, n, len(prepared.ids), None, None, prepared.truncated)
+        return Judgement(score(t, f), outcome, reasoning, n, len(prepared.ids), t, f, prepared.truncated)  # type: ignore[arg-type]
+
+    def _force(self, prepared: list[Prepared], rows: list[tuple[int, Generation]], bar) -> Iterator[tuple[int, Judgement]]:
+        """Readout passes for rows without a free readout, as one batch of forward passes.
+
+        A row that closed ``</think>`` inside a token is read on its own tokens up to the end of
+        ``</think>`` (outcome "answered"); unfinished reasoning is cut back to its last sentence and closed
+        with ``"\\n</think>"`` as the reference does (outcome "forced").
+        """
+        if not rows:
+            return
+        sequences, outcomes = [], []
+        for i, gen in rows:
+            if gen.think is not None:
+                sequences.append(prepared[i].ids + self._close_inside(gen))
+                outcomes.append("answered")
+            else:
+                reasoning = self.tokenizer.decode(gen.tokens, skip_special_tokens=False)
+                sequences.append(self.tokenizer(forced_prompt(prepared[i].prompt, reasoning))["input_ids"])
+                outcomes.append("forced")
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        logits = forced_readout(self.model, sequences, pad, self.readout)
+        for (i, gen), seq, outcome, pair in zip(rows, sequences, outcomes, logits):
+            self.last_stats.readout_tokens += len(seq)
+            yield i, self._judgement(prepared[i], gen, pair, outcome)
+            bar.update(1)
+
+    def _close_inside(self, gen: Generation) -> list[int]:
+        """Tokens up to the exact end of a ``</think>`` that ended inside the last generated token."""
+        assert gen.think is not None
+        end = gen.think.end
+        whole = self.tokenizer.decode(gen.tokens[:end], skip_special_tokens=False)
+        before = self.tokenizer.decode(gen.tokens[: end - 1], skip_special_tokens=False)
+        piece = whole[len(before) : whole.rfind(THINK_END) + len(THINK_END)]
+        return gen.tokens[: end - 1] + self.tokenizer(piece, add_special_tokens=False)["input_ids"]
+
+
+def _describe(quantization: Any) -> Any:
+    """A JSON-able description of a quantization setting, for the store key."""
+    if quantization is None or isinstance(quantization, (str, int, float, bool)):
+        return quantization
+    to_dict = getattr(quantization, "to_dict", None)
+    return to_dict() if callable(to_dict) else repr(quantization)
+

@@ -1,0 +1,38 @@
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from rank1_hf import offline  # noqa: E402
+
+# family name -> (tokenizer builder, model family); "qwen-plain" has no <think>/</think> added tokens,
+# so its </think> spans three tokens, as in Llama 3 and Mistral.
+FAMILIES = {
+    "qwen": (lambda: offline.qwen_tokenizer(), "qwen2"),
+    "qwen-plain": (lambda: offline.qwen_tokenizer(think_tokens=False), "qwen2"),
+    "llama": (offline.llama3_tokenizer, "llama"),
+    "mistral": (offline.mistral_tokenizer, "mistral"),
+}
+# How much the first token of </think> is boosted per family, so rows close it at varied steps.
+PLANT_FACTOR = {"qwen": 3.0, "qwen-plain": 3.0, "llama": 2.0, "mistral": 3.0}
+
+WORDS = (
+    "cat dog bread oven yeast river mountain law court judge software python compiler vitamin protein "
+    "football goal rain cloud engine battery museum painting"
+).split()
+
+
+def make_pairs(n: int, seed: int = 0, max_words: int = 60) -> list[tuple[str, str]]:
+    rng = random.Random(seed)
+    return [
+        (" ".join(rng.choices(WORDS, k=rng.randint(2, 6))), " ".join(rng.choices(WORDS, k=rng.randint(3, max_words))))
+        for _ in range(n)
+    ]
+
+
+@pytest.fixture(scope="session")
+def tokenizers():
+    return {name: build() for name, (build, _) in FAMILIES.items()}

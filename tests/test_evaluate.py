@@ -1,0 +1,93 @@
+"""Evaluation via ir_measures, checked against nDCG computed by hand (rank1_hf.evaluate)."""
+
+from __future__ import annotations
+
+import builtins
+import math
+
+import pytest
+
+from rank1_hf.errors import Rank1Error
+from rank1_hf.evaluate import DEFAULT_MEASURES, evaluate, format_table, per_query
+from rank1_hf.runs import read_qrels, read_run, sample_paths
+
+pytest.importorskip("ir_measures")
+
+QRELS = {
+    "q1": {"a": 2, "b": 1, "c": 0, "x": 1},  # x is relevant but never retrieved
+    "q2": {"e": 1, "f": 2},
+}
+RUN = {
+    "q1": [("c", 0.9), ("a", 0.8), ("b", 0.3), ("d", 0.1)],
+    "q2": [("e", 5.0), ("g", 4.0), ("f", 1.0)],
+}
+
+
+def _dcg(gains: list[int]) -> float:
+    """trec_eval's DCG: linear gain, log2(rank + 1) discount."""
+    return sum(g / math.log2(rank + 1) for rank, g in enumerate(gains, 1))
+
+
+def test_ndcg_at_10_matches_hand_computation() -> None:
+    q1 = _dcg([0, 2, 1, 0]) / _dcg([2, 1, 1])
+    q2 = _dcg([1, 0, 2]) / _dcg([2, 1])
+    assert per_query(RUN, QRELS, "nDCG@10") == pytest.approx({"q1": q1, "q2": q2}, abs=1e-9)
+    assert evaluate(RUN, QRELS, ["nDCG@10"])["nDCG@10"] == pytest.approx((q1 + q2) / 2, abs=1e-9)
+
+
+def test_rr_and_recall() -> None:
+    result = evaluate(RUN, QRELS)
+    assert list(result) == list(DEFAULT_MEASURES)
+    assert result["RR@10"] == pytest.approx((1 / 2 + 1) / 2, abs=1e-9)
+    assert result["R@100"] == pytest.approx((2 / 3 + 1) / 2, abs=1e-9)
+
+
+def test_ties_follow_docid_ascending() -> None:
+    # Equal scores: this project ranks "a" before "b" (trec_eval alone would put "b" first).
+    run = {"q": [("b", 1.0), ("a", 1.0)]}
+    qrels = {"q": {"a": 1}}
+    assert evaluate(run, qrels, ["RR@10"])["RR@10"] == pytest.approx(1.0, abs=1e-12)
+
+
+def test_missing_query_counts_as_zero() -> None:
+    only_q2 = {"q2": RUN["q2"]}
+    full = per_query(RUN, QRELS, "nDCG@10")
+    assert per_query(only_q2, QRELS, "nDCG@10")["q1"] == 0.0
+    assert evaluate(only_q2, QRELS, ["nDCG@10"])["nDCG@10"] == pytest.approx(full["q2"] / 2, abs=1e-9)
+
+
+def test_unknown_measure() -> None:
+    with pytest.raises(Rank1Error, match="unknown measure 'nDGC@10'"):
+        evaluate(RUN, QRELS, ["nDGC@10"])
+
+
+def test_missing_ir_measures_gives_install_hint(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):
+        if name == "ir_measures":
+            raise ImportError("no ir_measures")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    with pytest.raises(Rank1Error, match=r"pip install 'rank1-hf\[eval\]'"):
+        evaluate(RUN, QRELS)
+
+
+def test_format_table() -> None:
+    table = format_table({"bm25": {"nDCG@10": 0.5, "RR@10": 0.25}, "rank1-7b": {"nDCG@10": 0.61234}})
+    lines = table.splitlines()
+    assert lines[0].split() == ["run", "nDCG@10", "RR@10"]
+    assert lines[2].split() == ["bm25", "0.5000", "0.2500"]
+    assert lines[3].split() == ["rank1-7b", "0.6123", "-"]
+    assert len({len(line) for line in lines}) == 1  # columns line up
+
+
+def test_sample_bm25_leaves_room_for_reranking() -> None:
+    paths = sample_paths()
+    run, qrels = read_run(paths["run"]), read_qrels(paths["qrels"])
+    bm25 = evaluate(run, qrels)["nDCG@10"]
+    # A perfect reordering of the same candidates (what a reranker could reach at best).
+    oracle = {qid: [(d, float(qrels[qid].get(d, 0))) for d, _ in docs] for qid, docs in run.items()}
+    best = evaluate(oracle, qrels)["nDCG@10"]
+    assert 0.3 < bm25 < 0.75 and best - bm25 > 0.15
