@@ -2,7 +2,16 @@
 
 from .errors import Rank1Error
 from .judgement import Judgement
-from .ranker import Rank1
 
 __all__ = ["Rank1", "Judgement", "Rank1Error"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # Rank1 pulls in torch and transformers; importing them lazily keeps light commands (evaluate, plan
+    # from a config, store tools) quick to start.
+    if name == "Rank1":
+        from .ranker import Rank1
+
+        return Rank1
+    raise AttributeError(f"module 'rank1_hf' has no attribute {name!r}")
