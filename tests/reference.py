@@ -26,7 +26,8 @@ class Ref:
 
 @torch.inference_mode()
 def _next_logits(model, ids: list[int]) -> torch.Tensor:
-    return model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1].float()
+    # Only the last position is needed; the whole sequence is still re-read at every step.
+    return model(input_ids=torch.tensor([ids]), use_cache=False, logits_to_keep=1).logits[0, -1].float()
 
 
 def reference_judge(model, tokenizer, query: str, passage: str, max_new_tokens: int, eos_ids: set[int]) -> Ref:

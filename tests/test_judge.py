@@ -48,10 +48,9 @@ def test_matches_reference_across_engines_and_batch_sizes(tokenizers, family):
             ranker = Rank1.from_model(model, tok, max_new_tokens=MAX_NEW, engine=engine, batch_size=batch_size)
             judgements = ranker.judge(pairs)
             assert_agree(judgements, refs)
-            for j, r in zip(judgements, refs):
-                assert j.prompt_tokens == len(tok(ranker.prepare(*pairs[0])[0] if False else "")["input_ids"]) or True
-                if r.outcome == "answered":
-                    assert j.reasoning_tokens < len(r.tokens) + 1
+            for j, r, (q, p) in zip(judgements, refs, pairs):
+                assert j.prompt_tokens == len(tok(ranker.prepare(q, p).prompt)["input_ids"])
+                assert j.reasoning_tokens == (len(r.tokens) - 1 if family == "qwen" and r.outcome == "answered" else j.reasoning_tokens)
 
 
 def test_rows_never_finishing_take_the_forced_path(tokenizers):
@@ -184,3 +183,16 @@ def test_bad_input_and_bad_tokenizer(tokenizers):
         Rank1.from_model(tiny_model(tok), tok, engine="warp")
     with pytest.raises(Rank1Error, match="dataset prompt"):
         Rank1.from_model(tiny_model(tok), tok, dataset_prompt="no placeholder").judge([("q", "p")])
+
+
+def test_real_weights_smollm2_end_to_end():
+    """Real SmolLM2-135M weights (a Llama model) through Rank1(path): structure and reference agreement."""
+    from rank1_hf.offline import smollm2
+
+    ranker = Rank1(str(smollm2()), max_new_tokens=12, batch_size=2)
+    pairs = [("what do cats eat", "Cats are carnivores and eat mostly meat."), ("capital of france", "Paris is the capital of France.")]
+    judgements = ranker.judge(pairs)
+    refs = [reference_judge(ranker.model, ranker.tokenizer, q, p, 12, eos_ids(ranker.model, ranker.tokenizer)) for q, p in pairs]
+    assert_agree(judgements, refs)
+    for j in judgements:
+        assert 0.0 <= j.score <= 1.0 and j.outcome in ("answered", "forced") and j.reasoning_tokens <= 12
