@@ -3,7 +3,7 @@
 from .errors import Rank1Error
 from .judgement import Judgement
 
-__all__ = ["Rank1", "Judgement", "Rank1Error"]
+__all__ = ["Rank1", "rank1", "Judgement", "Rank1Error"]
 __version__ = "0.1.0"
 
 
@@ -14,4 +14,8 @@ def __getattr__(name: str):
         from .ranker import Rank1
 
         return Rank1
+    if name == "rank1":  # the drop-in for the official rank1 class
+        from .compat import rank1
+
+        return rank1
     raise AttributeError(f"module 'rank1_hf' has no attribute {name!r}")

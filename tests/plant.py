@@ -60,3 +60,58 @@ def plant_think(model, tokenizer, factor: float = 3.0, tail: str | None = None):
     if len(ids) == 1:
         return None
     return plant_rules(model, {a: b for a, b in zip(ids, ids[1:])})
+
+
+def plant_lengths(model, tokenizer, lengths: dict[int, int], never: set[int] = frozenset(), first_counter: int = 1000):
+    """Make the model reason for a chosen number of tokens, decided by the prompt's token length.
+
+    A prompt of ``n`` tokens with ``lengths[n] = r`` is answered with ``r`` countdown tokens
+    ``C[r-1], ..., C[0]`` and then ``</think>``; a prompt length in ``never`` loops on one token and never
+    closes. Every engine still runs every real forward pass; only the winning next token is planted
+    (+100 on its logit), by the input token at each position and, for the prompt's last token, by its
+    position. The readout logits right after ``</think>`` are the model's own.
+    """
+    think = tokenizer.encode("</think>", add_special_tokens=False)
+    last_prompt_token = tokenizer("x\n<think>", add_special_tokens=False)["input_ids"][-1]
+    longest = max(lengths.values(), default=1)
+    counters = [i for i in range(first_counter, first_counter + longest + len(think) + 2) if i not in think][:longest]
+    loop = counters[-1] + 1 if never else None
+    table = torch.full((model.get_output_embeddings().weight.shape[0],), -1, dtype=torch.long)
+    for k in range(1, longest):
+        table[counters[k]] = counters[k - 1]
+    table[counters[0]] = think[0]
+    for a, b in zip(think, think[1:]):
+        table[a] = b
+    if loop is not None:
+        table[loop] = loop
+    # position of the prompt's last token (n - 1) -> first planted token
+    entry = torch.full((max(list(lengths) + list(never) + [0]) + 1,), -1, dtype=torch.long)
+    for n, r in lengths.items():
+        entry[n - 1] = counters[r - 1]
+    for n in never:
+        entry[n - 1] = loop
+
+    def hook(module, args, kwargs, output):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        logits = output.logits
+        k = logits.shape[1]
+        ids = ids[:, ids.shape[1] - k :]
+        positions = kwargs.get("position_ids")
+        if positions is None:
+            mask = kwargs.get("attention_mask")
+            if mask is not None and mask.dim() == 2:
+                positions = (mask.long().cumsum(-1) - 1)[:, -k:]
+            else:
+                positions = torch.arange(ids.shape[1] - k, ids.shape[1]).expand(ids.shape[0], -1)
+        positions = positions[:, -k:].to(ids.device)
+        target = table.to(ids.device)[ids]
+        at_entry = (ids == last_prompt_token) & (positions < entry.numel())
+        target = torch.where(at_entry, entry.to(ids.device)[positions.clamp(0, entry.numel() - 1)], target)
+        if (target >= 0).any():
+            b, p = (target >= 0).nonzero(as_tuple=True)
+            logits = logits.clone()
+            logits[b, p, target[b, p]] += 100.0
+            output.logits = logits
+        return output
+
+    return model.register_forward_hook(hook, with_kwargs=True)

@@ -1,0 +1,268 @@
+"""rank1 in mteb 2.x: a cross-encoder adapter and ModelMeta entries for the rank1 checkpoints.
+
+    import mteb
+    from rank1_hf.mteb import model_meta
+
+    model = model_meta("jhu-clsp/rank1-7b").load_model()          # or Rank1CrossEncoder.from_ranker(Rank1(...))
+    results = mteb.evaluate(model, mteb.get_tasks(["NevIR"]))
+
+Like every mteb cross-encoder it reranks a task's ``top_ranked`` candidates: reranking tasks (NevIR,
+FollowIR, ...) carry them; for a retrieval task, run a first-stage model with ``prediction_folder=`` and then
+``task.convert_to_reranking(folder, top_k=100)``.
+
+mteb calls :meth:`Rank1CrossEncoder.predict` with two dataloaders of equal length: queries (``query`` holds
+the query alone, ``instruction`` the per-query instruction of instruction tasks, ``text`` both joined) and
+documents (``title``/``body``, ``text`` both joined). The query and instruction go to rank1's own slots, so
+the instruction is joined the rank1 way, and the passage is built from title and body as rank1 does.
+
+mteb is imported only when used; without it every entry point raises a :class:`Rank1Error` that says how
+to install it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .errors import Rank1Error
+from .judgement import Judgement
+from .prompt import Pair
+
+if TYPE_CHECKING:
+    from .ranker import Rank1
+
+__all__ = ["CHECKPOINTS", "Rank1CrossEncoder", "meta_for", "model_meta", "model_metas", "pairs_from_loaders"]
+
+RELEASE_DATE = "2025-02-25"
+CITATION = """@article{weller2025rank1,
+  title={Rank1: Test-Time Compute for Reranking in Information Retrieval},
+  author={Weller, Orion and Ricci, Kathryn and Yang, Eugene and Yates, Andrew and Lawrie, Dawn and Van Durme, Benjamin},
+  journal={arXiv preprint arXiv:2502.18418},
+  year={2025}
+}"""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """What mteb's ModelMeta needs to know about one rank1 checkpoint (no mteb import needed).
+
+    n_parameters: the base model's count (AWQ variants hold the same weights, packed).
+    size_gb: on-disk size from the rank1 paper, in GB (10^9 bytes).
+    license: from the model card where it was seen ("mit" for the Qwen2.5 and Mistral ones); None for
+        the Llama 3.1 derivative, whose card was not checked and whose base carries Meta's own license.
+    """
+
+    base: str
+    n_parameters: int
+    size_gb: float
+    license: str | None
+    awq_of: str | None = None
+
+
+def _family() -> dict[str, Checkpoint]:
+    full = {
+        "jhu-clsp/rank1-7b": Checkpoint("Qwen/Qwen2.5-7B", 7_615_616_512, 15.2, "mit"),
+        "jhu-clsp/rank1-14b": Checkpoint("Qwen/Qwen2.5-14B", 14_770_033_664, 29.6, "mit"),
+        "jhu-clsp/rank1-32b": Checkpoint("Qwen/Qwen2.5-32B", 32_763_876_352, 65.5, "mit"),
+        "jhu-clsp/rank1-llama3-8b": Checkpoint("meta-llama/Llama-3.1-8B", 8_030_261_248, 16.1, None),
+        "jhu-clsp/rank1-mistral-2501-24b": Checkpoint(
+            "mistralai/Mistral-Small-24B-Base-2501", 23_572_403_200, 47.2, "mit"
+        ),
+    }
+    awq_gb = {"7b": 5.6, "14b": 10.0, "32b": 19.3, "llama3-8b": 5.8, "mistral-2501-24b": 14.3}
+    family = dict(full)
+    for name, c in full.items():
+        short = name.removeprefix("jhu-clsp/rank1-")
+        family[f"{name}-awq"] = Checkpoint(c.base, c.n_parameters, awq_gb[short], c.license, awq_of=name)
+    return family
+
+
+#: The rank1 checkpoints this module describes, by Hugging Face id.
+CHECKPOINTS: dict[str, Checkpoint] = _family()
+
+
+def _mteb() -> Any:
+    """The mteb module, or a Rank1Error that says how to get it."""
+    try:
+        import mteb
+    except ImportError:
+        raise Rank1Error("the mteb adapter needs mteb 2.x: pip install 'rank1-hf[mteb]'") from None
+    return mteb
+
+
+# ---- the adapter ---------------------------------------------------------------------------------------
+
+
+class Rank1CrossEncoder:
+    """mteb 2.x ``CrossEncoderProtocol`` over :class:`~rank1_hf.ranker.Rank1`.
+
+    Built by mteb from a ModelMeta (``loader(model_name, revision=..., device=..., **loader_kwargs)``) or
+    around an existing ranker with :meth:`from_ranker`.
+
+    Args:
+        model_name: a rank1 checkpoint id or a local directory.
+        revision: hub revision.
+        device: where the whole model goes (``"cuda:0"``, ``"cpu"``); None = GPU 0 when there is one. For
+            several GPUs pass ``device_map="auto"`` (and ``max_memory``) instead.
+        dataset_prompts: task name -> template with ``FILL_QUERY_HERE``, applied to that task's queries
+            (the rank1 paper uses such prompts for BRIGHT and some BEIR sets).
+        options: anything else :class:`Rank1` takes (``dtype``, ``max_new_tokens``, ``batch_size``,
+            ``engine``, ``device_map``, ...).
+
+    mteb's own ``batch_size`` encode argument sizes its dataloaders for encoders; it is ignored here (the
+    ranker's ``batch_size`` decides how many pairs decode together).
+    """
+
+    def __init__(
+        self,
+        model_name: str,
+        revision: str | None = None,
+        device: str | None = None,
+        *,
+        dataset_prompts: Mapping[str, str] | None = None,
+        **options: Any,
+    ) -> None:
+        _mteb()
+        from .ranker import Rank1
+
+        if device is not None:
+            if "device_map" in options:
+                raise Rank1Error("pass either device or device_map, not both")
+            options["device_map"] = device
+        self._init(Rank1(model_name, revision=revision, **options), dataset_prompts, None)
+
+    @classmethod
+    def from_ranker(
+        cls, ranker: Rank1, dataset_prompts: Mapping[str, str] | None = None, meta: Any = None
+    ) -> "Rank1CrossEncoder":
+        """Wrap a ready :class:`Rank1`; ``meta`` defaults to :func:`meta_for` of its model name."""
+        _mteb()
+        self = cls.__new__(cls)
+        self._init(ranker, dataset_prompts, meta)
+        return self
+
+    def _init(self, ranker: Rank1, dataset_prompts: Mapping[str, str] | None, meta: Any) -> None:
+        self.ranker = ranker
+        self.dataset_prompts = dict(dataset_prompts or {})
+        self.mteb_model_meta = meta if meta is not None else meta_for(ranker.load_options["model"])
+        self.last_judgements: list[Judgement] = []
+
+    def predict(
+        self,
+        inputs1: Any,
+        inputs2: Any,
+        *,
+        task_metadata: Any,
+        hf_split: str,
+        hf_subset: str,
+        prompt_type: Any = None,
+        **kwargs: Any,
+    ) -> np.ndarray:
+        """Scores for the pairs (inputs1[i], inputs2[i]), float32 in [0, 1]; judgements in ``last_judgements``."""
+        pairs = pairs_from_loaders(inputs1, inputs2)
+        template = self.dataset_prompts.get(getattr(task_metadata, "name", None), self.ranker.dataset_prompt)
+        saved = self.ranker.dataset_prompt
+        self.ranker.dataset_prompt = template  # per task; restored so the ranker stays as configured
+        try:
+            self.last_judgements = self.ranker.judge(pairs, show_progress_bar=kwargs.get("show_progress_bar"))
+        finally:
+            self.ranker.dataset_prompt = saved
+        return scores_of(self.last_judgements)
+
+    def __repr__(self) -> str:
+        return f"Rank1CrossEncoder({self.ranker.load_options['model']!r})"
+
+
+def pairs_from_loaders(inputs1: Iterable[Mapping[str, Any]], inputs2: Iterable[Mapping[str, Any]]) -> list[Pair]:
+    """rank1 pairs ``(query, {"title", "text"}, instruction)`` from mteb's query and document dataloaders."""
+    queries: list[tuple[str, str | None]] = []
+    for batch in inputs1:
+        # "query" is the query alone when mteb also sent an instruction; "text" then has both joined.
+        texts = batch["query"] if "query" in batch else batch["text"]
+        instructions = batch["instruction"] if "instruction" in batch and "query" in batch else [None] * len(texts)
+        queries.extend(zip(texts, instructions))
+    passages: list[dict[str, str]] = []
+    for batch in inputs2:
+        bodies = batch["body"] if "body" in batch else batch["text"]
+        titles = batch["title"] if "title" in batch else [""] * len(bodies)
+        passages.extend({"title": t or "", "text": b} for t, b in zip(titles, bodies))
+    if len(queries) != len(passages):
+        raise Rank1Error(f"mteb sent {len(queries)} queries but {len(passages)} documents; they must pair up")
+    return [(q, p, i) for (q, i), p in zip(queries, passages)]
+
+
+def scores_of(judgements: list[Judgement]) -> np.ndarray:
+    return np.array([j.score for j in judgements], dtype=np.float32)
+
+
+# ---- ModelMeta -----------------------------------------------------------------------------------------
+
+
+def model_meta(name: str = "jhu-clsp/rank1-7b") -> Any:
+    """The mteb ``ModelMeta`` of a rank1 checkpoint (see :data:`CHECKPOINTS`); its loader builds the adapter."""
+    if name not in CHECKPOINTS:
+        raise Rank1Error(f"unknown rank1 checkpoint {name!r}; known: {', '.join(CHECKPOINTS)}")
+    c = CHECKPOINTS[name]
+    _mteb()
+    from mteb.models import ModelMeta
+
+    return ModelMeta(
+        loader=Rank1CrossEncoder,
+        # AWQ checkpoints compute in float16; the others load as rank1_hf chooses (bf16 on GPU).
+        loader_kwargs={"dtype": "float16"} if c.awq_of else {},
+        name=name,
+        revision=None,
+        release_date=RELEASE_DATE,
+        languages=["eng-Latn"],
+        n_parameters=c.n_parameters,
+        memory_usage_mb=round(c.size_gb * 1e9 / 2**20),
+        max_tokens=None,  # the reference caps prompt + reasoning at 16000 tokens; the models' own limit is unchecked
+        embed_dim=None,
+        license=c.license,
+        open_weights=True,
+        public_training_code="https://github.com/orionw/rank1",
+        public_training_data="https://huggingface.co/datasets/jhu-clsp/rank1-training-data",
+        framework=["PyTorch", "Transformers"],
+        reference=f"https://huggingface.co/{name}",
+        similarity_fn_name=None,
+        use_instructions=True,
+        training_datasets={"MSMARCO"},  # reasoning traces distilled from R1 on MS MARCO
+        adapted_from=c.awq_of or c.base,
+        modalities=["text"],
+        model_type=["cross-encoder"],
+        citation=CITATION,
+    )
+
+
+def model_metas() -> dict[str, Any]:
+    """Every rank1 checkpoint's ModelMeta, by name."""
+    return {name: model_meta(name) for name in CHECKPOINTS}
+
+
+def meta_for(model_name_or_path: str) -> Any:
+    """The ModelMeta for a ranker's model: the known entry for a rank1 id, else a minimal one.
+
+    mteb names result folders after ``meta.name``, which must look like ``org/model``; a local directory
+    becomes ``rank1-hf/<directory name>``.
+    """
+    if model_name_or_path in CHECKPOINTS:
+        return model_meta(model_name_or_path)
+    base = os.path.basename(os.path.normpath(str(model_name_or_path))) or "model"
+    meta = model_meta("jhu-clsp/rank1-7b")
+    return meta.model_copy(
+        update={
+            "name": f"rank1-hf/{base}",
+            "loader": None,
+            "loader_kwargs": {},
+            "n_parameters": None,
+            "memory_usage_mb": None,
+            "license": None,
+            "reference": None,
+            "adapted_from": None,
+            "release_date": None,
+        }
+    )

