@@ -77,12 +77,12 @@ class PeakMemory:
             time.sleep(0.005)
 
 
-def lengths_for(n: int, rng: random.Random) -> list[int]:
-    """Heavy-tailed reasoning lengths: lognormal with median 250, clipped to [30, 1000]."""
-    return [min(1000, max(30, int(round(250 * math.exp(rng.gauss(0, 0.7)))))) for _ in range(n)]
+def lengths_for(n: int, rng: random.Random, scale: float = 1.0) -> list[int]:
+    """Heavy-tailed reasoning lengths: lognormal with median 250, clipped to [30, 1000] (times ``scale``)."""
+    return [max(1, int(scale * min(1000, max(30, round(250 * math.exp(rng.gauss(0, 0.7))))))) for _ in range(n)]
 
 
-def workload(kind: int, tokenizer, n: int, seed: int = 0):
+def workload(kind: int, tokenizer, n: int, seed: int = 0, scale: float = 1.0):
     """(pairs, planted lengths by prompt length, prompt lengths that never close)."""
     rng = random.Random(seed)
     if kind == 3:
@@ -91,7 +91,7 @@ def workload(kind: int, tokenizer, n: int, seed: int = 0):
     else:
         pairs = [(" ".join(rng.choices(WORDS, k=4)), " ".join(rng.choices(WORDS, k=rng.randint(20, 200)))) for _ in range(n)]
     prompt_lens = sorted({len(tokenizer(build_prompt(q, p))["input_ids"]) for q, p in pairs})
-    planted = dict(zip(prompt_lens, lengths_for(len(prompt_lens), rng)))
+    planted = dict(zip(prompt_lens, lengths_for(len(prompt_lens), rng, scale)))
     never = set(rng.sample(prompt_lens, max(1, len(prompt_lens) // 32))) if kind == 2 else set()
     for n_tokens in never:
         planted.pop(n_tokens)
@@ -137,7 +137,7 @@ def load(name: str):
 
     if name == "tiny":
         tok = qwen_tokenizer()
-        return tiny_model(tok, "qwen2", layers=4, hidden=512, heads=8, kv_heads=2, intermediate=1024, initializer_range=0.02), tok
+        return tiny_model(tok, "qwen2", layers=2, hidden=128, heads=4, kv_heads=2, intermediate=256, initializer_range=0.02), tok
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = smollm2()
@@ -148,17 +148,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="tiny", choices=["tiny", "smollm2", "both"])
     ap.add_argument("--workloads", default="1,2")
-    ap.add_argument("--pairs", type=int, default=32)
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--pairs", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=1200)
     ap.add_argument("--baseline-pairs", type=int, default=None, help="run one-at-a-time on the first N pairs only")
+    ap.add_argument("--length-scale", type=float, default=1.0, help="scale the planted reasoning lengths (e.g. 0.25 for slow models)")
     args = ap.parse_args()
     torch.manual_seed(0)
     print(f"# torch {torch.__version__}, threads {torch.get_num_threads()}, {'cuda' if torch.cuda.is_available() else 'cpu'}")
     for name in (["tiny", "smollm2"] if args.model == "both" else [args.model]):
         model, tok = load(name)
         for kind in [int(k) for k in args.workloads.split(",")]:
-            pairs, planted, never = workload(kind, tok, args.pairs)
+            pairs, planted, never = workload(kind, tok, args.pairs, scale=args.length_scale)
             handle = plant_lengths(model, tok, planted, never)
             ranker = Rank1.from_model(model, tok, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
             rows = {}

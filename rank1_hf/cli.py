@@ -77,6 +77,8 @@ def _add_judging(p: argparse.ArgumentParser) -> None:
                    help="prompt + max-new-tokens must fit; longer passages are cut, passage only (default 16000)")
     g.add_argument("--batch-size", type=int, help="pairs decoded together (default 32 on GPU, 16 on CPU)")
     g.add_argument("--engine", choices=("auto", "continuous", "generate"), default="auto")
+    g.add_argument("--threads", type=int,
+                   help="CPU threads for torch (default: torch's choice; 1 is much faster on a busy shared CPU)")
     g.add_argument("--dataset-prompt", metavar="TEMPLATE_OR_NAME",
                    help="a template containing FILL_QUERY_HERE, or a name from the rank1 paper (e.g. scifact, bright-pony)")
 
@@ -87,6 +89,13 @@ def _make_ranker(args: argparse.Namespace, *, device_map: Any = None, show_progr
     from .ranker import Rank1
 
     dataset_prompt = resolve_dataset_prompt(args.dataset_prompt)
+    if args.threads is not None:
+        import torch
+
+        _positive("threads", args.threads)
+        # With other busy processes on the same cores, OpenMP threads wait on each other and a forward
+        # pass can get 10x slower (seen with 2 threads on 2 shared cores); one thread avoids that.
+        torch.set_num_threads(args.threads)
     path, _ = _resolve_model(args.model)
     return Rank1(
         path,

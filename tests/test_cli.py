@@ -56,7 +56,7 @@ def _small_run(path: Path, queries: int, per_query: int) -> Path:
 def _args(model_dir: str, run: Path, out: Path, *extra: str) -> list[str]:
     return ["rerank", "--model", model_dir, "--run", str(run), "--queries", str(SAMPLE["queries"]),
             "--corpus", str(SAMPLE["corpus"]), "--instructions", str(SAMPLE["instructions"]),
-            "--max-new-tokens", "8", "--output", str(out), "--no-progress", *extra]
+            "--max-new-tokens", "8", "--threads", "1", "--output", str(out), "--no-progress", *extra]
 
 
 def _env(**extra: str) -> dict[str, str]:

