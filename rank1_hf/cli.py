@@ -6,6 +6,7 @@ Examples::
         --corpus corpus.jsonl --top-k 100 --output rank1.trec --qrels qrels.txt
     rank1-hf rerank --model demo --sample --top-k 10 --max-new-tokens 64 --output runs/sample.trec
     accelerate launch --multi_gpu --num_processes 4 -m rank1_hf rerank ...   # data parallel
+    torchrun --nproc_per_node 4 -m rank1_hf rerank ...                       # the same without accelerate
     rank1-hf score --model jhu-clsp/rank1-7b --query "what is a cat" --passage "Cats are felines."
     rank1-hf evaluate --run rank1.trec --qrels qrels.txt
     rank1-hf plan jhu-clsp/rank1-32b --max-memory 0=40GiB,1=40GiB
@@ -13,6 +14,16 @@ Examples::
 Errors in the user's input or setup print one line, ``rank1-hf: error: ...``, and exit with status 2.
 Ctrl-C (or SIGTERM) exits with 130 after committing finished judgements to the store: rerunning the same
 command resumes from there.
+
+Data parallel: each process started with RANK/WORLD_SIZE/LOCAL_RANK set judges a shard and loads its own
+whole model (on cuda:LOCAL_RANK when there are GPUs and no --device-map is given); rank 0 writes the
+outputs. ``accelerate launch --multi_gpu`` uses torchrun and works on CPU-only machines as well;
+``accelerate launch --cpu --num_processes N`` starts a single process in accelerate 1.x (multi-CPU
+needs mpirun), which still gives the right output, only not in parallel. The judgement store must be on
+a filesystem every process sees with working locks (a local disk; not NFS): see rank1_hf.pipeline.
+
+Passages too long for --context-size are cut (the passage only; the template's tail stays whole) and the
+summary counts them and names the first ten, since a cut passage may hide the relevant part.
 
 Input validation (files, ids, output paths, the judgement store) happens before the model is loaded, and
 torch/transformers are imported only when a model is needed, so mistakes are reported in a second.
@@ -171,7 +182,7 @@ def _rerank(args: argparse.Namespace) -> int:
             if torch.cuda.is_available():
                 device_map = f"cuda:{shard.local_rank % torch.cuda.device_count()}"
         ranker = _make_ranker(args, device_map=device_map)
-        bar = _ProgressBar(enabled=not args.no_progress and sys.stderr.isatty() or args.progress, shard=shard)
+        bar = _ProgressBar(enabled=args.progress or (not args.no_progress and sys.stderr.isatty()), shard=shard)
         try:
             result = pipeline.judge_items(
                 ranker,
@@ -314,7 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Rerank the top-k of a TREC run with a rank1 model. Judgements go to a SQLite store as they "
         "finish, so an interrupted run resumes where it stopped. Under accelerate launch / torchrun "
         "(RANK, WORLD_SIZE set) each process judges a shard and rank 0 writes the outputs; the store must "
-        "be on a filesystem all processes share (a local disk: SQLite over NFS is not safe)."))
+        "be on a filesystem all processes share (a local disk: SQLite over NFS is not safe). On CPU use "
+        "accelerate launch --multi_gpu (or torchrun): accelerate's --cpu starts a single process."))
     p.add_argument("--model", required=True, help="hub id or local directory; 'demo' = the bundled SmolLM2 demo (not rank1)")
     p.add_argument("--run", help="first-stage TREC run (qid Q0 docid rank score tag)")
     p.add_argument("--queries", help="queries: TSV (qid<TAB>text) or JSONL ({_id, text})")
@@ -328,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", help="judgement store (default: rank1-judgements.sqlite next to OUTPUT)")
     p.add_argument("--tag", default="rank1", help="run tag in the TREC file (default rank1)")
     p.add_argument("--measures", nargs="+", default=list(DEFAULT_MEASURES), help="measures for --qrels")
-    p.add_argument("--flush-every", type=int, help="judgements per store commit (default: the batch size)")
+    p.add_argument("--flush-every", type=int, help="judgements per store commit (default: the batch size); a SIGKILL loses fewer than this")
     p.add_argument("--flush-seconds", type=float, default=5.0, help="commit at least this often (default 5)")
     p.add_argument("--wait-timeout", type=float, help="rank 0: seconds to wait for other processes (default forever)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -126,3 +126,13 @@ def test_dataset_prompts():
     assert all("FILL_QUERY_HERE" in p for p in DATASET_PROMPTS.values())
     with pytest.raises(Rank1Error, match="unknown dataset prompt 'msmarco'.*scifact.*bright-pony"):
         resolve_dataset_prompt("msmarco")
+
+
+def test_long_passage_is_cut_and_reported(ranker, tmp_path):
+    long = " ".join(["bread oven yeast flour"] * 200)  # far beyond context_size - max_new_tokens = 506
+    items = pipeline.build_items({"q3": [("long", 1.0), ("d2", 0.5)]}, QUERIES, {**CORPUS, "long": long})
+    with JudgementStore(tmp_path / "s.sqlite") as store:
+        result = pipeline.judge_items(ranker, items, store, shard=pipeline.Shard())
+    assert result.summary.truncated == [("q3", "long")]
+    assert result.judgements[("q3", "long")].prompt_tokens <= 506
+    assert "truncated: 1 (passage cut to fit context_size: q3/long)" in result.summary.lines()
