@@ -371,6 +371,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantization", choices=("bnb-4bit", "bnb-8bit"))
     p.add_argument("--device-map", default="auto", choices=("auto", "balanced", "balanced_low_0", "sequential"))
     p.set_defaults(func=_plan)
+
+    from . import compare  # the A/B report for quantized variants
+
+    compare.add_parser(sub)
     return parser
 
 

@@ -79,12 +79,19 @@ class Rank1:
             trust_remote_code=trust_remote_code,
             revision=revision,
         )
+        if quantization is None:  # AWQ is recognised from the checkpoint, not asked for
+            quantization = getattr(model.config, "quantization_config", None)
         load = {"model": model_name_or_path, "revision": revision, "quantization": _describe(quantization)}
         self._setup(model, tokenizer, load, **options)
 
     @classmethod
-    def from_model(cls, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, **options: Any) -> "Rank1":
+    def from_model(
+        cls, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str | None = None, **options: Any
+    ) -> "Rank1":
         """Wrap an already-loaded causal LM and its tokenizer.
+
+        name: what identifies these weights in the judgement store (default: the config's
+            ``_name_or_path``); give distinct names to distinct in-memory models that share a store.
 
         Options:
             max_new_tokens: reasoning cap, 8192 as the reference.
@@ -99,7 +106,7 @@ class Rank1:
             show_progress_bar: None shows one when stderr is a terminal.
         """
         self = cls.__new__(cls)
-        name = getattr(model.config, "_name_or_path", "") or type(model).__name__
+        name = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
         load = {"model": name, "revision": None, "quantization": _describe(getattr(model.config, "quantization_config", None))}
         self._setup(model, tokenizer, load, **options)
         return self

