@@ -137,7 +137,8 @@ def load(name: str):
 
     if name == "tiny":
         tok = qwen_tokenizer()
-        return tiny_model(tok, "qwen2", layers=2, hidden=128, heads=4, kv_heads=2, intermediate=256, initializer_range=0.02), tok
+        # The tiny model of rank1-facts.md: 2 layers, hidden 64, the real 151k-token Qwen2.5 vocabulary.
+        return tiny_model(tok, "qwen2", layers=2, hidden=64, heads=4, kv_heads=2, intermediate=128, initializer_range=0.02), tok
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = smollm2()
@@ -149,7 +150,7 @@ def main() -> None:
     ap.add_argument("--model", default="tiny", choices=["tiny", "smollm2", "both"])
     ap.add_argument("--workloads", default="1,2")
     ap.add_argument("--pairs", type=int, default=128)
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--max-new-tokens", type=int, default=1200)
     ap.add_argument("--baseline-pairs", type=int, default=None, help="run one-at-a-time on the first N pairs only")
     ap.add_argument("--length-scale", type=float, default=1.0, help="scale the planted reasoning lengths (e.g. 0.25 for slow models)")

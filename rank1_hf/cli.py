@@ -134,8 +134,9 @@ def _positive(name: str, value: int | float | None) -> None:
 # ---------------------------------------------------------------------------------------------- rerank
 
 
-def _rerank(args: argparse.Namespace) -> int:
-    from . import pipeline, runs
+def fill_inputs(args: argparse.Namespace, command: str) -> None:
+    """``--sample`` fills the input files not given; then --run, --queries and --corpus must be there."""
+    from . import runs
 
     if args.sample:
         for name, path in runs.sample_paths().items():
@@ -143,7 +144,13 @@ def _rerank(args: argparse.Namespace) -> int:
                 setattr(args, name, str(path))
     missing = [f"--{n}" for n in ("run", "queries", "corpus") if getattr(args, n) is None]
     if missing:
-        raise Rank1Error(f"rerank needs {', '.join(missing)} (or --sample for the bundled sample)")
+        raise Rank1Error(f"{command} needs {', '.join(missing)} (or --sample for the bundled sample)")
+
+
+def _rerank(args: argparse.Namespace) -> int:
+    from . import pipeline, runs
+
+    fill_inputs(args, "rerank")
     for name in ("top_k", "batch_size", "flush_every", "flush_seconds", "max_new_tokens", "context_size"):
         _positive(name.replace("_", "-"), getattr(args, name))
     is_demo = args.model.lower() in DEMO_NAMES

@@ -913,13 +913,7 @@ def run(args: argparse.Namespace) -> int:
     from . import cli
     from .store import JudgementStore
 
-    if args.sample:
-        for name, path in runs.sample_paths().items():
-            if getattr(args, name) is None:
-                setattr(args, name, str(path))
-    missing = [f"--{n}" for n in ("run", "queries", "corpus") if getattr(args, n) is None]
-    if missing:
-        raise Rank1Error(f"compare needs {', '.join(missing)} (or --sample for the bundled sample)")
+    cli.fill_inputs(args, "compare")
     for name in ("top_k", "batch_size", "flush_every", "max_new_tokens", "context_size", "permutations"):
         cli._positive(name.replace("_", "-"), getattr(args, name))
     for model in (args.a, args.b):

@@ -22,7 +22,7 @@ from transformers import DynamicCache, GenerationConfig, LogitsProcessorList, Pr
 from transformers.cache_utils import DynamicLayer
 
 from .errors import Rank1Error
-from .scoring import input_device
+from .loading import input_device
 from .stopping import ReadoutCapture, ThinkDetector, ThinkEnd, ThinkStoppingCriteria
 
 

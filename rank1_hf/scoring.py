@@ -9,6 +9,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .errors import Rank1Error
+from .loading import input_device
 
 
 def readout_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, int]:
@@ -35,11 +36,6 @@ def score(true_logit: float, false_logit: float) -> float:
         e = math.exp(-diff)
         return e / (1.0 + e)
     return 1.0 / (1.0 + math.exp(diff))
-
-
-def input_device(model: PreTrainedModel) -> torch.device:
-    """Where inputs go: the device of the input embedding (the first piece of a device map)."""
-    return model.get_input_embeddings().weight.device
 
 
 @torch.inference_mode()
