@@ -1,0 +1,115 @@
+"""Decode-step cost and throughput on a lent GPU (issue 5's GPU part): a few minutes on one H100/H200.
+
+    python benchmarks/gpu_throughput.py                 # 7B-shaped Qwen2, random weights, bfloat16
+    python benchmarks/gpu_throughput.py --shape tiny    # a smoke run (CPU is fine)
+
+Prints, as markdown to paste into benchmarks/RESULTS.md with the card's name and the date:
+1. ms per decode step at batch 1, 16 and 64 for each engine, with the memory-bandwidth floor beside it
+   (weight bytes / measured device-to-device copy bandwidth: a decode step must read every weight once);
+2. pairs/s of each engine on workload 1 of benchmarks/throughput.py (heavy-tailed planted lengths).
+Reasoning lengths are planted (tests/plant.py) so each step count is known in advance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from plant import plant_lengths  # noqa: E402
+from throughput import workload  # noqa: E402
+
+from rank1_hf import Rank1  # noqa: E402
+from rank1_hf.offline import qwen_tokenizer, tiny_model  # noqa: E402
+from rank1_hf.prompt import build_prompt  # noqa: E402
+
+SHAPES = {
+    "7b": dict(layers=28, hidden=3584, heads=28, kv_heads=4, intermediate=18944),
+    "tiny": dict(layers=2, hidden=64, heads=4, kv_heads=2, intermediate=128),
+}
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes per second of a large device-to-device copy (read + write counted)."""
+    x = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    sync()
+    start = time.perf_counter()
+    for _ in range(10):
+        y.copy_(x)
+    sync()
+    return 2 * 10 * x.numel() / (time.perf_counter() - start)
+
+
+def step_ms(ranker: Rank1, tok, engine: str, batch: int, steps: int) -> float:
+    """ms per decode step: judge ``batch`` pairs planted to reason ``steps`` tokens, minus a 1-step run."""
+    pairs = [("a query", "passage " * 40)] * batch  # one prompt length, so every row gets the planted length
+    n = len(tok(build_prompt(*pairs[0]))["input_ids"])
+    ranker.engine, ranker.batch_size = engine, batch
+    times = []
+    for length in (1, steps):
+        handle = plant_lengths(ranker.model, tok, {n: length})
+        sync()
+        start = time.perf_counter()
+        ranker.judge(pairs)
+        sync()
+        times.append(time.perf_counter() - start)
+        handle.remove()
+    return 1000 * (times[1] - times[0]) / (steps - 1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="7b", choices=sorted(SHAPES))
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--pairs", type=int, default=128)
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    name = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
+    tok = qwen_tokenizer()
+    model = tiny_model(tok, "qwen2", initializer_range=0.02, **SHAPES[args.shape]).to(device=device, dtype=dtype)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    bandwidth = copy_bandwidth(device)
+    floor_ms = 1000 * weight_bytes / bandwidth
+    print(f"# {name}, {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, shape {args.shape}, {dtype}")
+    print(f"weights {weight_bytes / 2**30:.2f} GiB, copy bandwidth {bandwidth / 2**30:.0f} GiB/s, "
+          f"bandwidth floor {floor_ms:.2f} ms per decode step\n")
+    ranker = Rank1.from_model(model, tok, max_new_tokens=max(args.steps, 1200) + 8)
+    print("| engine | batch | ms / decode step | floor ms | tokens/s |")
+    print("|---|---|---|---|---|")
+    for engine in ("continuous", "generate"):
+        for batch in (1, 16, 64):
+            ms = step_ms(ranker, tok, engine, batch, args.steps)
+            print(f"| {engine} | {batch} | {ms:.2f} | {floor_ms:.2f} | {batch * 1000 / ms:.0f} |")
+            sys.stdout.flush()
+    pairs, planted, never = workload(1, tok, args.pairs)
+    handle = plant_lengths(model, tok, planted, never)
+    print("\n| engine (workload 1) | pairs | s | pairs/s | generated tokens/s |")
+    print("|---|---|---|---|---|")
+    for engine in ("continuous", "generate"):
+        ranker.engine, ranker.batch_size = engine, 64
+        sync()
+        start = time.perf_counter()
+        ranker.judge(pairs)
+        sync()
+        elapsed = time.perf_counter() - start
+        print(f"| {engine} | {len(pairs)} | {elapsed:.1f} | {len(pairs) / elapsed:.2f} | "
+              f"{ranker.last_stats.generated_tokens / elapsed:.0f} |")
+    handle.remove()
+
+
+if __name__ == "__main__":
+    main()
