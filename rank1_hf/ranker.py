@@ -208,6 +208,7 @@ class Rank1:
         if show is None:
             show = sys.stderr.isatty() and len(pairs) > 1
         engine = self._engine(batch_size)
+        self.last_stats = engine.stats  # forced readout passes below add to it too
         bar = tqdm(total=len(pairs), unit="pair", disable=not show, desc="rank1", dynamic_ncols=True)
         waiting: list[tuple[int, Generation]] = []  # unfinished rows, forced together in groups
         try:
@@ -218,12 +219,11 @@ class Rank1:
                     continue
                 waiting.append((i, generation))
                 if len(waiting) >= engine.settings.batch_size:
-                    yield from self._force(prepared, waiting, bar)
+                    yield from self._force(prepared, waiting, bar, engine.settings.pad_id)
                     waiting = []
-            yield from self._force(prepared, waiting, bar)
+            yield from self._force(prepared, waiting, bar, engine.settings.pad_id)
         finally:
             bar.close()
-            self.last_stats = engine.stats
 
     def predict(
         self, pairs: Sequence[Pair], batch_size: int | None = None, show_progress_bar: bool | None = None
@@ -291,7 +291,9 @@ class Rank1:
             return Judgement(0.5, "fallback", reasoning, n, len(prepared.ids), None, None, prepared.truncated)
         return Judgement(score(t, f), outcome, reasoning, n, len(prepared.ids), t, f, prepared.truncated)  # type: ignore[arg-type]
 
-    def _force(self, prepared: list[Prepared], rows: list[tuple[int, Generation]], bar) -> Iterator[tuple[int, Judgement]]:
+    def _force(
+        self, prepared: list[Prepared], rows: list[tuple[int, Generation]], bar, pad_id: int
+    ) -> Iterator[tuple[int, Judgement]]:
         """Readout passes for rows without a free readout, as one batch of forward passes.
 
         A row that closed ``</think>`` inside a token is read on its own tokens up to the end of
@@ -309,8 +311,7 @@ class Rank1:
                 reasoning = self.tokenizer.decode(gen.tokens, skip_special_tokens=False)
                 sequences.append(self.tokenizer(forced_prompt(prepared[i].prompt, reasoning))["input_ids"])
                 outcomes.append("forced")
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        logits = forced_readout(self.model, sequences, pad, self.readout)
+        logits = forced_readout(self.model, sequences, pad_id, self.readout)
         for (i, gen), seq, outcome, pair in zip(rows, sequences, outcomes, logits):
             self.last_stats.readout_tokens += len(seq)
             yield i, self._judgement(prepared[i], gen, pair, outcome)
