@@ -13,9 +13,8 @@ rank1 readout: no second pass over prompt and reasoning.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 from transformers import DynamicCache, GenerationConfig, LogitsProcessorList, PreTrainedModel, StoppingCriteriaList
@@ -51,13 +50,6 @@ class EngineStats:
     steps: int = 0
     oom_retries: int = 0
     peak_rows: int = 0
-
-    def add(self, other: "EngineStats") -> None:
-        for name in self.__dataclass_fields__:
-            if name == "peak_rows":
-                self.peak_rows = max(self.peak_rows, other.peak_rows)
-            else:
-                setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
 @dataclass

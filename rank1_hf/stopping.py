@@ -46,12 +46,9 @@ class ThinkDetector:
             return None
         if self.token_id is not None and generated[-1] == self.token_id:
             return ThinkEnd(len(generated), True)
+        # Rows stop at the first "</think>", so one found in the tail was completed by the last token.
         tail = self.tokenizer.decode(generated[-self.window :], skip_special_tokens=False)
         if THINK_END not in tail:
-            return None
-        # It appears now; was it already complete without the last token? Then it was found a step ago.
-        before = self.tokenizer.decode(generated[-self.window : -1], skip_special_tokens=False)
-        if THINK_END in before:
             return None
         return ThinkEnd(len(generated), tail.endswith(THINK_END))
 
