@@ -13,6 +13,7 @@ Reasoning lengths are planted (tests/plant.py) so each step count is known in ad
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -59,7 +60,7 @@ def step_ms(ranker: Rank1, tok, engine: str, batch: int, steps: int) -> float:
     n = len(tok(build_prompt(*pairs[0]))["input_ids"])
     ranker.engine, ranker.batch_size = engine, batch
     times = []
-    for length in (1, steps):
+    for length in (1, 1, steps):  # the first run only warms up (allocator, kernels, lazy init)
         handle = plant_lengths(ranker.model, tok, {n: length})
         sync()
         start = time.perf_counter()
@@ -67,7 +68,28 @@ def step_ms(ranker: Rank1, tok, engine: str, batch: int, steps: int) -> float:
         sync()
         times.append(time.perf_counter() - start)
         handle.remove()
-    return 1000 * (times[1] - times[0]) / (steps - 1)
+    return 1000 * (times[2] - times[1]) / (steps - 1)
+
+
+class ForwardClock:
+    """Wall time spent inside ``model.forward`` (synchronized), to split engine overhead from model time."""
+
+    def __init__(self, model):
+        self.total = 0.0
+        self._start = 0.0
+        self.handles = [model.register_forward_pre_hook(self._pre), model.register_forward_hook(self._post)]
+
+    def _pre(self, module, args):
+        sync()
+        self._start = time.perf_counter()
+
+    def _post(self, module, args, output):
+        sync()
+        self.total += time.perf_counter() - self._start
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
 
 
 def main() -> None:
@@ -75,12 +97,15 @@ def main() -> None:
     ap.add_argument("--shape", default="7b", choices=sorted(SHAPES))
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--pairs", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     name = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
     tok = qwen_tokenizer()
-    model = tiny_model(tok, "qwen2", initializer_range=0.02, **SHAPES[args.shape]).to(device=device, dtype=dtype)
+    with torch.device(device):  # build on the GPU: a 7B float32 init on the host would take minutes
+        model = tiny_model(tok, "qwen2", initializer_range=0.02, **SHAPES[args.shape]).to(dtype=dtype)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     bandwidth = copy_bandwidth(device)
     floor_ms = 1000 * weight_bytes / bandwidth
@@ -88,26 +113,38 @@ def main() -> None:
     print(f"weights {weight_bytes / 2**30:.2f} GiB, copy bandwidth {bandwidth / 2**30:.0f} GiB/s, "
           f"bandwidth floor {floor_ms:.2f} ms per decode step\n")
     ranker = Rank1.from_model(model, tok, max_new_tokens=max(args.steps, 1200) + 8)
-    print("| engine | batch | ms / decode step | floor ms | tokens/s |")
-    print("|---|---|---|---|---|")
-    for engine in ("continuous", "generate"):
-        for batch in (1, 16, 64):
-            ms = step_ms(ranker, tok, engine, batch, args.steps)
-            print(f"| {engine} | {batch} | {ms:.2f} | {floor_ms:.2f} | {batch * 1000 / ms:.0f} |")
-            sys.stdout.flush()
+    # Engines alternate and each figure is the median of --repeats measurements, so a machine that
+    # warms up (clocks, lazily loaded kernels, host memory growing) does not favour the engine run last.
+    measured: dict[tuple[str, int], list[float]] = {}
+    for _ in range(args.repeats):
+        for batch in args.batches:
+            for engine in ("generate", "continuous"):
+                measured.setdefault((engine, batch), []).append(step_ms(ranker, tok, engine, batch, args.steps))
+    print(f"| engine | batch | ms / decode step (median of {args.repeats}) | all | floor ms | tokens/s |")
+    print("|---|---|---|---|---|---|")
+    for (engine, batch), values in sorted(measured.items()):
+        ms = statistics.median(values)
+        print(f"| {engine} | {batch} | {ms:.2f} | {' '.join(f'{v:.1f}' for v in values)} | {floor_ms:.2f} | "
+              f"{batch * 1000 / ms:.0f} |")
+    sys.stdout.flush()
     pairs, planted, never = workload(1, tok, args.pairs)
     handle = plant_lengths(model, tok, planted, never)
-    print("\n| engine (workload 1) | pairs | s | pairs/s | generated tokens/s |")
-    print("|---|---|---|---|---|")
-    for engine in ("continuous", "generate"):
+    print("\n| engine (workload 1) | pairs | s | pairs/s | generated tokens/s | steps | s in forward | slot eff |")
+    print("|---|---|---|---|---|---|---|---|")
+    for engine in ("generate", "continuous", "continuous"):
         ranker.engine, ranker.batch_size = engine, 64
+        clock = ForwardClock(model)
         sync()
         start = time.perf_counter()
         ranker.judge(pairs)
         sync()
         elapsed = time.perf_counter() - start
+        clock.remove()
+        st = ranker.last_stats
         print(f"| {engine} | {len(pairs)} | {elapsed:.1f} | {len(pairs) / elapsed:.2f} | "
-              f"{ranker.last_stats.generated_tokens / elapsed:.0f} |")
+              f"{st.generated_tokens / elapsed:.0f} | {st.steps} | {clock.total:.1f} | "
+              f"{st.generated_tokens / max(st.decode_slots, 1):.3f} |")
+        sys.stdout.flush()
     handle.remove()
 
 

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The whole lent-GPU session in one call (see benchmarks/RESULTS.md): install the carried wheels
+# (this project's transformers, the Qwen tokenizer assets, bitsandbytes) over the machine's image,
+# then run the loading checks and the decode-step / throughput benchmark. Logs go to $OUT.
+set -o pipefail
+OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" RANK1_HF_CACHE=/tmp/rank1-hf-cache PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+timeout "${CHECK_TIMEOUT:-240}" python3 benchmarks/gpu_check.py ${CHECK_ARGS:---skip awq} 2>&1 | tee "$OUT/gpu_check.log"
+timeout "${THROUGHPUT_TIMEOUT:-330}" python3 benchmarks/gpu_throughput.py ${THROUGHPUT_ARGS:-} 2>&1 | tee "$OUT/gpu_throughput.log"
