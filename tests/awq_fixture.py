@@ -1,4 +1,5 @@
-"""Tiny checkpoints for the loading tests, built on CPU in a second: a float Qwen2 and its AWQ twin.
+"""Tiny checkpoints for the loading tests, built on CPU in a second: a float Qwen2 and its AWQ twin
+(plus ``bnb_twin``: the float model holding the weights bitsandbytes actually stores).
 
 The AWQ checkpoint is written by hand in the AutoAWQ "GEMM" layout that the real jhu-clsp/rank1-*-awq
 checkpoints use (int4, zero point, group 128), so the loading path is the real one:
@@ -18,6 +19,7 @@ compared with a float model that differs only by the float16 arithmetic of the A
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -167,3 +169,19 @@ def build_awq_checkpoint(
     (target / "config.json").write_text(json.dumps(config, indent=2))
     tokenizer.save_pretrained(target)
     return model
+
+
+def bnb_twin(quantized: nn.Module, original: nn.Module) -> nn.Module:
+    """A float32 copy of ``original`` whose Linear weights are the ones bitsandbytes actually stores."""
+    import bitsandbytes as bnb
+
+    twin = copy.deepcopy(original)
+    for name, module in quantized.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            weight = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+        elif isinstance(module, bnb.nn.Linear8bitLt):
+            weight = module.weight.data.float() * module.weight.SCB.float()[:, None] / 127.0
+        else:
+            continue
+        twin.get_submodule(name).weight.data.copy_(weight.float())
+    return twin

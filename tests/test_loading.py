@@ -28,6 +28,7 @@ from rank1_hf.loading import (
 
 sys.path.insert(0, str(Path(__file__).parent))
 from awq_fixture import (  # noqa: E402
+    bnb_twin,
     build_awq_checkpoint,
     dequantize_int4,
     pack_awq_gemm,
@@ -137,22 +138,6 @@ def test_awq_rejects_float32(awq_checkpoint):
 # ---- bitsandbytes --------------------------------------------------------------------------------------
 
 
-def _bnb_twin(quantized: nn.Module, original: nn.Module) -> nn.Module:
-    """A float32 copy of ``original`` whose Linear weights are the ones bitsandbytes actually stores."""
-    import bitsandbytes as bnb
-
-    twin = copy.deepcopy(original)
-    for name, module in quantized.named_modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            weight = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
-        elif isinstance(module, bnb.nn.Linear8bitLt):
-            weight = module.weight.data.float() * module.weight.SCB.float()[:, None] / 127.0
-        else:
-            continue
-        twin.get_submodule(name).weight.data.copy_(weight.float())
-    return twin
-
-
 @pytest.mark.parametrize(
     "quantization, twin_tol, float_tol",
     [
@@ -173,7 +158,7 @@ def test_bnb_quantization_on_cpu(float_checkpoint, batch, quantization, twin_tol
     assert model.dtype == torch.float32  # CPU default; 4-bit computes in it too
     # The twin is read before the first forward: bitsandbytes repacks 4-bit weights into a CPU
     # kernel layout on first use, after which weight.data is no longer the plain nf4 layout.
-    twin = _logits(_bnb_twin(model, original), batch)
+    twin = _logits(bnb_twin(model, original), batch)
     got, want = _logits(model, batch), _logits(original, batch)
     assert _report(f"{quantization} vs its dequantized twin", got, twin) < twin_tol
     diff = _report(f"{quantization} vs the float32 original", got, want)
@@ -441,7 +426,7 @@ def test_rank1_bnb4_scores_close_to_dequantized_twin(float_checkpoint, tokenizer
     Rank1 = _rank1()
     path, original = float_checkpoint
     ranker = Rank1(str(path), quantization="bnb-4bit", max_new_tokens=8)
-    twin = _bnb_twin(ranker.model, original)  # before the first forward (see _bnb_twin's caller above)
+    twin = bnb_twin(ranker.model, original)  # before the first forward (see _bnb_twin's caller above)
     want = Rank1.from_model(twin, copy.deepcopy(tokenizer), max_new_tokens=8).judge(PAIRS)
     _compare_judgements("Rank1 bnb-4bit vs dequantized float32 twin", ranker.judge(PAIRS), want, 0.05)
 
