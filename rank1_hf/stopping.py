@@ -39,13 +39,22 @@ class ThinkDetector:
         # Every token decodes to at least one character (or a replacement character), so this many tokens
         # always cover a freshly completed "</think>".
         self.window = len(THINK_END) + 1
+        # Only a token whose own text holds the closing ">" can complete "</think>" as text; decoding a
+        # row's tail for every other token would cost a tokenizer call per row per step.
+        self._closes: dict[int, bool] = {}
 
     def check(self, generated: list[int]) -> ThinkEnd | None:
         """Called after each new token: has the last token completed ``</think>``?"""
         if not generated:
             return None
-        if self.token_id is not None and generated[-1] == self.token_id:
+        last = generated[-1]
+        if self.token_id is not None and last == self.token_id:
             return ThinkEnd(len(generated), True)
+        closes = self._closes.get(last)
+        if closes is None:
+            closes = self._closes[last] = THINK_END[-1] in self.tokenizer.decode([last], skip_special_tokens=False)
+        if not closes:
+            return None
         # Rows stop at the first "</think>", so one found in the tail was completed by the last token.
         tail = self.tokenizer.decode(generated[-self.window :], skip_special_tokens=False)
         if THINK_END not in tail:

@@ -1,14 +1,18 @@
 """Batched judge() against the independent slow reference, for every rank1 model family."""
 
+import random
+
 import numpy as np
 import pytest
 import torch
-from conftest import FAMILIES, PLANT_FACTOR, make_pairs
+from conftest import FAMILIES, PLANT_FACTOR, WORDS, make_pairs
 from plant import boost_rows, plant_think
 from reference import reference_judge
 
 from rank1_hf import Rank1, Rank1Error
 from rank1_hf.offline import tiny_model
+from rank1_hf.prompt import THINK_END
+from rank1_hf.stopping import ThinkDetector
 
 MAX_NEW = 40
 
@@ -206,3 +210,31 @@ def test_real_weights_smollm2_end_to_end():
     assert_agree(judgements, refs)
     for j in judgements:
         assert 0.0 <= j.score <= 1.0 and j.outcome in ("answered", "forced") and j.reasoning_tokens <= 12
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_think_detector_skips_no_closing_token(tokenizers, family):
+    """The detector decodes a row's tail only after tokens that hold ">"; it must still find every
+    "</think>" the plain rule (decode the tail after every token) finds, wherever the pieces split."""
+    tok = tokenizers[family]
+    detector = ThinkDetector(tok)
+    rng = random.Random(0)
+    pieces = ["</think>", "</", "think", ">", ">\n", "</think>\n", "a>", " >", "<", "thin", "k>"]
+    alphabet = [tok.encode(p, add_special_tokens=False) for p in pieces + WORDS]
+    found = 0
+    for _ in range(300):
+        generated: list[int] = []
+        for _ in range(rng.randint(1, 12)):
+            generated += rng.choice(alphabet)
+        for n in range(1, len(generated) + 1):
+            tail = tok.decode(generated[:n][-detector.window :], skip_special_tokens=False)
+            plain = THINK_END in tail
+            got = detector.check(generated[:n])
+            if THINK_END in tok.decode(generated[: n - 1], skip_special_tokens=False):
+                break  # rows stop at the first "</think>"
+            assert (got is not None) == plain, (family, generated[:n])
+            if got is not None:
+                assert got.clean == tail.endswith(THINK_END)
+                found += 1
+                break
+    assert found > 50
