@@ -65,6 +65,32 @@ class DecodeSettings:
     token_budget: int | None = None  # most (prompt + max_new_tokens) tokens reserved by the rows in flight
 
 
+def greedy_tokens(logits: torch.Tensor, block: int = 2048) -> torch.Tensor:
+    """``logits.argmax(-1)`` for (rows, vocab) logits, exactly (first index on ties, NaN wins), but fast on CPU.
+
+    PyTorch's CPU argmax is not vectorized: over a 151k vocabulary at 32 rows it costs about as much as a
+    third of the tiny benchmark model's whole decode step, while ``amax`` is ~8x cheaper. So: the max of
+    each block of ``block`` columns, the first block holding the row's max, and argmax inside that block.
+    """
+    if logits.device.type != "cpu":
+        return logits.argmax(-1)
+    rows, vocab = logits.shape
+    whole = vocab // block
+    parts = [logits[:, : whole * block].view(rows, whole, block).amax(-1)] if whole else []
+    if vocab > whole * block:
+        parts.append(logits[:, whole * block :].amax(-1, keepdim=True))
+    block_max = torch.cat(parts, -1)
+    top = block_max.amax(-1, keepdim=True)
+    first = (block_max == top).to(torch.uint8).argmax(-1)
+    # Past the vocabulary the index repeats the last column, which can only tie later than a real one.
+    columns = ((first * block)[:, None] + torch.arange(block)).clamp_(max=vocab - 1)
+    tokens = first * block + logits.gather(-1, columns).argmax(-1)
+    nan = torch.isnan(top[:, 0])  # argmax takes the first NaN; the block maxima cannot see it
+    if nan.any():
+        tokens[nan] = logits[nan].argmax(-1)
+    return tokens
+
+
 def _is_oom(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
 
@@ -276,7 +302,7 @@ class ContinuousEngine:
     def _step_rows(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
         """Apply one step's next-token logits (rows x vocab) to the rows; returns the tokens to feed next."""
         s = self.settings
-        choice = logits.argmax(-1).tolist()
+        choice = greedy_tokens(logits).tolist()
         pair = logits[:, list(s.readout)].float().tolist()
         feed = []
         for row, token, readout in zip(rows, choice, pair):

@@ -87,3 +87,24 @@ def test_token_budget_limits_rows_in_flight(planted):
     ranker = Rank1.from_model(model, tok, max_new_tokens=128, batch_size=32, token_budget=budget)
     ranker.judge(pairs)
     assert 1 <= ranker.last_stats.peak_rows <= 3
+
+
+def test_greedy_tokens_is_argmax_exactly():
+    """The CPU fast path must pick what torch.argmax picks: first index on ties, NaN wins, any width."""
+    from rank1_hf.engine import greedy_tokens
+
+    torch.manual_seed(0)
+    cases = [torch.randn(5, 151665), torch.randn(3, 100), torch.randn(2, 4096), torch.randn(1, 2049)]
+    cases.append(torch.randint(0, 3, (16, 10001)).float())  # many ties, across block edges
+    edge = torch.zeros(6, 5000)
+    edge[1, 4999] = float("inf")
+    edge[2, 7] = float("nan")
+    edge[2, 3000] = float("nan")
+    edge[3, 2047] = edge[3, 2048] = 1.0  # tie across a block edge: the first wins
+    edge[4] = float("-inf")
+    edge[5, 4096:] = 2.0  # the max only in the last, partial block
+    cases.append(edge)
+    cases.append(torch.randn(4, 300).to(torch.bfloat16).float())
+    for logits in cases:
+        assert torch.equal(greedy_tokens(logits), logits.argmax(-1))
+        assert torch.equal(greedy_tokens(logits, block=64), logits.argmax(-1))
