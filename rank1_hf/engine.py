@@ -91,6 +91,17 @@ def greedy_tokens(logits: torch.Tensor, block: int = 2048) -> torch.Tensor:
     return tokens
 
 
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask), both (rows, longest) long tensors, each row right-aligned after padding."""
+    width = max(len(seq) for seq in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+        mask[row, width - len(seq) :] = 1
+    return ids, mask
+
+
 def _is_oom(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
 
@@ -162,12 +173,8 @@ class GenerateEngine:
     @torch.inference_mode()
     def _generate(self, prompts: Sequence[Sequence[int]], batch: list[int]) -> list[tuple[int, Generation]]:
         s = self.settings
-        width = max(len(prompts[i]) for i in batch)
-        ids = torch.full((len(batch), width), s.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, i in enumerate(batch):
-            ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i], dtype=torch.long)
-            mask[row, width - len(prompts[i]) :] = 1
+        ids, mask = left_pad([prompts[i] for i in batch], s.pad_id)
+        width = ids.shape[1]
         criteria = ThinkStoppingCriteria(s.detector, width, s.eos_ids, s.max_new_tokens)
         device = input_device(self.model)
         out = self.model.generate(
@@ -257,8 +264,8 @@ class ContinuousEngine:
                     rows = rows + admitted
                     cache, mask, rows = self._drop(rows, cache, mask, finished)
                 if rows:
-                    self._decode(rows, cache, mask, device)
                     mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
+                    self._decode(rows, cache, mask, device)
                     cache, mask, rows = self._drop(rows, cache, mask, finished)
             except (torch.OutOfMemoryError, RuntimeError) as error:
                 if not _is_oom(error):
@@ -303,7 +310,9 @@ class ContinuousEngine:
         """Apply one step's next-token logits (rows x vocab) to the rows; returns the tokens to feed next."""
         s = self.settings
         choice = greedy_tokens(logits).tolist()
-        pair = logits[:, list(s.readout)].float().tolist()
+        # The readout columns are read only on steps where some row has just closed </think>.
+        reading = any(row.think is not None and not row.done for row in rows)
+        pair = logits[:, list(s.readout)].float().tolist() if reading else [None] * len(rows)
         feed = []
         for row, token, readout in zip(rows, choice, pair):
             if row.done:
@@ -326,12 +335,7 @@ class ContinuousEngine:
 
     @torch.inference_mode()
     def _prefill(self, prompts, admitted: list[_Row], rows: list[_Row], cache, mask, device):
-        width = max(r.prompt_len for r in admitted)
-        ids = torch.full((len(admitted), width), self.settings.pad_id, dtype=torch.long)
-        new_mask = torch.zeros((len(admitted), width), dtype=torch.long)
-        for k, row in enumerate(admitted):
-            ids[k, width - row.prompt_len :] = torch.tensor(prompts[row.index], dtype=torch.long)
-            new_mask[k, width - row.prompt_len :] = 1
+        ids, new_mask = left_pad([prompts[r.index] for r in admitted], self.settings.pad_id)
         new_cache = DynamicCache(config=self.model.config)
         logits = self.model(
             input_ids=ids.to(device),
@@ -351,10 +355,9 @@ class ContinuousEngine:
     def _decode(self, rows: list[_Row], cache: DynamicCache, mask: torch.Tensor, device):
         last = torch.tensor([[r.tokens[-1]] for r in rows], dtype=torch.long)
         positions = torch.tensor([[r.prompt_len + len(r.tokens) - 1] for r in rows], dtype=torch.long)
-        step_mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
         logits = self.model(
             input_ids=last.to(device),
-            attention_mask=step_mask.to(device),
+            attention_mask=mask.to(device),
             position_ids=positions.to(device),
             cache=cache,
             use_cache=True,

@@ -275,13 +275,12 @@ class Rank1:
             batch_size=batch_size or self.batch_size,
             token_budget=self.token_budget,
         )
-        use = self.engine
-        if use == "auto":
-            use = "continuous" if ContinuousEngine.supports(self.model) else "generate"
-        if use == "continuous":
-            if not ContinuousEngine.supports(self.model):
-                raise Rank1Error("the continuous engine needs a plain full-attention KV cache; use engine='generate'")
+        if self.engine == "generate":
+            return GenerateEngine(self.model, settings)
+        if ContinuousEngine.supports(self.model):
             return ContinuousEngine(self.model, settings)
+        if self.engine == "continuous":
+            raise Rank1Error("the continuous engine needs a plain full-attention KV cache; use engine='generate'")
         return GenerateEngine(self.model, settings)
 
     def _judgement(self, prepared: Prepared, generation: Generation, logits: tuple[float, float], outcome: str) -> Judgement:

@@ -8,6 +8,7 @@ from typing import Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .engine import left_pad
 from .errors import Rank1Error
 from .loading import input_device
 
@@ -60,13 +61,7 @@ def forced_readout(
         stop = start + 1
         while stop < len(order) and len(sequences[order[stop]]) * (stop - start + 1) <= max_tokens:
             stop += 1
-        group = [sequences[i] for i in order[start:stop]]
-        width = max(len(s) for s in group)
-        ids = torch.full((len(group), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(group), width), dtype=torch.long)
-        for row, seq in enumerate(group):
-            ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
-            mask[row, width - len(seq) :] = 1
+        ids, mask = left_pad([sequences[i] for i in order[start:stop]], pad_id)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         logits = model(
             input_ids=ids.to(device),

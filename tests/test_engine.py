@@ -108,3 +108,17 @@ def test_greedy_tokens_is_argmax_exactly():
     for logits in cases:
         assert torch.equal(greedy_tokens(logits), logits.argmax(-1))
         assert torch.equal(greedy_tokens(logits, block=64), logits.argmax(-1))
+
+
+def test_engine_choice_follows_the_cache(tokenizers):
+    """auto takes the continuous engine only over a plain full-attention cache; forcing it elsewhere is an error."""
+    from rank1_hf import Rank1Error
+
+    tok = tokenizers["mistral"]
+    windowed = tiny_model(tok, "mistral", sliding_window=16)
+    assert Rank1.from_model(windowed, tok, max_new_tokens=8)._engine(None).name == "generate"
+    with pytest.raises(Rank1Error, match="plain full-attention KV cache"):
+        Rank1.from_model(windowed, tok, max_new_tokens=8, engine="continuous")._engine(None)
+    plain = tiny_model(tok, "mistral")
+    assert Rank1.from_model(plain, tok, max_new_tokens=8)._engine(None).name == "continuous"
+    assert Rank1.from_model(plain, tok, max_new_tokens=8, engine="generate")._engine(None).name == "generate"
