@@ -61,13 +61,18 @@ class _Parser(argparse.ArgumentParser):
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def _resolve_model(name: str) -> tuple[str, bool]:
-    """(path or hub id to load, whether it is the offline demo model)."""
-    if name.lower() in DEMO_NAMES:
+def is_demo(name: str) -> bool:
+    """Whether ``--model`` names the offline demo model (SmolLM2, not a rank1 model)."""
+    return name.lower() in DEMO_NAMES
+
+
+def _resolve_model(name: str) -> str:
+    """The path or hub id to load: the demo model's local path, or ``name`` as given."""
+    if is_demo(name):
         from .offline import smollm2
 
-        return str(smollm2()), True
-    return name, False
+        return str(smollm2())
+    return name
 
 
 def _add_loading(p: argparse.ArgumentParser) -> None:
@@ -107,7 +112,7 @@ def _make_ranker(args: argparse.Namespace, *, device_map: Any = None, show_progr
         # With other busy processes on the same cores, OpenMP threads wait on each other and a forward
         # pass can get 10x slower (seen with 2 threads on 2 shared cores); one thread avoids that.
         torch.set_num_threads(args.threads)
-    path, _ = _resolve_model(args.model)
+    path = _resolve_model(args.model)
     return Rank1(
         path,
         dtype=args.dtype,
@@ -153,8 +158,8 @@ def _rerank(args: argparse.Namespace) -> int:
     fill_inputs(args, "rerank")
     for name in ("top_k", "batch_size", "flush_every", "flush_seconds", "max_new_tokens", "context_size"):
         _positive(name.replace("_", "-"), getattr(args, name))
-    is_demo = args.model.lower() in DEMO_NAMES
-    if is_demo:
+    demo = is_demo(args.model)
+    if demo:
         print(f"note: {DEMO_NOTE}", file=sys.stderr)
     from .prompts import resolve_dataset_prompt
 
@@ -219,10 +224,10 @@ def _rerank(args: argparse.Namespace) -> int:
         print(f"{PROG}: rank {shard.rank}/{shard.world_size}: judged {summary.judged_here} pairs; "
               "rank 0 writes the outputs", file=sys.stderr)
         return 0
-    tag = "demo-smollm2" if is_demo else args.tag
+    tag = "demo-smollm2" if demo else args.tag
     reranked = pipeline.write_outputs(items, result.judgements, output, traces, tag)
-    print("rank1-hf rerank" + (" (DEMO model, not rank1)" if is_demo else ""))
-    print(f"model: {args.model}" + (f" ({DEMO_NOTE})" if is_demo else ""))
+    print("rank1-hf rerank" + (" (DEMO model, not rank1)" if demo else ""))
+    print(f"model: {args.model}" + (f" ({DEMO_NOTE})" if demo else ""))
     if shard.world_size > 1:
         print(f"processes: {shard.world_size}")
     for line in summary.lines():
@@ -280,7 +285,7 @@ def _score(args: argparse.Namespace) -> int:
     for text, name in ((args.query, "--query"), (args.passage, "--passage")):
         if not text.strip():
             raise Rank1Error(f"{name} is empty")
-    if args.model.lower() in DEMO_NAMES:
+    if is_demo(args.model):
         print(f"note: {DEMO_NOTE}", file=sys.stderr)
     ranker = _make_ranker(args, show_progress_bar=False)
     started = time.monotonic()
@@ -312,7 +317,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _plan(args: argparse.Namespace) -> int:
     from .loading import format_plan, plan_device_map
 
-    path, _ = _resolve_model(args.model)
+    path = _resolve_model(args.model)
     plan = plan_device_map(path, max_memory=args.max_memory, dtype=args.dtype, quantization=args.quantization,
                            device_map=args.device_map)
     print(format_plan(plan))

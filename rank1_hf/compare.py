@@ -917,7 +917,7 @@ def run(args: argparse.Namespace) -> int:
     for name in ("top_k", "batch_size", "flush_every", "max_new_tokens", "context_size", "permutations"):
         cli._positive(name.replace("_", "-"), getattr(args, name))
     for model in (args.a, args.b):
-        if model.lower() in cli.DEMO_NAMES:
+        if cli.is_demo(model):
             print(f"note: {cli.DEMO_NOTE}", file=sys.stderr)
     from .prompts import resolve_dataset_prompt
 
