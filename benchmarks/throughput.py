@@ -23,10 +23,8 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import random
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -37,44 +35,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from plant import plant_lengths  # noqa: E402
 
 from rank1_hf import Rank1  # noqa: E402
+from rank1_hf.compare import PeakMemory  # noqa: E402
 from rank1_hf.prompt import build_prompt  # noqa: E402
 from rank1_hf.scoring import readout_ids, score  # noqa: E402
 
 WORDS = "cat dog bread oven yeast river mountain law court judge software python compiler vitamin protein".split()
-
-
-class PeakMemory:
-    """Peak resident memory (CPU) or peak allocated GPU memory above the level at start, in MB."""
-
-    def __enter__(self):
-        self.cuda = torch.cuda.is_available()
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
-            return self
-        self.base = self.peak = self._rss()
-        self.running = True
-        self.thread = threading.Thread(target=self._watch, daemon=True)
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.cuda:
-            self.mb = (torch.cuda.max_memory_allocated() - self.base) / 2**20
-        else:
-            self.running = False
-            self.thread.join()
-            self.mb = (self.peak - self.base) / 2**20
-
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def _watch(self):
-        while self.running:
-            self.peak = max(self.peak, self._rss())
-            time.sleep(0.005)
 
 
 def lengths_for(n: int, rng: random.Random, scale: float = 1.0) -> list[int]:
@@ -168,7 +133,7 @@ def main() -> None:
             engines = ["continuous", "static"] + ([] if kind == 3 else ["one-at-a-time"])
             for engine in engines:
                 subset = pairs[: args.baseline_pairs] if engine == "one-at-a-time" and args.baseline_pairs else pairs
-                with PeakMemory() as mem:
+                with PeakMemory(interval_s=0.005) as mem:
                     start = time.perf_counter()
                     if engine == "one-at-a-time":
                         out, stats = one_at_a_time(model, tok, subset, args.max_new_tokens)
@@ -181,7 +146,7 @@ def main() -> None:
                     "gen tok/s": stats["generated"] / elapsed,
                     "slot eff": stats["generated"] / max(stats["slots"], 1),
                     "readout cost": stats["readout"] / max(stats["all"], 1),
-                    "peak MB": mem.mb,
+                    "peak MB": (mem.peak_bytes or 0) / 2**20,
                     "seconds": elapsed,
                     "pairs": len(subset),
                 }
