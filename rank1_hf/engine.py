@@ -1,37 +1,57 @@
-"""Generating rank1 reasoning for many prompts at once: two engines, one contract.
+"""Generating rank1 reasoning for many prompts at once, with continuous batching on a fixed-address cache.
 
-Both engines decode greedily from token ids until each row closes ``</think>``, emits an end-of-sequence
-token or reaches ``max_new_tokens``, and yield each row as it finishes. For a row that closed
-``</think>`` cleanly they also hand back the " true"/" false" logits of the very next step, which is the
-rank1 readout: no second pass over prompt and reasoning.
+The engine decodes greedily from token ids until each row closes ``</think>``, emits an end-of-sequence
+token or reaches ``max_new_tokens``, and yields each row with its readout, the " true"/" false" logits
+right after ``</think>``:
 
-- ``GenerateEngine``: ``model.generate`` on length-sorted batches with a per-row StoppingCriteria. Simple,
-  works for every model transformers can generate with, but a batch runs until its slowest row is done.
-- ``ContinuousEngine``: its own decode loop over a KV cache. A finished row leaves the batch at once and a
-  waiting prompt takes its place, so no row waits for another (continuous batching, as vLLM does).
+- a row that closed ``</think>`` cleanly reads them from its next decode step (no second pass);
+- any other row (unfinished reasoning, or ``</think>`` ending inside a token) is closed by
+  ``settings.close``, which gives the full token sequence to read after; the engine runs only the part of
+  it that is not already in the row's cache (usually ``"\\n</think>"``: the prompt and the reasoning kept
+  are reused).
+
+A finished row leaves its slot at once and a waiting request takes it, so no row waits for another.
+Requests are pulled from an iterable while the engine runs, so memory is bounded by the rows in flight.
+Every forward call is a plain ``model(...)`` with a :class:`~rank1_hf.kv_cache.SlotCache` as ``cache=``
+and an explicit mask, so the model code stays transformers'.
 """
 
 from __future__ import annotations
 
+import logging
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
-from transformers import DynamicCache, GenerationConfig, LogitsProcessorList, PreTrainedModel, StoppingCriteriaList
+from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
 from .errors import Rank1Error
+from .head import fast_head
+from .kv_cache import Placement, SlotCache
 from .loading import input_device
-from .stopping import ReadoutCapture, ThinkDetector, ThinkEnd, ThinkStoppingCriteria
+from .scoring import forced_readout
+from .stopping import ThinkDetector, ThinkEnd
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Request:
+    """One prompt to reason on: ``index`` is the caller's, ``ids`` the prompt's token ids."""
+
+    index: int
+    ids: list[int]
 
 
 @dataclass
 class Generation:
-    """What one row produced: its generated tokens and how it ended.
+    """What one row produced: its generated tokens, how it ended, and its readout.
 
     tokens: generated ids, an end-of-sequence token excluded.
     think: where ``</think>`` closed, or None when the reasoning is unfinished.
-    readout: (true, false) logits right after a cleanly closed ``</think>``; None when a pass is needed.
+    readout: (true, false) logits right after ``</think>`` (None only inside an engine, before reading).
     """
 
     tokens: list[int]
@@ -44,12 +64,18 @@ class EngineStats:
     """Counts of the work an engine did, for benchmarks and logs (tokens pushed through the model)."""
 
     prefill_tokens: int = 0  # prompt tokens run, padding included
-    decode_slots: int = 0  # rows x decode steps computed, finished-but-waiting rows included
+    decode_slots: int = 0  # rows x decode steps computed
     generated_tokens: int = 0  # tokens kept as reasoning
-    readout_tokens: int = 0  # tokens run only to read the readout (the step after </think>)
+    readout_tokens: int = 0  # tokens run only to read a readout (the step after </think>, closing suffixes)
+    reused_tokens: int = 0  # tokens of closing sequences served from the cache instead of being run again
     steps: int = 0
     oom_retries: int = 0
     peak_rows: int = 0
+
+
+# The full token sequence after which an unfinished or inside-a-token row is read:
+# close(request, generated tokens, think) -> prompt ids + closing ids.
+Closer = Callable[[Request, list[int], "ThinkEnd | None"], list[int]]
 
 
 @dataclass
@@ -61,8 +87,10 @@ class DecodeSettings:
     pad_id: int
     readout: tuple[int, int]
     detector: ThinkDetector
+    close: Closer
     batch_size: int = 32  # most rows decoded together
     token_budget: int | None = None  # most (prompt + max_new_tokens) tokens reserved by the rows in flight
+    max_prompt_tokens: int | None = None  # longest prompt expected (sizes the cache once)
 
 
 def greedy_tokens(logits: torch.Tensor, block: int = 2048) -> torch.Tensor:
@@ -91,22 +119,11 @@ def greedy_tokens(logits: torch.Tensor, block: int = 2048) -> torch.Tensor:
     return tokens
 
 
-def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, attention mask), both (rows, longest) long tensors, each row right-aligned after padding."""
-    width = max(len(seq) for seq in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
-        mask[row, width - len(seq) :] = 1
-    return ids, mask
-
-
-def _is_oom(error: BaseException) -> bool:
+def is_oom(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
-def _fits(lengths: Sequence[int], settings: DecodeSettings) -> bool:
+def fits(lengths: Sequence[int], settings: DecodeSettings) -> bool:
     """Whether rows with these prompt lengths may decode together under the row and token budgets."""
     if len(lengths) > settings.batch_size:
         return False
@@ -115,119 +132,34 @@ def _fits(lengths: Sequence[int], settings: DecodeSettings) -> bool:
     return sum(n + settings.max_new_tokens for n in lengths) <= settings.token_budget
 
 
-class GenerateEngine:
-    """``model.generate`` over length-sorted batches, one StoppingCriteria flag per row."""
-
-    name = "generate"
-
-    def __init__(self, model: PreTrainedModel, settings: DecodeSettings):
-        self.model = model
-        self.settings = settings
-        self.stats = EngineStats()
-
-    def generation_config(self) -> GenerationConfig:
-        # A fresh config, so nothing from the checkpoint's generation_config (sampling, top-k/top-p,
-        # repetition penalty, ...) reaches the logits: greedy on the raw logits, as the reference.
-        # One step more than the cap, so a row that closes </think> on its last allowed token still
-        # gets its readout step.
-        return GenerationConfig(
-            do_sample=False,
-            num_beams=1,
-            temperature=None,
-            top_k=None,
-            top_p=None,
-            repetition_penalty=1.0,
-            max_new_tokens=self.settings.max_new_tokens + 1,
-            eos_token_id=sorted(self.settings.eos_ids) or None,
-            pad_token_id=self.settings.pad_id,
-        )
-
-    def run(self, prompts: Sequence[Sequence[int]]) -> Iterator[tuple[int, Generation]]:
-        order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
-        batch: list[int] = []
-        for i in order:
-            if batch and not _fits([len(prompts[j]) for j in batch + [i]], self.settings):
-                yield from self._run_batch(prompts, batch)
-                batch = []
-            batch.append(i)
-        if batch:
-            yield from self._run_batch(prompts, batch)
-
-    def _run_batch(self, prompts: Sequence[Sequence[int]], batch: list[int]) -> Iterator[tuple[int, Generation]]:
-        try:
-            results = self._generate(prompts, batch)
-        except (torch.OutOfMemoryError, RuntimeError) as error:
-            if not _is_oom(error):
-                raise
-            if len(batch) == 1:
-                raise Rank1Error("out of memory on a single pair: lower max_new_tokens or context_size") from error
-            # Nothing of this batch was yielded yet, so halving and retrying neither loses nor repeats a row.
-            self.stats.oom_retries += 1
-            self.settings.batch_size = max(1, len(batch) // 2)
-            half = len(batch) // 2
-            yield from self._run_batch(prompts, batch[:half])
-            yield from self._run_batch(prompts, batch[half:])
-            return
-        yield from results
-
-    @torch.inference_mode()
-    def _generate(self, prompts: Sequence[Sequence[int]], batch: list[int]) -> list[tuple[int, Generation]]:
-        s = self.settings
-        ids, mask = left_pad([prompts[i] for i in batch], s.pad_id)
-        width = ids.shape[1]
-        criteria = ThinkStoppingCriteria(s.detector, width, s.eos_ids, s.max_new_tokens)
-        device = input_device(self.model)
-        out = self.model.generate(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            generation_config=self.generation_config(),
-            logits_processor=LogitsProcessorList([ReadoutCapture(criteria, s.readout)]),
-            stopping_criteria=StoppingCriteriaList([criteria]),
-        )
-        generated = out[:, width:].tolist()
-        steps = len(generated[0]) if generated else 0
-        self.stats.prefill_tokens += ids.numel()
-        self.stats.decode_slots += len(batch) * max(steps - 1, 0)
-        self.stats.steps += steps
-        self.stats.peak_rows = max(self.stats.peak_rows, len(batch))
-        results = []
-        for row, i in enumerate(batch):
-            think = criteria.think.get(row)
-            if think is not None:
-                tokens = generated[row][: think.end]
-                readout = criteria.readout.get(row)
-                self.stats.readout_tokens += readout is not None
-            else:
-                stop = criteria.stopped_at.get(row, s.max_new_tokens)
-                tokens = generated[row][:stop]
-                readout = None
-            self.stats.generated_tokens += len(tokens)
-            results.append((i, Generation(tokens, think, readout)))
-        return results
+# Row states. A READING row closed </think> cleanly: its next decode step's logits are its readout.
+DECODING, READING, CLOSING, DONE = range(4)
 
 
 @dataclass
 class _Row:
-    index: int
-    prompt_len: int
+    request: Request
+    cached: int = 0  # tokens whose keys/values are in the row's slot (positions 0..cached-1)
     tokens: list[int] = field(default_factory=list)
     think: ThinkEnd | None = None
     readout: tuple[float, float] | None = None
-    done: bool = False
+    state: int = DECODING
+
+    def history(self) -> list[int]:
+        """The tokens whose keys/values the slot holds."""
+        return (self.request.ids + self.tokens)[: self.cached]
 
 
 class ContinuousEngine:
-    """Continuous batching on a KV cache this engine owns, with plain ``model(...)`` forward calls.
+    """Continuous batching over a :class:`SlotCache`: row ``k`` of every decode step lives in slot ``k``.
 
-    The cache holds one row per prompt in flight; rows are left-aligned to a shared width with masked
-    columns, and each row keeps its own position ids, so a row's numbers do not depend on its neighbours
-    (beyond float rounding). Each step:
+    Each step:
 
-    1. admit waiting prompts while the row and token budgets allow: prefill them as one left-padded batch
-       (their last logits give their first token) and append them to the cache;
-    2. one decode step for every row; a row whose previous token closed ``</think>`` cleanly reads its
-       readout from this step's logits and is done;
-    3. drop finished rows from the cache, and the columns no remaining row uses.
+    1. admit waiting requests into the free slots (``len(rows)..``) while the row and token budgets
+       allow, and prefill them (their last logits give their first token);
+    2. one decode step for every row, a view of slots ``0..n-1``; a READING row takes its readout;
+    3. close the rows that need it (one batched pass over only the tokens their cache lacks);
+    4. yield the finished rows and compact: the last row moves into each freed slot.
     """
 
     name = "continuous"
@@ -237,169 +169,264 @@ class ContinuousEngine:
         self.settings = settings
         self.prefill_tokens = prefill_tokens
         self.stats = EngineStats()
+        self.cache: SlotCache | None = None
+        self._sdpa = getattr(model.config, "_attn_implementation", "sdpa") == "sdpa"
 
     @staticmethod
     def supports(model: PreTrainedModel) -> bool:
-        """Plain full-attention KV caches only (no sliding window, no hybrid or linear-attention layers)."""
+        """Plain full-attention KV caches with sdpa or eager attention (no sliding window, no hybrid layers)."""
+        if getattr(model.config, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
+            return False
         try:
             cache = DynamicCache(config=model.config)
         except Exception:
             return False
         return bool(cache.layers) and all(type(layer) is DynamicLayer for layer in cache.layers)
 
-    def run(self, prompts: Sequence[Sequence[int]]) -> Iterator[tuple[int, Generation]]:
-        waiting = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i), reverse=True)
-        in_flight: dict[int, _Row] = {}  # taken from the queue, not yet yielded
-        rows: list[_Row] = []  # in the cache, in cache-row order
-        cache: DynamicCache | None = None
-        mask = torch.zeros((0, 0), dtype=torch.long)
-        device = input_device(self.model)
-        while waiting or rows:
-            finished: list[_Row] = []
-            try:
-                admitted = self._admit(prompts, waiting, rows)
-                in_flight.update((r.index, r) for r in admitted)
-                if admitted:
-                    cache, mask = self._prefill(prompts, admitted, rows, cache, mask, device)
-                    rows = rows + admitted
-                    cache, mask, rows = self._drop(rows, cache, mask, finished)
-                if rows:
-                    mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
-                    self._decode(rows, cache, mask, device)
-                    cache, mask, rows = self._drop(rows, cache, mask, finished)
-            except (torch.OutOfMemoryError, RuntimeError) as error:
-                if not _is_oom(error):
-                    raise
-                # Restart every row in flight with half as many rows: nothing was yielded for them, so no
-                # row is lost or judged twice; only their partial work is thrown away.
-                if len(in_flight) <= 1:
-                    raise Rank1Error("out of memory on a single pair: lower max_new_tokens or context_size") from error
-                self.stats.oom_retries += 1
-                self.settings.batch_size = max(1, len(in_flight) // 2)
-                waiting.extend(in_flight)
-                waiting.sort(key=lambda i: (len(prompts[i]), i), reverse=True)
-                in_flight.clear()
-                rows, cache, mask = [], None, torch.zeros((0, 0), dtype=torch.long)
-                continue
-            for row in finished:
-                del in_flight[row.index]
-                yield row.index, self._generation(row)
+    # ---- the loop ------------------------------------------------------------------------------------
 
-    def _generation(self, row: _Row) -> Generation:
-        self.stats.generated_tokens += len(row.tokens)
-        self.stats.readout_tokens += row.readout is not None
-        return Generation(row.tokens, row.think, row.readout)
+    def run(self, requests: Iterable[Request]) -> Iterator[tuple[int, Generation]]:
+        """Yield (request index, generation with its readout) as rows finish, in any order."""
+        source = iter(requests)
+        pending: deque[Request] = deque()  # pulled from the source (or restarted), not yet admitted
+        rows: list[_Row] = []  # rows[k] lives in slot k
+        with fast_head(self.model):
+            while True:
+                finished: list[_Row] = []
+                try:
+                    admitted = self._admit(source, pending, rows)
+                    if admitted:
+                        rows.extend(admitted)
+                        self._prefill(admitted, start=len(rows) - len(admitted))
+                    if not rows:
+                        return
+                    self._close(rows)  # rows whose first token already ended them
+                    rows = self._release(rows, finished)
+                    if rows:
+                        self._decode(rows)
+                        self._close(rows)
+                        rows = self._release(rows, finished)
+                except (torch.OutOfMemoryError, RuntimeError) as error:
+                    if not is_oom(error):
+                        raise
+                    rows = self._restart_smaller(rows, pending, error)
+                for row in finished:
+                    self.stats.generated_tokens += len(row.tokens)
+                    yield row.request.index, Generation(row.tokens, row.think, row.readout)
 
-    def _admit(self, prompts: Sequence[Sequence[int]], waiting: list[int], rows: list[_Row]) -> list[_Row]:
-        lengths = [r.prompt_len for r in rows]
+    def _admit(self, source: Iterator[Request], pending: deque[Request], rows: list[_Row]) -> list[_Row]:
+        """Take requests into free slots while the budgets allow (a prefill batch stays under prefill_tokens)."""
+        lengths = [len(r.request.ids) for r in rows]
         admitted: list[_Row] = []
         widest = 0
-        while waiting:
-            n = len(prompts[waiting[-1]])
-            if (lengths or admitted) and not _fits(lengths + [n], self.settings):
+        while True:
+            if not pending:
+                request = next(source, None)
+                if request is None:
+                    break
+                pending.append(request)
+            n = len(pending[0].ids)
+            if (lengths or admitted) and not fits(lengths + [n], self.settings):
                 break
             if admitted and max(widest, n) * (len(admitted) + 1) > self.prefill_tokens:
                 break
-            i = waiting.pop()
             lengths.append(n)
             widest = max(widest, n)
-            admitted.append(_Row(i, n))
+            admitted.append(_Row(pending.popleft()))
+        if admitted:
+            self._ensure_cache(max(len(r.request.ids) for r in admitted), rows)
         return admitted
 
-    def _step_rows(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
-        """Apply one step's next-token logits (rows x vocab) to the rows; returns the tokens to feed next."""
+    @torch.inference_mode()
+    def _ensure_cache(self, prompt_len: int, rows: list[_Row]) -> None:
+        """Allocate the slot cache once; grow it (a rare copy) only for a prompt longer than planned."""
         s = self.settings
-        choice = greedy_tokens(logits).tolist()
-        # The readout columns are read only on steps where some row has just closed </think>.
-        reading = any(row.think is not None and not row.done for row in rows)
-        pair = logits[:, list(s.readout)].float().tolist() if reading else [None] * len(rows)
-        feed = []
-        for row, token, readout in zip(rows, choice, pair):
-            if row.done:
-                feed.append(s.pad_id)
-                continue
-            if row.think is not None:  # this step ran on the token that closed </think>
-                row.readout = (readout[0], readout[1])
-                row.done = True
-            elif token in s.eos_ids:
-                row.done = True
-            else:
-                row.tokens.append(token)
-                row.think = s.detector.check(row.tokens)
-                if row.think is not None:
-                    row.done = not row.think.clean
-                elif len(row.tokens) >= s.max_new_tokens:
-                    row.done = True
-            feed.append(row.tokens[-1] if row.tokens else s.pad_id)
-        return feed
+        needed = prompt_len + s.max_new_tokens + _CLOSE_MARGIN
+        if self.cache is not None and self.cache.capacity >= needed:
+            return
+        planned = max(needed, (s.max_prompt_tokens or 0) + s.max_new_tokens + _CLOSE_MARGIN)
+        capacity = -(-planned // 64) * 64
+        if self.cache is None:
+            self.cache = SlotCache(self.model, s.batch_size, capacity)
+            self._visible = torch.zeros((s.batch_size, capacity + 1), dtype=torch.bool, device=input_device(self.model))
+            return
+        capacity = max(capacity, self.cache.capacity * 5 // 4)
+        logger.info("growing the KV cache from %d to %d tokens per row", self.cache.capacity, capacity)
+        self.cache = self.cache.grown(capacity, [r.cached for r in rows])
+        visible = self._visible.new_zeros((s.batch_size, capacity + 1))
+        visible[:, : self._visible.shape[1] - 1] = self._visible[:, :-1]
+        self._visible = visible
+
+    # ---- forward calls -------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def _prefill(self, prompts, admitted: list[_Row], rows: list[_Row], cache, mask, device):
-        ids, new_mask = left_pad([prompts[r.index] for r in admitted], self.settings.pad_id)
-        new_cache = DynamicCache(config=self.model.config)
-        logits = self.model(
+    def _forward(self, slots: list[int], inputs: list[list[int]], offsets: list[int], start: int | None) -> torch.Tensor:
+        """One model call: row r's ``inputs[r]`` go to positions ``offsets[r]..`` of slot ``slots[r]``.
+
+        Rows are left-padded to a common width; padding writes to the cache's scratch column and attends
+        to column 0 only. Returns the last position's logits, (rows, vocab) float32.
+        """
+        cache, device = self.cache, input_device(self.model)
+        width_in = max(len(x) for x in inputs)
+        ids = torch.full((len(inputs), width_in), self.settings.pad_id, dtype=torch.long)
+        positions = torch.full((len(inputs), width_in), cache.scratch, dtype=torch.long)
+        for r, (tokens, offset) in enumerate(zip(inputs, offsets)):
+            pad = width_in - len(tokens)
+            ids[r, pad:] = torch.tensor(tokens, dtype=torch.long)
+            positions[r, pad:] = torch.arange(offset, offset + len(tokens))
+        width = max(o + len(x) for x, o in zip(inputs, offsets))
+        # Query at position p sees columns 0..p; a padding query sees column 0 only (its output is unused).
+        columns = torch.arange(width)
+        seen = positions.clamp(max=width - 1)
+        seen[positions == cache.scratch] = 0
+        mask = columns[None, None, :] <= seen[:, :, None]
+        cache.place(Placement(torch.tensor(slots), positions, width, start))
+        self._set_visible(slots, [o + len(x) for x, o in zip(inputs, offsets)])
+        return self._logits(ids, positions.clamp(max=cache.capacity - 1), mask[:, None], device)
+
+    def _logits(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, device) -> torch.Tensor:
+        if not self._sdpa:  # eager attention adds its mask
+            mask = torch.zeros(mask.shape, dtype=self.model.dtype).masked_fill_(~mask, torch.finfo(self.model.dtype).min)
+        out = self.model(
             input_ids=ids.to(device),
-            attention_mask=new_mask.to(device),
-            position_ids=((new_mask.cumsum(-1) - 1).clamp(min=0)).to(device),
-            cache=new_cache,
+            attention_mask=mask.to(device),  # 4D: transformers uses it as given
+            position_ids=positions.to(device),
+            cache=self.cache,
             use_cache=True,
             logits_to_keep=1,
-        ).logits[:, -1, :]
-        self.stats.prefill_tokens += ids.numel()
-        self._step_rows(admitted, logits.float())
-        if cache is None or not rows:
-            return new_cache, new_mask
-        return _concat(cache, mask, new_cache, new_mask)
+        )
+        return out.logits[:, -1, :].float()
 
     @torch.inference_mode()
-    def _decode(self, rows: list[_Row], cache: DynamicCache, mask: torch.Tensor, device):
-        last = torch.tensor([[r.tokens[-1]] for r in rows], dtype=torch.long)
-        positions = torch.tensor([[r.prompt_len + len(r.tokens) - 1] for r in rows], dtype=torch.long)
-        logits = self.model(
-            input_ids=last.to(device),
-            attention_mask=mask.to(device),
-            position_ids=positions.to(device),
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        ).logits[:, -1, :]
+    def _prefill(self, admitted: list[_Row], start: int) -> None:
+        slots = list(range(start, start + len(admitted)))
+        logits = self._forward(slots, [r.request.ids for r in admitted], [0] * len(admitted), start)
+        self.stats.prefill_tokens += len(admitted) * max(len(r.request.ids) for r in admitted)
+        for row in admitted:
+            row.cached = len(row.request.ids)
+        self._apply(admitted, logits)
+
+    @torch.inference_mode()
+    def _decode(self, rows: list[_Row]) -> None:
+        """One token for every row, over slots 0..n-1: inputs, mask and cache reads are views or O(rows)."""
+        cache, device = self.cache, input_device(self.model)
+        n = len(rows)
+        last = torch.tensor([[r.tokens[-1] if r.tokens else self.settings.pad_id] for r in rows], dtype=torch.long)
+        cached = torch.tensor([[r.cached] for r in rows], dtype=torch.long)
+        width = int(cached.max()) + 1
+        cache.place(Placement(torch.arange(n), cached, width, 0))
+        self._visible[torch.arange(n), cached[:, 0]] = True
+        mask = self._visible[:n, None, None, :width]
+        logits = self._logits(last, cached, mask, device)
+        for row in rows:
+            row.cached += 1
         self.stats.steps += 1
-        self.stats.decode_slots += len(rows)
-        self.stats.peak_rows = max(self.stats.peak_rows, len(rows))
-        self._step_rows(rows, logits.float())
+        self.stats.decode_slots += n
+        self.stats.peak_rows = max(self.stats.peak_rows, n)
+        self._apply(rows, logits)
 
-    def _drop(self, rows: list[_Row], cache: DynamicCache, mask: torch.Tensor, finished: list[_Row]):
-        """Move done rows to ``finished`` and out of the cache, with the columns no remaining row uses."""
-        keep = [k for k, r in enumerate(rows) if not r.done]
-        if len(keep) == len(rows):
-            return cache, mask, rows
-        finished.extend(r for r in rows if r.done)
-        rows = [rows[k] for k in keep]
-        if not rows:
-            return None, torch.zeros((0, 0), dtype=torch.long), []
-        mask = mask[keep]
-        first = int(mask.any(0).long().argmax())  # columns left of every remaining row are dead
-        index = torch.tensor(keep, dtype=torch.long)
-        for layer in cache.layers:
-            index = index.to(layer.keys.device)
-            layer.keys = layer.keys[index, :, first:]
-            layer.values = layer.values[index, :, first:]
-        return cache, mask[:, first:], rows
+    def _apply(self, rows: list[_Row], logits: torch.Tensor) -> None:
+        """One step's next-token logits (rows x vocab) applied to the rows: one device-to-host copy."""
+        s = self.settings
+        picked = torch.empty((len(rows), 3), dtype=torch.float64, device=logits.device)
+        picked[:, 0] = greedy_tokens(logits)
+        picked[:, 1:] = logits[:, list(s.readout)]
+        for row, (token, t, f) in zip(rows, picked.tolist()):
+            if row.state == READING:  # this step ran on the token that closed </think>
+                row.readout = (t, f)
+                row.state = DONE
+                self.stats.readout_tokens += 1
+                continue
+            if row.state != DECODING:
+                continue
+            token = int(token)
+            if token in s.eos_ids:
+                row.state = CLOSING
+                continue
+            row.tokens.append(token)
+            row.think = s.detector.check(row.tokens)
+            if row.think is not None:
+                row.state = READING if row.think.clean else CLOSING
+            elif len(row.tokens) >= s.max_new_tokens:
+                row.state = CLOSING
+
+    @torch.inference_mode()
+    def _close(self, rows: list[_Row]) -> None:
+        """Read the CLOSING rows' closing sequences, running only the tokens their cache lacks."""
+        closing = [r for r in rows if r.state == CLOSING]
+        if not closing:
+            return
+        s, capacity = self.settings, self.cache.capacity
+        slot = {id(r): k for k, r in enumerate(rows)}
+        runs, too_long = [], []
+        for row in closing:
+            sequence = s.close(row.request, row.tokens, row.think)
+            if len(sequence) > capacity:
+                too_long.append((row, sequence))
+                continue
+            history = row.history()
+            shared = 0
+            limit = min(len(history), len(sequence) - 1)  # at least one token runs, for the logits
+            while shared < limit and history[shared] == sequence[shared]:
+                shared += 1
+            runs.append((row, sequence, shared))
+        if runs:
+            logits = self._forward(
+                [slot[id(r)] for r, _, _ in runs], [seq[k:] for _, seq, k in runs], [k for _, _, k in runs], None
+            )
+            pairs = logits[:, list(s.readout)].tolist()
+            for (row, seq, shared), pair in zip(runs, pairs):
+                row.readout = (pair[0], pair[1])
+                row.cached = len(seq)
+                row.state = DONE
+                self.stats.readout_tokens += len(seq) - shared
+                self.stats.reused_tokens += shared
+        if too_long:  # a closing sequence longer than the slot (re-tokenized text can grow): a full pass
+            sequences = [seq for _, seq in too_long]
+            for (row, seq), pair in zip(too_long, forced_readout(self.model, sequences, s.pad_id, s.readout)):
+                row.readout = pair
+                row.state = DONE
+                self.stats.readout_tokens += len(seq)
+
+    # ---- slots ---------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def _release(self, rows: list[_Row], finished: list[_Row]) -> list[_Row]:
+        """Move DONE rows to ``finished``; the rows left stay in slots 0..n-1 (rows past n fill the holes)."""
+        n = sum(r.state != DONE for r in rows)
+        if n == len(rows):
+            return rows
+        finished.extend(r for r in rows if r.state == DONE)
+        holes = [k for k in range(n) if rows[k].state == DONE]
+        movers = [k for k in range(n, len(rows)) if rows[k].state != DONE]
+        kept = rows[:n]
+        for hole, source in zip(holes, movers):
+            self.cache.move(source, hole, rows[source].cached)
+            self._visible[hole] = self._visible[source]
+            kept[hole] = rows[source]
+        self._visible[n : len(rows)] = False
+        return kept
+
+    def _set_visible(self, slots: list[int], lengths: list[int]) -> None:
+        for slot, length in zip(slots, lengths):
+            self._visible[slot, :length] = True
+            self._visible[slot, length:] = False
+
+    def _restart_smaller(self, rows: list[_Row], pending: deque[Request], error: BaseException) -> list[_Row]:
+        """After an out-of-memory error: restart every row in flight with half as many slots.
+
+        Nothing was yielded for them, so no row is lost or judged twice; only their partial work is redone.
+        """
+        in_flight = [r.request for r in rows]
+        if len(in_flight) <= 1:
+            raise Rank1Error("out of memory on a single pair: lower max_new_tokens or context_size") from error
+        self.stats.oom_retries += 1
+        self.settings.batch_size = max(1, len(in_flight) // 2)
+        logger.warning("out of memory: retrying with at most %d rows in flight", self.settings.batch_size)
+        pending.extendleft(reversed(in_flight))
+        self.cache = None
+        return []
 
 
-def _pad_left(t: torch.Tensor, width: int) -> torch.Tensor:
-    extra = width - t.shape[-2]
-    if extra == 0:
-        return t
-    pad = t.new_zeros(t.shape[:-2] + (extra, t.shape[-1]))
-    return torch.cat([pad, t], dim=-2)
-
-
-def _concat(cache: DynamicCache, mask: torch.Tensor, new: DynamicCache, new_mask: torch.Tensor):
-    """Stack two caches row-wise, left-padding the narrower one with masked zero columns."""
-    width = max(mask.shape[1], new_mask.shape[1])
-    for layer, other in zip(cache.layers, new.layers):
-        layer.keys = torch.cat([_pad_left(layer.keys, width), _pad_left(other.keys, width).to(layer.keys.device)])
-        layer.values = torch.cat([_pad_left(layer.values, width), _pad_left(other.values, width).to(layer.values.device)])
-    masks = [torch.nn.functional.pad(m, (width - m.shape[1], 0)) for m in (mask, new_mask)]
-    return cache, torch.cat(masks)
+# Room in a slot beyond prompt + max_new_tokens for the closing tokens ("\n</think>" and re-tokenization).
+_CLOSE_MARGIN = 64

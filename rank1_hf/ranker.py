@@ -15,19 +15,20 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .engine import ContinuousEngine, DecodeSettings, EngineStats, GenerateEngine, Generation
+from .engine import ContinuousEngine, DecodeSettings, EngineStats, Generation, Request
 from .errors import Rank1Error
+from .generate import GenerateEngine
 from .judgement import Judgement
 from .prompt import THINK_END, Pair, Passage, build_prompt, forced_prompt, unpack_pair
-from .scoring import forced_readout, readout_ids, score
-from .stopping import ThinkDetector, split_reasoning
+from .scoring import readout_ids, score
+from .stopping import ThinkDetector, ThinkEnd, split_reasoning
 
 ENGINES = ("auto", "continuous", "generate")
 
@@ -199,29 +200,38 @@ class Rank1:
         return out  # type: ignore[return-value]
 
     def judge_iter(
-        self, pairs: Sequence[Pair], batch_size: int | None = None, show_progress_bar: bool | None = None
+        self, pairs: Iterable[Pair], batch_size: int | None = None, show_progress_bar: bool | None = None
     ) -> Iterator[tuple[int, Judgement]]:
-        """Yield (input index, judgement) as each pair finishes, in whatever order they finish."""
-        texts = [unpack_pair(pair, self.dataset_prompt) for pair in pairs]
-        prepared = [self.prepare(q, p) for q, p in texts]
+        """Yield (input index, judgement) as each pair finishes, in whatever order they finish.
+
+        ``pairs`` may be any iterable, also one that produces pairs while judging runs (a stream): pairs
+        are prepared as the engine takes them, so memory follows the pairs in flight. A sized sequence is
+        fed shortest prompt first, which keeps prefill batches tight.
+        """
         show = self.show_progress_bar if show_progress_bar is None else show_progress_bar
+        total = len(pairs) if isinstance(pairs, Sequence) else None
         if show is None:
-            show = sys.stderr.isatty() and len(pairs) > 1
-        engine = self._engine(batch_size)
-        self.last_stats = engine.stats  # forced readout passes below add to it too
-        bar = tqdm(total=len(pairs), unit="pair", disable=not show, desc="rank1", dynamic_ncols=True)
-        waiting: list[tuple[int, Generation]] = []  # unfinished rows, forced together in groups
+            show = sys.stderr.isatty() and total != 1
+        prepared: dict[int, Prepared] = {}
+
+        def requests() -> Iterator[Request]:
+            if isinstance(pairs, Sequence):
+                ready = [self.prepare(*unpack_pair(pair, self.dataset_prompt)) for pair in pairs]
+                for i in sorted(range(len(ready)), key=lambda i: (len(ready[i].ids), i)):
+                    prepared[i] = ready[i]
+                    yield Request(i, ready[i].ids)
+                return
+            for i, pair in enumerate(pairs):
+                prepared[i] = self.prepare(*unpack_pair(pair, self.dataset_prompt))
+                yield Request(i, prepared[i].ids)
+
+        engine = self._engine(batch_size, lambda request, tokens, think: self._closing(prepared[request.index], tokens, think))
+        self.last_stats = engine.stats
+        bar = tqdm(total=total, unit="pair", disable=not show, desc="rank1", dynamic_ncols=True)
         try:
-            for i, generation in engine.run([p.ids for p in prepared]):
-                if generation.think is not None and generation.readout is not None:
-                    yield i, self._judgement(prepared[i], generation, generation.readout, "answered")
-                    bar.update(1)
-                    continue
-                waiting.append((i, generation))
-                if len(waiting) >= engine.settings.batch_size:
-                    yield from self._force(prepared, waiting, bar, engine.settings.pad_id)
-                    waiting = []
-            yield from self._force(prepared, waiting, bar, engine.settings.pad_id)
+            for i, generation in engine.run(requests()):
+                yield i, self._judgement(prepared.pop(i), generation)
+                bar.update(1)
         finally:
             bar.close()
 
@@ -260,7 +270,7 @@ class Rank1:
 
     # ---- internals -----------------------------------------------------------------------------------
 
-    def _engine(self, batch_size: int | None) -> ContinuousEngine | GenerateEngine:
+    def _engine(self, batch_size: int | None, close) -> ContinuousEngine | GenerateEngine:
         tok, config = self.tokenizer, self.model.generation_config
         eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
         configured = config.eos_token_id if config is not None else None
@@ -272,8 +282,10 @@ class Rank1:
             pad_id=pad,
             readout=self.readout,
             detector=self.detector,
+            close=close,
             batch_size=batch_size or self.batch_size,
             token_budget=self.token_budget,
+            max_prompt_tokens=self.context_size - self.max_new_tokens,
         )
         if self.engine == "generate":
             return GenerateEngine(self.model, settings)
@@ -283,47 +295,29 @@ class Rank1:
             raise Rank1Error("the continuous engine needs a plain full-attention KV cache; use engine='generate'")
         return GenerateEngine(self.model, settings)
 
-    def _judgement(self, prepared: Prepared, generation: Generation, logits: tuple[float, float], outcome: str) -> Judgement:
+    def _judgement(self, prepared: Prepared, generation: Generation) -> Judgement:
         reasoning, n = split_reasoning(self.tokenizer, generation.tokens, generation.think)
-        t, f = logits
+        outcome = "answered" if generation.think is not None else "forced"
+        t, f = generation.readout
         if not (math.isfinite(t) and math.isfinite(f)):
             return Judgement(0.5, "fallback", reasoning, n, len(prepared.ids), None, None, prepared.truncated)
-        return Judgement(score(t, f), outcome, reasoning, n, len(prepared.ids), t, f, prepared.truncated)  # type: ignore[arg-type]
+        return Judgement(score(t, f), outcome, reasoning, n, len(prepared.ids), t, f, prepared.truncated)
 
-    def _force(
-        self, prepared: list[Prepared], rows: list[tuple[int, Generation]], bar, pad_id: int
-    ) -> Iterator[tuple[int, Judgement]]:
-        """Readout passes for rows without a free readout, as one batch of forward passes.
+    def _closing(self, prepared: Prepared, tokens: list[int], think: ThinkEnd | None) -> list[int]:
+        """The token sequence read for a row without a free readout (prompt ids first).
 
-        A row that closed ``</think>`` inside a token is read on its own tokens up to the end of
+        A row whose ``</think>`` ended inside a token is read on its own tokens up to the exact end of
         ``</think>`` (outcome "answered"); unfinished reasoning is cut back to its last sentence and closed
-        with ``"\\n</think>"`` as the reference does (outcome "forced").
+        with ``"\\n</think>"`` and the whole string tokenized, as the reference does (outcome "forced").
         """
-        if not rows:
-            return
-        sequences, outcomes = [], []
-        for i, gen in rows:
-            if gen.think is not None:
-                sequences.append(prepared[i].ids + self._close_inside(gen))
-                outcomes.append("answered")
-            else:
-                reasoning = self.tokenizer.decode(gen.tokens, skip_special_tokens=False)
-                sequences.append(self.tokenizer(forced_prompt(prepared[i].prompt, reasoning))["input_ids"])
-                outcomes.append("forced")
-        logits = forced_readout(self.model, sequences, pad_id, self.readout)
-        for (i, gen), seq, outcome, pair in zip(rows, sequences, outcomes, logits):
-            self.last_stats.readout_tokens += len(seq)
-            yield i, self._judgement(prepared[i], gen, pair, outcome)
-            bar.update(1)
-
-    def _close_inside(self, gen: Generation) -> list[int]:
-        """Tokens up to the exact end of a ``</think>`` that ended inside the last generated token."""
-        assert gen.think is not None
-        end = gen.think.end
-        whole = self.tokenizer.decode(gen.tokens[:end], skip_special_tokens=False)
-        before = self.tokenizer.decode(gen.tokens[: end - 1], skip_special_tokens=False)
-        piece = whole[len(before) : whole.rfind(THINK_END) + len(THINK_END)]
-        return gen.tokens[: end - 1] + self.tokenizer(piece, add_special_tokens=False)["input_ids"]
+        if think is not None:
+            end = think.end
+            whole = self.tokenizer.decode(tokens[:end], skip_special_tokens=False)
+            before = self.tokenizer.decode(tokens[: end - 1], skip_special_tokens=False)
+            piece = whole[len(before) : whole.rfind(THINK_END) + len(THINK_END)]
+            return prepared.ids + tokens[: end - 1] + self.tokenizer(piece, add_special_tokens=False)["input_ids"]
+        reasoning = self.tokenizer.decode(tokens, skip_special_tokens=False)
+        return self.tokenizer(forced_prompt(prepared.prompt, reasoning))["input_ids"]
 
 
 def _describe(quantization: Any) -> Any:
@@ -332,4 +326,3 @@ def _describe(quantization: Any) -> Any:
         return quantization
     to_dict = getattr(quantization, "to_dict", None)
     return to_dict() if callable(to_dict) else repr(quantization)
-

@@ -8,7 +8,6 @@ from typing import Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .engine import left_pad
 from .errors import Rank1Error
 from .loading import input_device
 
@@ -37,6 +36,17 @@ def score(true_logit: float, false_logit: float) -> float:
         e = math.exp(-diff)
         return e / (1.0 + e)
     return 1.0 / (1.0 + math.exp(diff))
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask), both (rows, longest) long tensors, each row right-aligned after padding."""
+    width = max(len(seq) for seq in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+        mask[row, width - len(seq) :] = 1
+    return ids, mask
 
 
 @torch.inference_mode()
