@@ -96,7 +96,9 @@ def _add_judging(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int,
                    help="CPU threads for torch (default: torch's choice; 1 is much faster on a busy shared CPU)")
     g.add_argument("--dataset-prompt", metavar="TEMPLATE_OR_NAME",
-                   help="a template containing FILL_QUERY_HERE, or a name from the rank1 paper (e.g. scifact, bright-pony)")
+                   help="a template containing FILL_QUERY_HERE, or the name of an official rank1 prompt (e.g. "
+                        "SciFact, touche2020, bright-pony; a BRIGHT subset without its own, e.g. bright-biology, "
+                        "gets BrightRetrieval's)")
 
 
 def _make_ranker(args: argparse.Namespace, *, device_map: Any = None, show_progress_bar: bool | None = None):

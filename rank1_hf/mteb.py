@@ -15,6 +15,13 @@ the query alone, ``instruction`` the per-query instruction of instruction tasks,
 documents (``title``/``body``, ``text`` both joined). The query and instruction go to rank1's own slots, so
 the instruction is joined the rank1 way, and the passage is built from title and body as rank1 does.
 
+Dataset prompts: like the official ``run_mteb.py``, the adapter wraps each task's queries in the official
+prompt for the task's name and subset (``get_prompt(task, subset)``, see
+:func:`rank1_hf.prompts.official_prompt`): SciFact gets the SciFact prompt, BrightRetrieval's ``pony``
+subset the pony prompt and its ``biology`` subset the BrightRetrieval one, NevIR none.
+``official_prompts=False`` turns that off (the official ``--skip_prompt``); ``dataset_prompts`` overrides
+it per task.
+
 mteb is imported only when used; without it every entry point raises a :class:`Rank1Error` that says how
 to install it.
 """
@@ -30,7 +37,8 @@ import numpy as np
 
 from .errors import Rank1Error
 from .judgement import Judgement
-from .prompt import Pair
+from .prompt import Pair, query_text
+from .prompts import official_prompt, resolve_dataset_prompt
 
 if TYPE_CHECKING:
     from .ranker import Rank1
@@ -108,13 +116,19 @@ class Rank1CrossEncoder:
         revision: hub revision.
         device: where the whole model goes (``"cuda:0"``, ``"cpu"``); None = GPU 0 when there is one. For
             several GPUs pass ``device_map="auto"`` (and ``max_memory``) instead.
-        dataset_prompts: task name -> template with ``FILL_QUERY_HERE``, applied to that task's queries
-            (the rank1 paper uses such prompts for BRIGHT and some BEIR sets).
+        dataset_prompts: per-task overrides of the official prompts: key ``"{task}_{subset}"`` or ``"{task}"``
+            (the subset's key first, as the official ``get_prompt`` looks them up), value a template with
+            ``FILL_QUERY_HERE``, a prompt name from :mod:`rank1_hf.prompts`, or None for no prompt.
+        official_prompts: wrap queries in the official prompt of each task and subset (the default, as the
+            official runner does); False runs every task without one, like its ``--skip_prompt``.
         options: anything else :class:`Rank1` takes (``dtype``, ``max_new_tokens``, ``batch_size``,
             ``engine``, ``device_map``, ...).
 
     mteb's own ``batch_size`` encode argument sizes its dataloaders for encoders; it is ignored here (the
     ranker's ``batch_size`` decides how many pairs decode together).
+
+    A ranker built with its own ``dataset_prompt`` uses that one prompt for every task; per-task prompts
+    then cannot be given too.
     """
 
     def __init__(
@@ -123,7 +137,8 @@ class Rank1CrossEncoder:
         revision: str | None = None,
         device: str | None = None,
         *,
-        dataset_prompts: Mapping[str, str] | None = None,
+        dataset_prompts: Mapping[str, str | None] | None = None,
+        official_prompts: bool = True,
         **options: Any,
     ) -> None:
         _mteb()
@@ -133,21 +148,34 @@ class Rank1CrossEncoder:
             if "device_map" in options:
                 raise Rank1Error("pass either device or device_map, not both")
             options["device_map"] = device
-        self._init(Rank1(model_name, revision=revision, **options), dataset_prompts, None)
+        self._init(Rank1(model_name, revision=revision, **options), dataset_prompts, official_prompts, None)
 
     @classmethod
     def from_ranker(
-        cls, ranker: Rank1, dataset_prompts: Mapping[str, str] | None = None, meta: Any = None
+        cls,
+        ranker: Rank1,
+        dataset_prompts: Mapping[str, str | None] | None = None,
+        meta: Any = None,
+        official_prompts: bool = True,
     ) -> "Rank1CrossEncoder":
         """Wrap a ready :class:`Rank1`; ``meta`` defaults to :func:`meta_for` of its model name."""
         _mteb()
         self = cls.__new__(cls)
-        self._init(ranker, dataset_prompts, meta)
+        self._init(ranker, dataset_prompts, official_prompts, meta)
         return self
 
-    def _init(self, ranker: Rank1, dataset_prompts: Mapping[str, str] | None, meta: Any) -> None:
+    def _init(
+        self, ranker: Rank1, dataset_prompts: Mapping[str, str | None] | None, official_prompts: bool, meta: Any
+    ) -> None:
+        if dataset_prompts and ranker.dataset_prompt is not None:
+            raise Rank1Error(
+                "the ranker has its own dataset_prompt, used for every task: give per-task prompts in "
+                "dataset_prompts or one prompt in the ranker, not both"
+            )
         self.ranker = ranker
-        self.dataset_prompts = dict(dataset_prompts or {})
+        # names resolve now, so a bad one fails before any task runs
+        self.dataset_prompts = {task: resolve_dataset_prompt(v) for task, v in (dataset_prompts or {}).items()}
+        self.official_prompts = official_prompts
         self.mteb_model_meta = meta if meta is not None else meta_for(ranker.load_options["model"])
         self.last_judgements: list[Judgement] = []
 
@@ -164,14 +192,20 @@ class Rank1CrossEncoder:
     ) -> np.ndarray:
         """Scores for the pairs (inputs1[i], inputs2[i]), float32 in [0, 1]; judgements in ``last_judgements``."""
         pairs = pairs_from_loaders(inputs1, inputs2)
-        template = self.dataset_prompts.get(getattr(task_metadata, "name", None), self.ranker.dataset_prompt)
-        saved = self.ranker.dataset_prompt
-        self.ranker.dataset_prompt = template  # per task; restored so the ranker stays as configured
-        try:
-            self.last_judgements = self.ranker.judge(pairs, show_progress_bar=kwargs.get("show_progress_bar"))
-        finally:
-            self.ranker.dataset_prompt = saved
+        if self.ranker.dataset_prompt is None:  # else the ranker applies its own prompt to every task
+            template = self.prompt_for(getattr(task_metadata, "name", None), hf_subset)
+            # The query is joined and templated here, so the shared ranker is never reconfigured per task.
+            pairs = [(query_text(q, i, template), p) for q, p, i in pairs]
+        self.last_judgements = self.ranker.judge(pairs, show_progress_bar=kwargs.get("show_progress_bar"))
         return scores_of(self.last_judgements)
+
+    def prompt_for(self, task: str | None, subset: str | None) -> str | None:
+        """The template for a task's subset: the override for ``"{task}_{subset}"`` or ``"{task}"`` if given,
+        else the official prompt (when ``official_prompts``), else None."""
+        for key in ([f"{task}_{subset}"] if subset else []) + [task]:
+            if key in self.dataset_prompts:
+                return self.dataset_prompts[key]
+        return official_prompt(task, subset) if self.official_prompts and task is not None else None
 
     def __repr__(self) -> str:
         return f"Rank1CrossEncoder({self.ranker.load_options['model']!r})"
@@ -185,11 +219,13 @@ def pairs_from_loaders(inputs1: Iterable[Mapping[str, Any]], inputs2: Iterable[M
         texts = batch["query"] if "query" in batch else batch["text"]
         instructions = batch["instruction"] if "instruction" in batch and "query" in batch else [None] * len(texts)
         queries.extend(zip(texts, instructions))
-    passages: list[dict[str, str]] = []
+    passages: list[dict[str, Any]] = []
     for batch in inputs2:
         bodies = batch["body"] if "body" in batch else batch["text"]
-        titles = batch["title"] if "title" in batch else [""] * len(bodies)
-        passages.extend({"title": t or "", "text": b} for t, b in zip(titles, bodies))
+        if "title" in batch:  # a BEIR corpus: a title field, often empty (the passage is then " body")
+            passages.extend({"title": t, "text": b} for t, b in zip(batch["title"], bodies))
+        else:  # no title field (BRIGHT): the body alone
+            passages.extend({"text": b} for b in bodies)
     if len(queries) != len(passages):
         raise Rank1Error(f"mteb sent {len(queries)} queries but {len(passages)} documents; they must pair up")
     return [(q, p, i) for (q, i), p in zip(queries, passages)]

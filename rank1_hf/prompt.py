@@ -22,15 +22,17 @@ Pair = Union[tuple[str, Passage], tuple[str, Passage, "str | None"], Sequence[An
 
 
 def query_text(query: str, instruction: str | None = None, dataset_prompt: str | None = None) -> str:
-    """The query as the model sees it: ``"{query} {instruction}"`` (stripped), then templated.
+    """The query as the model sees it, built as the official ``predict()`` builds it.
 
-    The instruction is not appended when it equals the query (the reference does the same, because some
-    datasets repeat the query in the instruction field). ``dataset_prompt`` is a template containing
-    ``FILL_QUERY_HERE``, which is replaced by the joined query.
+    With an instruction: ``f"{query} {instruction}".strip()``, or ``query.strip()`` when the two are equal
+    once stripped (some datasets repeat the query in the instruction field; an empty instruction also
+    leaves the stripped query). Without one (None) the query is used exactly as given. A
+    ``dataset_prompt`` is a template containing ``FILL_QUERY_HERE``, which is replaced by that query; an
+    empty one means no template, as in the official code.
     """
-    if instruction and instruction != query:
-        query = f"{query} {instruction}".strip()
-    if dataset_prompt is not None:
+    if instruction is not None:
+        query = f"{query} {instruction}".strip() if query.strip() != instruction.strip() else query.strip()
+    if dataset_prompt:
         if QUERY_PLACEHOLDER not in dataset_prompt:
             raise Rank1Error(f"dataset prompt must contain the placeholder {QUERY_PLACEHOLDER}: {dataset_prompt!r}")
         query = dataset_prompt.replace(QUERY_PLACEHOLDER, query)
@@ -38,13 +40,20 @@ def query_text(query: str, instruction: str | None = None, dataset_prompt: str |
 
 
 def passage_text(passage: Passage) -> str:
-    """A passage string, or ``"{title} {text}"`` for a title/text record (text alone without a title)."""
+    """The passage as the model sees it, built as the official ``predict()`` builds it.
+
+    A string is used as given. A record is ``f"{title} {text}"`` whenever it has a title, nothing
+    stripped: an empty title gives ``" text"`` (BEIR corpora, as MTEB hands them over, have a title field
+    that is often empty) and a padded title keeps its spaces. A record without a ``title`` key, or with
+    ``title`` None, is its text alone (the official code would write ``"None text"`` for None).
+    """
     if isinstance(passage, str):
         return passage
     if isinstance(passage, Mapping):
-        title = (passage.get("title") or "").strip()
-        text = passage.get("text") or ""
-        return f"{title} {text}" if title else text
+        text, title = passage.get("text"), passage.get("title")
+        if not isinstance(text, str) or not (title is None or isinstance(title, str)):
+            raise Rank1Error(f"a passage record needs a string 'text' (and a string 'title' if any), got {passage!r:.80}")
+        return text if title is None else f"{title} {text}"
     raise Rank1Error(f"a passage must be a string or a {{'title', 'text'}} dict, got {type(passage).__name__}")
 
 
@@ -59,10 +68,13 @@ def unpack_pair(pair: Pair, dataset_prompt: str | None = None) -> tuple[str, str
         raise Rank1Error(f"each pair must be (query, passage) or (query, passage, instruction), got {pair!r:.80}")
     query, passage = pair[0], pair[1]
     instruction = pair[2] if len(pair) == 3 else None
+    if instruction is not None and not isinstance(instruction, str):
+        raise Rank1Error(f"an instruction must be a string or None, got {type(instruction).__name__} in pair {tuple(pair)!r:.80}")
     if not isinstance(query, str) or not query.strip():
         raise Rank1Error(f"empty or non-string query in pair {tuple(pair)!r:.80}")
     text = passage_text(passage)
-    if not text.strip():
+    body = passage["text"] if isinstance(passage, Mapping) else text
+    if not body.strip():  # a title alone is not a passage to judge (as in runs.read_corpus)
         raise Rank1Error(f"empty passage in pair {tuple(pair)!r:.80}")
     return query_text(query, instruction, dataset_prompt), text
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from rank1_hf.errors import Rank1Error
+from rank1_hf.prompt import passage_text
 
 Run = dict[str, list[tuple[str, float]]]
 """qid -> [(docid, score), ...], best first."""
@@ -165,16 +166,13 @@ def read_instructions(path: PathLike) -> dict[str, str]:
     return _id_text_file(path, "query id", ("_id", "query_id"), allow_empty=True)
 
 
-def passage_text(title: str | None, text: str) -> str:
-    """Join a title/text record as rank1 does: ``"{title} {text}"``, or ``text`` alone without a title."""
-    return f"{title} {text}" if title and title.strip() else text
-
-
 def read_corpus(path: PathLike) -> dict[str, str]:
     """Read passages: BEIR corpus.jsonl (``{"_id", "title", "text"}``) or TSV (``docid<TAB>text``).
 
-    JSONL passages are joined with :func:`passage_text`. Empty passage text is an error naming the
-    docid, file and line.
+    A JSONL row becomes the passage the official code would read for the same record
+    (:func:`rank1_hf.prompt.passage_text`): ``"{title} {text}"`` whenever the row has a title, even an
+    empty one (``" text"``), and the text alone when it has no ``title`` field or a null one. Empty passage
+    text is an error naming the docid, file and line.
     """
     if not _is_jsonl(path):
         return _id_text_file(path, "docid", ())
@@ -187,7 +185,8 @@ def read_corpus(path: PathLike) -> dict[str, str]:
             raise Rank1Error(f"{path} line {lineno}: field 'title' must be a string, got {type(title).__name__}")
         if not text.strip():  # a title alone is not a passage to judge
             raise Rank1Error(f"{path} line {lineno}: docid {docid!r} has empty text")
-        _add(corpus, docid, passage_text(title, text), "docid", path, lineno)
+        record = {"text": text} if title is None else {"title": title, "text": text}
+        _add(corpus, docid, passage_text(record), "docid", path, lineno)
     return corpus
 
 

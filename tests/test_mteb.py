@@ -28,81 +28,153 @@ def ranker():
 
 
 def recording(adapter_ranker: Rank1, calls: list):
-    """Wrap ranker.judge to record the pairs mteb's predict call hands to rank1."""
-    judge = adapter_ranker.judge
+    """Wrap ranker.prepare to record the (query text, passage text) of each pair rank1 is asked to judge."""
+    prepare = adapter_ranker.prepare
 
-    def spy(pairs, **kwargs):
-        calls.append(list(pairs))
-        return judge(pairs, **kwargs)
+    def spy(query, passage):
+        calls.append((query, passage))
+        return prepare(query, passage)
 
     return spy
 
 
-def expected_pairs(task) -> list[tuple]:
-    """The rank1 pairs a reranking task should produce, straight from its data (order as mteb reranks)."""
-    task.load_data()
-    split = task.dataset["default"]["test"]
-    corpus = {row["id"]: row for row in split["corpus"]}
-    pairs = []
-    for query in split["queries"]:
-        for doc_id in split["top_ranked"][query["id"]]:
-            doc = corpus[doc_id]
-            pairs.append((query["text"], {"title": doc["title"], "text": doc["text"]}, query.get("instruction")))
-    return pairs
+# What the mock reranking tasks hold (mteb/mocks/mock_tasks/reranking.py), in the order mteb reranks them:
+# q1 ("This is a test sentence") over d1 then d2, q2 ("This is another test sentence") over d2 then d1;
+# d1 is titled "Title of d2" and d2 "Title of d1".
+D1 = "Title of d2 This is another positive sentence"
+D2 = "Title of d1 This is a positive sentence"
+Q1, Q2 = "This is a test sentence", "This is another test sentence"
+I1, I2 = "This is a test instruction", "This is another test instruction"
+SCIFACT = (
+    "Claim: {}\n\nA relevant passage would provide evidence that either **supports** or **refutes** this claim. "
+    "A passage with any information on any related subpart should be relevant."
+)
 
 
-@pytest.mark.parametrize("task_class", [MockRerankingTask, MockInstructionReranking])
-def test_evaluate_reranks_with_rank1(ranker, task_class, monkeypatch):
+def named(task_class, name: str):
+    """The mock task under another task's name (only the name matters for picking a prompt)."""
+    return type(name, (task_class,), {"metadata": task_class.metadata.model_copy(update={"name": name})})
+
+
+@pytest.mark.parametrize("task_class, expected", [
+    (MockRerankingTask, [(Q1, D1), (Q1, D2), (Q2, D2), (Q2, D1)]),
+    (MockInstructionReranking, [(f"{Q1} {I1}", D1), (f"{Q1} {I1}", D2), (f"{Q2} {I2}", D2), (f"{Q2} {I2}", D1)]),
+    # a task the official runner has a prompt for: the official prompt, with no option set
+    (named(MockRerankingTask, "SciFact"),
+     [(SCIFACT.format(Q1), D1), (SCIFACT.format(Q1), D2), (SCIFACT.format(Q2), D2), (SCIFACT.format(Q2), D1)]),
+])
+def test_evaluate_reranks_with_rank1(ranker, task_class, expected, monkeypatch):
     adapter = Rank1CrossEncoder.from_ranker(ranker)
     assert isinstance(adapter, mteb.CrossEncoderProtocol)
     assert not isinstance(adapter, mteb.EncoderProtocol)
     calls: list = []
-    monkeypatch.setattr(ranker, "judge", recording(ranker, calls))
+    monkeypatch.setattr(ranker, "prepare", recording(ranker, calls))
 
     result = mteb.evaluate(adapter, task_class(), cache=None, show_progress_bar=False)
 
     task_result = result.task_results[0]
     assert task_result.task_name == task_class.metadata.name
     assert 0.0 <= task_result.get_score() <= 1.0
-    # mteb handed rank1 the query, the instruction in its own slot, and the title/text record
-    assert len(calls) == 1 and calls[0] == expected_pairs(task_class())
-    # and the scores mteb saw are Rank1's own for those pairs
+    # rank1 judged the query (instruction joined, official prompt applied) and the title/text passage
+    assert calls == expected
+    # and the scores mteb saw are Rank1's own for those texts
     monkeypatch.undo()
-    assert [j.score for j in adapter.last_judgements] == [j.score for j in ranker.judge(calls[0])]
+    assert [j.score for j in adapter.last_judgements] == [j.score for j in ranker.judge(expected)]
     assert ranker.dataset_prompt is None
 
 
-def test_predict_on_mteb_dataloaders(ranker):
-    """The adapter called directly with the dataloaders mteb builds (prepared the way its search wrapper does)."""
+def test_skip_prompt_and_overrides_in_evaluate(ranker, monkeypatch):
+    calls: list = []
+    monkeypatch.setattr(ranker, "prepare", recording(ranker, calls))
+    scifact = named(MockRerankingTask, "SciFact")
+    mteb.evaluate(Rank1CrossEncoder.from_ranker(ranker, official_prompts=False), scifact(), cache=None,
+                  show_progress_bar=False)
+    assert [q for q, _ in calls] == [Q1, Q1, Q2, Q2]  # like run_mteb.py --skip_prompt
+    calls.clear()
+    adapter = Rank1CrossEncoder.from_ranker(ranker, dataset_prompts={"SciFact": "Q: FILL_QUERY_HERE"})
+    mteb.evaluate(adapter, scifact(), cache=None, show_progress_bar=False)
+    assert [q for q, _ in calls] == [f"Q: {Q1}", f"Q: {Q1}", f"Q: {Q2}", f"Q: {Q2}"]
+
+
+def _loaders(meta, queries, corpus):
     from datasets import Dataset
     from mteb._create_dataloaders import create_dataloader
     from mteb.types import PromptType
 
+    loader1 = create_dataloader(Dataset.from_list(queries), task_metadata=meta, prompt_type=PromptType.query, batch_size=1)
+    loader2 = create_dataloader(Dataset.from_list(corpus), task_metadata=meta, prompt_type=PromptType.document,
+                                batch_size=1)
+    return loader1, loader2
+
+
+def test_predict_on_mteb_dataloaders(ranker):
+    """The adapter called directly with the dataloaders mteb builds (prepared the way its search wrapper does)."""
     meta = MockInstructionReranking.metadata
-    queries = Dataset.from_list([
+    loader1, loader2 = _loaders(meta, [
         {"id": "q1", "text": "what is a cat", "instruction": "Only encyclopedic passages are relevant."},
-        {"id": "q2", "text": "how to bake bread", "instruction": "how to bake bread"},  # same as the query
-    ])
-    corpus = Dataset.from_list([
+        {"id": "q2", "text": "how to bake bread", "instruction": " how to bake bread "},  # the query again
+        {"id": "q3", "text": " why do cats purr ", "instruction": ""},  # empty: the stripped query (mteb has no None)
+    ], [
         {"id": "d1", "text": "Cats are small carnivorous mammals.", "title": "Felines"},
-        {"id": "d2", "text": "Knead the dough, let it rise, bake at 220 C.", "title": "Bread"},
+        {"id": "d2", "text": "Knead the dough, let it rise, bake at 220 C.", "title": ""},
+        {"id": "d3", "text": " Purring is a vibration.", "title": " Sounds "},
     ])
-    loader1 = create_dataloader(queries, task_metadata=meta, prompt_type=PromptType.query, batch_size=1)
-    loader2 = create_dataloader(corpus, task_metadata=meta, prompt_type=PromptType.document, batch_size=1)
     adapter = Rank1CrossEncoder.from_ranker(ranker, dataset_prompts={meta.name: "FILL_QUERY_HERE (biology)"})
 
     scores = adapter.predict(loader1, loader2, task_metadata=meta, hf_split="test", hf_subset="default")
 
-    cat = "what is a cat Only encyclopedic passages are relevant. (biology)"
     expected = ranker.predict([
-        (cat, "Felines Cats are small carnivorous mammals."),
-        ("how to bake bread (biology)", "Bread Knead the dough, let it rise, bake at 220 C."),
+        ("what is a cat Only encyclopedic passages are relevant. (biology)", "Felines Cats are small carnivorous mammals."),
+        ("how to bake bread (biology)", " Knead the dough, let it rise, bake at 220 C."),  # empty title: " text"
+        ("why do cats purr (biology)", " Sounds   Purring is a vibration."),
     ])
     assert scores.dtype == expected.dtype and scores.tolist() == expected.tolist()
     assert ranker.dataset_prompt is None  # the per-task prompt did not stick
 
-    with pytest.raises(Rank1Error, match="2 queries but 1 documents"):
+    with pytest.raises(Rank1Error, match="3 queries but 1 documents"):
         adapter.predict(loader1, [{"text": ["x"]}], task_metadata=meta, hf_split="test", hf_subset="default")
+
+
+@pytest.mark.parametrize("subset, options, prompt", [
+    ("pony", {}, "I will use the programming language pony. Problem: {}\n\nBut to solve the problem above, I need "
+     "to know things about pony. A passage is relevant if it contains docs that match **any** part (even basic "
+     "parts) of the code I will have to write for the above program."),
+    ("biology", {}, "Can you find background information about the concepts used to answer the question:\n\n{}\n\n"
+     "A passage is relevant if it contains background information about a **sub-concept** that someone might "
+     "cite/link to when answering the above question."),
+    ("theoremqa_theorems", {}, "Find a passage which uses the same mathematical process as this one: {}"),
+    ("pony", {"official_prompts": False}, "{}"),
+    ("pony", {"dataset_prompts": {"BrightRetrieval_pony": None}}, "{}"),
+    ("pony", {"dataset_prompts": {"BrightRetrieval": "all: FILL_QUERY_HERE"}}, "all: {}"),
+    ("biology", {"dataset_prompts": {"BrightRetrieval_pony": "pony: FILL_QUERY_HERE"}},
+     "Can you find background information about the concepts used to answer the question:\n\n{}\n\n"
+     "A passage is relevant if it contains background information about a **sub-concept** that someone might "
+     "cite/link to when answering the above question."),
+    ("pony", {"dataset_prompts": {"BrightRetrieval_pony": "scifact"}}, SCIFACT),  # a name works too
+])
+def test_bright_subsets_pick_the_official_prompt(ranker, monkeypatch, subset, options, prompt):
+    """BrightRetrieval's subsets as run_mteb.py -d BrightRetrieval -s SUBSET; BRIGHT documents have no title."""
+    meta = mteb.get_task("BrightRetrieval").metadata
+    loader1, loader2 = _loaders(meta, [{"id": "q1", "text": " sort a list "}], [{"id": "d1", "text": "Use sorted()."}])
+    calls: list = []
+    monkeypatch.setattr(ranker, "prepare", recording(ranker, calls))
+    adapter = Rank1CrossEncoder.from_ranker(ranker, **options)
+    adapter.predict(loader1, loader2, task_metadata=meta, hf_split="standard", hf_subset=subset)
+    assert calls == [(prompt.format(" sort a list "), "Use sorted().")]
+
+
+def test_a_rankers_own_prompt_is_used_for_every_task(monkeypatch):
+    tok = qwen_tokenizer()
+    own = Rank1.from_model(tiny_model(tok, "qwen2", seed=0), tok, dataset_prompt="own: FILL_QUERY_HERE", **FAST)
+    calls: list = []
+    monkeypatch.setattr(own, "prepare", recording(own, calls))
+    mteb.evaluate(Rank1CrossEncoder.from_ranker(own), named(MockRerankingTask, "SciFact")(), cache=None,
+                  show_progress_bar=False)
+    assert [q for q, _ in calls] == [f"own: {Q1}", f"own: {Q1}", f"own: {Q2}", f"own: {Q2}"]
+    with pytest.raises(Rank1Error, match="not both"):
+        Rank1CrossEncoder.from_ranker(own, dataset_prompts={"SciFact": "x FILL_QUERY_HERE"})
+    with pytest.raises(Rank1Error, match="unknown dataset prompt"):
+        Rank1CrossEncoder.from_ranker(Rank1.from_model(own.model, tok, **FAST), dataset_prompts={"SciFact": "nope"})
 
 
 def test_compat_class_works_in_evaluate(ranker):

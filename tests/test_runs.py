@@ -70,13 +70,17 @@ def test_corpus_beir_title_text_joining(tmp_path: Path) -> None:
         {"_id": "d2", "title": "", "text": "No title."},
         {"_id": "d3", "text": "Missing title."},
         {"_id": "d4", "title": None, "text": "Null title."},
+        {"_id": "d5", "title": " Padded ", "text": "Kept."},
     ]
     path = _write(tmp_path / "corpus.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    # As the official rank1 code joins a record: f"{title} {text}" whenever there is a title field, even an
+    # empty one, nothing stripped; text alone without one (and, rank1-hf's choice, for a null title).
     assert read_corpus(path) == {
         "d1": "Title Body text.",
-        "d2": "No title.",
+        "d2": " No title.",
         "d3": "Missing title.",
         "d4": "Null title.",
+        "d5": " Padded  Kept.",
     }
 
 
