@@ -34,6 +34,7 @@ judgement's raw score.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections import Counter
@@ -49,6 +50,8 @@ from .store import JudgementStore, pair_key
 
 if TYPE_CHECKING:  # importing the ranker pulls in torch; the pipeline itself does not need it
     from .ranker import Rank1
+
+logger = logging.getLogger(__name__)
 
 TRACE_FIELDS = (
     "qid", "docid", "score", "outcome", "reasoning", "reasoning_tokens", "prompt_tokens", "truncated",
@@ -279,6 +282,8 @@ def judge_items(
     mine = [pk for i, pk in enumerate(distinct) if i % shard.world_size == shard.rank and pk not in found]
     summary = Summary(pairs=len(items), distinct=len(distinct), reused=len(found),
                       judged_now=len(distinct) - len(found), judged_here=len(mine))
+    if found:
+        logger.info("judgement store %s: %d of %d distinct pairs reused", store.path, len(found), len(distinct))
     if on_start is not None:
         on_start(len(mine), len(found))
 
@@ -288,7 +293,7 @@ def judge_items(
         if mine:
             judging = time.monotonic()
             todo = [(first[pk].query, first[pk].passage, first[pk].instruction) for pk in mine]
-            for i, judgement in ranker.judge_iter(todo, batch_size=batch_size, show_progress_bar=False):
+            for i, judgement in ranker.judge_iter_logged(todo, batch_size=batch_size, show_progress_bar=False):
                 pk = mine[i]
                 made[pk] = judgement
                 writer.add(pk, judgement, first[pk].qid, first[pk].docid)
