@@ -299,9 +299,8 @@ class Rank1:
         pairs = [(query, doc, instruction) for doc in documents]
         judgements = self.judge(pairs, batch_size=batch_size, show_progress_bar=show_progress_bar)
         scores = self._values(judgements, activation_fn).tolist()
-        order = sorted(range(len(documents)), key=lambda i: (-scores[i], i))
         hits = []
-        for i in order[:top_k]:
+        for i in best_first(scores)[:top_k]:
             hit: dict[str, Any] = {"corpus_id": i, "score": scores[i]}
             if return_documents:
                 hit["text"] = documents[i]
@@ -454,6 +453,11 @@ class Rank1:
         before = self.tokenizer.decode(gen.tokens[: end - 1], skip_special_tokens=False)
         piece = whole[len(before) : whole.rfind(THINK_END) + len(THINK_END)]
         return gen.tokens[: end - 1] + self.tokenizer(piece, add_special_tokens=False)["input_ids"]
+
+
+def best_first(scores: Sequence[float]) -> list[int]:
+    """Indices of ``scores`` from best to worst, ties in input order (as CrossEncoder.rank's stable sort)."""
+    return sorted(range(len(scores)), key=lambda i: (-scores[i], i))
 
 
 def _describe(quantization: Any) -> Any:
