@@ -117,3 +117,25 @@ def test_sample_bm25_leaves_room_for_reranking() -> None:
     oracle = {qid: [(d, float(qrels[qid].get(d, 0))) for d, _ in docs] for qid, docs in run.items()}
     best = evaluate(oracle, qrels)["nDCG@10"]
     assert 0.3 < bm25 < 0.75 and best - bm25 > 0.15
+
+
+def test_cli_evaluate_reads_beir_qrels_and_json_runs(tmp_path, capsys) -> None:
+    # BEIR qrels/test.tsv (with its header) and a rank1 run-file JSON, scored by the CLI as by ir_measures.
+    import json
+
+    import ir_measures
+
+    from rank1_hf.cli import main
+
+    qrels = tmp_path / "test.tsv"
+    qrels.write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\nq1\td3\t2\nq2\td2\t1\n")
+    run = tmp_path / "bm25_predictions.json"
+    run.write_text(json.dumps({"q1": {"d1": 0.5, "d2": 0.5, "d3": 0.5}, "q2": {"d1": 2.0, "d2": 1.0}}))
+    assert main(["evaluate", "--run", str(run), "--qrels", str(qrels), "--measures", "nDCG@10", "RR@10"]) == 0
+    row = capsys.readouterr().out.splitlines()[2].split()
+    trec = {"q1": {"d3": 0.5, "d2": 0.5, "d1": 0.5}, "q2": {"d1": 2.0, "d2": 1.0}}
+    truth = {"q1": {"d1": 1, "d3": 2}, "q2": {"d2": 1}}
+    theirs = ir_measures.calc_aggregate([ir_measures.nDCG @ 10, ir_measures.RR @ 10], truth, trec)
+    assert [float(x) for x in row[1:]] == pytest.approx(
+        [theirs[ir_measures.nDCG @ 10], theirs[ir_measures.RR @ 10]], abs=1e-4)
+    assert theirs[ir_measures.RR @ 10] == pytest.approx((1 + 1 / 2) / 2)  # q1: d3 first (docid descending)
