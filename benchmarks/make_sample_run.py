@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from rank1_hf.runs import Run, read_corpus, read_queries, sample_paths, write_run  # noqa: E402
+from rank1_hf.runs import Run, ranked, read_corpus, read_queries, sample_paths, write_run  # noqa: E402
 
 K1 = 0.9
 B = 0.4
@@ -30,7 +30,7 @@ def tokenize(text: str) -> list[str]:
 
 
 def bm25_run(queries: dict[str, str], corpus: dict[str, str], depth: int) -> Run:
-    """Score every passage for every query and keep the best ``depth`` (ties by docid, as write_run)."""
+    """Score every passage for every query and keep the best ``depth`` (ranked as write_run ranks)."""
     docs = {docid: Counter(tokenize(text)) for docid, text in corpus.items()}
     lengths = {docid: sum(tf.values()) for docid, tf in docs.items()}
     avg_len = sum(lengths.values()) / len(lengths)
@@ -48,8 +48,7 @@ def bm25_run(queries: dict[str, str], corpus: dict[str, str], depth: int) -> Run
             score = sum(idf[t] * tf[t] * (K1 + 1) / (tf[t] + norm) for t in terms if t in tf)
             if score > 0:
                 scores.append((docid, round(score, 4)))  # 4 decimals keeps the file readable
-        scores.sort(key=lambda pair: (-pair[1], pair[0]))
-        run[qid] = scores[:depth]
+        run[qid] = ranked(scores)[:depth]
     return run
 
 

@@ -342,11 +342,12 @@ def build_parser() -> argparse.ArgumentParser:
         "be on a filesystem all processes share (a local disk: SQLite over NFS is not safe). On CPU use "
         "accelerate launch --multi_gpu (or torchrun): accelerate's --cpu starts a single process."))
     p.add_argument("--model", required=True, help="hub id or local directory; 'demo' = the bundled SmolLM2 demo (not rank1)")
-    p.add_argument("--run", help="first-stage TREC run (qid Q0 docid rank score tag)")
+    p.add_argument("--run", help="first-stage run: TREC (qid Q0 docid rank score tag), JSON {qid: {docid: score}} "
+                                 "(the rank1 run files) or an mteb predictions file")
     p.add_argument("--queries", help="queries: TSV (qid<TAB>text) or JSONL ({_id, text})")
     p.add_argument("--corpus", help="passages: TSV (docid<TAB>text) or BEIR JSONL ({_id, title, text})")
     p.add_argument("--instructions", help="per-query instructions, same formats as --queries")
-    p.add_argument("--qrels", help="TREC qrels: print an evaluation of the input top-k vs the reranked run")
+    p.add_argument("--qrels", help="TREC qrels or BEIR qrels TSV: print an evaluation of the input top-k vs the reranked run")
     p.add_argument("--sample", action="store_true", help="use the bundled sample for run/queries/corpus/qrels/instructions")
     p.add_argument("--top-k", type=int, default=100, help="rerank the first k of each query (default 100)")
     p.add_argument("--output", required=True, help="reranked TREC run to write")
@@ -372,9 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_loading(p)
     p.set_defaults(func=_score)
 
-    p = sub.add_parser("evaluate", help="score TREC runs against qrels")
-    p.add_argument("--run", required=True, nargs="+")
-    p.add_argument("--qrels", required=True)
+    p = sub.add_parser("evaluate", help="score runs against qrels (the figures trec_eval gives on the same files)")
+    p.add_argument("--run", required=True, nargs="+", help="TREC, JSON {qid: {docid: score}} or mteb predictions")
+    p.add_argument("--qrels", required=True, help="TREC qrels or BEIR qrels TSV (query-id corpus-id score)")
     p.add_argument("--measures", nargs="+", default=list(DEFAULT_MEASURES))
     p.set_defaults(func=_evaluate)
 

@@ -18,6 +18,8 @@ Constructor parameters and their defaults are the reference's. What changes:
 * Keyword arguments the reference passed on to vLLM (``gpu_memory_utilization``, ``tensor_parallel_size``,
   ``enforce_eager``, ``max_model_len``, ...) are accepted and ignored, with one warning naming them.
 * ``force_rethink > 0`` is refused (see :data:`FORCE_RETHINK_MESSAGE`).
+* ``store="judgements.sqlite"`` (not in the reference) keeps every judgement in a
+  :class:`~rank1_hf.store.JudgementStore`, so a rerun after a crash judges only what is missing.
 * The reasoning is kept: after :meth:`rank1.predict`, :attr:`rank1.last_judgements` holds one
   :class:`~rank1_hf.judgement.Judgement` per pair.
 """
@@ -44,7 +46,9 @@ REFERENCE_BATCH_SIZE = 999999999999
 #: Largest batch used here; vLLM's own default cap on sequences decoded together (max_num_seqs).
 MAX_BATCH_SIZE = 256
 #: rank1-hf options (not in the reference) that pass straight through to :class:`Rank1` / loading.
-PASSED_THROUGH = ("engine", "show_progress_bar", "token_budget", "quantization", "trust_remote_code", "revision")
+PASSED_THROUGH = (
+    "engine", "show_progress_bar", "token_budget", "store", "quantization", "trust_remote_code", "revision",
+)
 
 FORCE_RETHINK_MESSAGE = (
     "force_rethink > 0 is not supported: the reference implementation's force_rethink path is broken, and the "
@@ -268,5 +272,5 @@ def _judging_options(batch_size: int, context_size: int, max_output_tokens: int,
         "context_size": context_size,
         "dataset_prompt": dataset_prompt,
     }
-    options.update({k: passed[k] for k in ("engine", "show_progress_bar", "token_budget") if k in passed})
+    options.update({k: passed[k] for k in ("engine", "show_progress_bar", "token_budget", "store") if k in passed})
     return options

@@ -1,10 +1,10 @@
 """Score runs against qrels with ir_measures, and print input-vs-reranked tables.
 
-ir_measures is an optional dependency (``pip install 'rank1-hf[eval]'``), imported only when used.
+ir_measures is a dependency of rank1-hf; it is imported on first use only, to keep the CLI quick to start.
 
-Runs are handed to ir_measures as rank-derived scores, not raw scores: trec_eval breaks score ties by
-docid *descending*, while this project ranks ties by docid ascending (see :mod:`rank1_hf.runs`).
-Converting to ranks first makes the evaluated ranking exactly the one written to disk.
+Each query is ranked by :func:`rank1_hf.runs.ranked` (trec_eval's own order: score descending, ties by
+docid descending) and handed to ir_measures as rank-derived scores, so every ir_measures backend scores
+exactly that ranking: the figures equal ir_measures' (and trec_eval's) on the same run file.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from rank1_hf.errors import Rank1Error
+from rank1_hf.runs import ranked
 
 # nDCG@10 is the rank1 paper's headline measure (BRIGHT, BEIR, TREC DL) and uses graded labels.
 # RR@10 shows whether a relevant passage reaches the very top, which is what a user reads first.
@@ -20,11 +21,11 @@ from rank1_hf.errors import Rank1Error
 # and should be equal for the input and the reranked run (a quick sanity check).
 DEFAULT_MEASURES: tuple[str, ...] = ("nDCG@10", "RR@10", "R@100")
 
-_INSTALL_HINT = "ir_measures is not installed: pip install 'rank1-hf[eval]'"
+_INSTALL_HINT = "ir_measures is missing (a dependency of rank1-hf): pip install 'ir_measures>=0.3'"
 
 
 def _ir_measures() -> Any:
-    """Import ir_measures on first use so the core package does not depend on it."""
+    """Import ir_measures on first use (it is slow to import; most commands never need it)."""
     try:
         import ir_measures
     except ImportError:
@@ -44,11 +45,11 @@ def _parse(ir_measures: Any, measures: Iterable[str]) -> list[Any]:
 
 
 def _as_scored(run: Mapping[str, Sequence[tuple[str, float]]]) -> dict[str, dict[str, float]]:
-    """Rank each query (score desc, docid asc) and score by rank, so trec_eval keeps that order."""
+    """Rank each query by :func:`ranked` and score it by rank, so no backend's tie rule comes into play."""
     scored: dict[str, dict[str, float]] = {}
     for qid, docs in run.items():
-        ranked = sorted(docs, key=lambda pair: (-pair[1], pair[0]))
-        scored[qid] = {docid: float(len(ranked) - i) for i, (docid, _) in enumerate(ranked)}
+        order = ranked(docs)
+        scored[qid] = {docid: float(len(order) - i) for i, (docid, _) in enumerate(order)}
     return scored
 
 

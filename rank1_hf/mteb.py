@@ -59,9 +59,12 @@ class Checkpoint:
     """What mteb's ModelMeta needs to know about one rank1 checkpoint (no mteb import needed).
 
     n_parameters: the base model's count (AWQ variants hold the same weights, packed).
-    size_gb: on-disk size from the rank1 paper, in GB (10^9 bytes).
+    size_gb: on-disk size from the rank1 paper, in GB (10^9 bytes); for the small checkpoints, which the
+        paper's table leaves out, two bytes per parameter (bfloat16), an estimate.
     license: from the model card where it was seen ("mit" for the Qwen2.5 and Mistral ones); None for
-        the Llama 3.1 derivative, whose card was not checked and whose base carries Meta's own license.
+        the Llama 3.1 derivative, whose card was not checked and whose base carries Meta's own license,
+        and for the small checkpoints, whose cards were not seen (their Qwen2.5 bases differ: Apache-2.0
+        for 0.5B and 1.5B, Qwen's research license for 3B).
     """
 
     base: str
@@ -86,6 +89,11 @@ def _family() -> dict[str, Checkpoint]:
     for name, c in full.items():
         short = name.removeprefix("jhu-clsp/rank1-")
         family[f"{name}-awq"] = Checkpoint(c.base, c.n_parameters, awq_gb[short], c.license, awq_of=name)
+    # The small checkpoints of the paper's later version. Unverified here (no hub access): the base
+    # (Qwen2.5 base, not Instruct), the release date and the size. The counts are the Qwen2.5 bases'
+    # (embeddings tied), computed from their configs: hidden 896/1536/2048, layers 24/28/36.
+    for size, n in (("0.5b", 494_032_768), ("1.5b", 1_543_714_304), ("3b", 3_085_938_688)):
+        family[f"jhu-clsp/rank1-{size}"] = Checkpoint(f"Qwen/Qwen2.5-{size.upper()}", n, round(2 * n / 1e9, 1), None)
     return family
 
 
@@ -93,12 +101,23 @@ def _family() -> dict[str, Checkpoint]:
 CHECKPOINTS: dict[str, Checkpoint] = _family()
 
 
+#: The oldest mteb whose ModelMeta takes the fields used here: ``model_type`` arrived in 2.5.2 and the
+#: "Transformers" framework value in 2.6.5, and ModelMeta forbids unknown fields and values.
+MTEB_FLOOR = (2, 6, 5)
+
+
 def _mteb() -> Any:
     """The mteb module, or a Rank1Error that says how to get it."""
+    hint = "pip install 'rank1-hf[mteb]'"
     try:
         import mteb
     except ImportError:
-        raise Rank1Error("the mteb adapter needs mteb 2.x: pip install 'rank1-hf[mteb]'") from None
+        raise Rank1Error(f"the mteb adapter needs mteb 2.x: {hint}") from None
+    version = getattr(mteb, "__version__", "0")
+    found = tuple(int(part) if part.isdigit() else 0 for part in version.split(".")[:3])
+    if found < MTEB_FLOOR:
+        floor = ".".join(map(str, MTEB_FLOOR))
+        raise Rank1Error(f"the mteb adapter needs mteb>={floor} (found {version}): {hint}")
     return mteb
 
 
@@ -238,6 +257,13 @@ def scores_of(judgements: list[Judgement]) -> np.ndarray:
 # ---- ModelMeta -----------------------------------------------------------------------------------------
 
 
+def _is_hub_id(name: str) -> bool:
+    """``org/model`` that is not a path on this machine."""
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and not os.path.exists(name)
+
+
+
 def model_meta(name: str = "jhu-clsp/rank1-7b") -> Any:
     """The mteb ``ModelMeta`` of a rank1 checkpoint (see :data:`CHECKPOINTS`); its loader builds the adapter."""
     if name not in CHECKPOINTS:
@@ -282,16 +308,18 @@ def model_metas() -> dict[str, Any]:
 def meta_for(model_name_or_path: str) -> Any:
     """The ModelMeta for a ranker's model: the known entry for a rank1 id, else a minimal one.
 
-    mteb names result folders after ``meta.name``, which must look like ``org/model``; a local directory
-    becomes ``rank1-hf/<directory name>``.
+    mteb names result folders after ``meta.name``, which must look like ``org/model``: another hub id
+    (a fine-tune, a mirror) is kept as it is; a local directory becomes ``rank1-hf/<directory name>``.
     """
     if model_name_or_path in CHECKPOINTS:
         return model_meta(model_name_or_path)
-    base = os.path.basename(os.path.normpath(str(model_name_or_path))) or "model"
+    name = str(model_name_or_path)
+    if not _is_hub_id(name):
+        name = "rank1-hf/" + (os.path.basename(os.path.normpath(name)) or "model")
     meta = model_meta("jhu-clsp/rank1-7b")
     return meta.model_copy(
         update={
-            "name": f"rank1-hf/{base}",
+            "name": name,
             "loader": None,
             "loader_kwargs": {},
             "n_parameters": None,

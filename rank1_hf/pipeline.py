@@ -25,13 +25,16 @@ processes share. It must therefore be on a filesystem all of them see, with work
 disk on one machine. SQLite over NFS is not safe; for several machines, give each machine its own store
 and its own slice of the queries (separate run files), or put one machine's store on a shared local disk.
 
-Ranking rule: score descending, ties broken by docid ascending, the rule :mod:`rank1_hf.runs` uses when it
-writes a run and :mod:`rank1_hf.evaluate` uses when it scores one, so the file on disk, the traces and
-the evaluation always agree. Only the top-k pairs are reranked and written.
+Ranking rule: :func:`rank1_hf.runs.ranked` (score descending, ties by docid descending, as trec_eval
+re-sorts), for the first-stage top-k, the reranked run, the traces and the evaluation alike, so the file on
+disk, the traces and every evaluation tool agree. Only the top-k pairs are reranked and written. The run
+file's scores are made strictly decreasing (:func:`rank1_hf.runs.untied_scores`); the traces keep each
+judgement's raw score.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections import Counter
@@ -47,6 +50,8 @@ from .store import JudgementStore, pair_key
 
 if TYPE_CHECKING:  # importing the ranker pulls in torch; the pipeline itself does not need it
     from .ranker import Rank1
+
+logger = logging.getLogger(__name__)
 
 TRACE_FIELDS = (
     "qid", "docid", "score", "outcome", "reasoning", "reasoning_tokens", "prompt_tokens", "truncated",
@@ -161,7 +166,7 @@ def build_items(
     instructions = instructions or {}
     items: list[Item] = []
     for qid in sorted(run):
-        ranked = sorted(run[qid], key=lambda pair: (-pair[1], pair[0]))[:top_k]
+        ranked = runs.ranked(run[qid])[:top_k]
         seen: set[str] = set()
         for rank, (docid, score) in enumerate(ranked, 1):
             if docid in seen:
@@ -277,6 +282,8 @@ def judge_items(
     mine = [pk for i, pk in enumerate(distinct) if i % shard.world_size == shard.rank and pk not in found]
     summary = Summary(pairs=len(items), distinct=len(distinct), reused=len(found),
                       judged_now=len(distinct) - len(found), judged_here=len(mine))
+    if found:
+        logger.info("judgement store %s: %d of %d distinct pairs reused", store.path, len(found), len(distinct))
     if on_start is not None:
         on_start(len(mine), len(found))
 
@@ -286,7 +293,7 @@ def judge_items(
         if mine:
             judging = time.monotonic()
             todo = [(first[pk].query, first[pk].passage, first[pk].instruction) for pk in mine]
-            for i, judgement in ranker.judge_iter(todo, batch_size=batch_size, show_progress_bar=False):
+            for i, judgement in ranker.judge_iter_logged(todo, batch_size=batch_size, show_progress_bar=False):
                 pk = mine[i]
                 made[pk] = judgement
                 writer.add(pk, judgement, first[pk].qid, first[pk].docid)
@@ -333,11 +340,11 @@ def _wait_for_all(
 
 
 def reranked_run(items: Sequence[Item], judgements: Mapping[tuple[str, str], Judgement]) -> runs.Run:
-    """qid -> [(docid, score)], score descending, ties by docid ascending (see the module docstring)."""
+    """qid -> [(docid, score)], ranked by :func:`rank1_hf.runs.ranked` (see the module docstring)."""
     run: runs.Run = {}
     for it in items:
         run.setdefault(it.qid, []).append((it.docid, judgements[(it.qid, it.docid)].score))
-    return {qid: sorted(docs, key=lambda pair: (-pair[1], pair[0])) for qid, docs in sorted(run.items())}
+    return {qid: runs.ranked(docs) for qid, docs in sorted(run.items())}
 
 
 def first_stage_run(items: Sequence[Item]) -> runs.Run:

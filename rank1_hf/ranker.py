@@ -8,16 +8,24 @@ A judgement goes through four steps, each in its own module:
 3. readout: the " true"/" false" logits right after ``</think>`` (from the engine's next step when the
    model closed it itself, from a forced pass on the cut reasoning otherwise);
 4. scoring: the softmax over those two logits.
+
+With ``store=``, :meth:`Rank1.judge` (and so :meth:`~Rank1.predict`, :meth:`~Rank1.rank`, the mteb
+adapter and the drop-in ``rank1`` class) looks every pair up in a :class:`~rank1_hf.store.JudgementStore`
+first, keyed as the CLI keys it, and commits each new judgement as soon as it is made.
+
+What happens is logged to ``logging.getLogger("rank1_hf")``: the engine used, store reuse, passages cut
+to fit the context, unfinished reasoning, out-of-memory retries.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 import sys
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -29,8 +37,11 @@ from .judgement import Judgement
 from .prompt import THINK_END, Pair, Passage, build_prompt, forced_prompt, unpack_pair
 from .scoring import readout_ids, score
 from .stopping import ThinkDetector, ThinkEnd, split_reasoning
+from .store import JudgementStore, pair_key
 
 ENGINES = ("auto", "continuous", "generate")
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -105,6 +116,9 @@ class Rank1:
                 (``model.generate`` with a StoppingCriteria), or "auto" (continuous where the model's
                 cache allows it).
             show_progress_bar: None shows one when stderr is a terminal.
+            store: a :class:`~rank1_hf.store.JudgementStore` or the path of one (created if missing):
+                :meth:`judge` reuses the judgements stored for these settings and stores new ones as
+                they finish, so a restarted job or service judges only what is missing.
         """
         self = cls.__new__(cls)
         name = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
@@ -125,6 +139,7 @@ class Rank1:
         dataset_prompt: str | None = None,
         engine: str = "auto",
         show_progress_bar: bool | None = None,
+        store: str | os.PathLike | JudgementStore | None = None,
     ) -> None:
         if engine not in ENGINES:
             raise Rank1Error(f"unknown engine {engine!r}: choose one of {', '.join(ENGINES)}")
@@ -143,6 +158,8 @@ class Rank1:
         self.show_progress_bar = show_progress_bar
         self.load_options = load
         self.last_stats = EngineStats()
+        self.store = store if isinstance(store, JudgementStore) or store is None else JudgementStore(store)
+        self._engine_logged: str | None = None  # the engine last logged as chosen
 
     # ---- prompts -------------------------------------------------------------------------------------
 
@@ -188,14 +205,14 @@ class Rank1:
     def judge(
         self, pairs: Sequence[Pair], batch_size: int | None = None, show_progress_bar: bool | None = None
     ) -> list[Judgement]:
-        """Judge pairs; results in input order.
+        """Judge pairs; results in input order (reusing the store, when there is one).
 
         pairs: (query, passage) or (query, passage, instruction) tuples; a passage is a string or a
             ``{"title", "text"}`` dict.
         Returns: one :class:`Judgement` per pair.
         """
         out: list[Judgement | None] = [None] * len(pairs)
-        for i, judgement in self.judge_iter(pairs, batch_size=batch_size, show_progress_bar=show_progress_bar):
+        for i, judgement in self._judge_reusing(pairs, batch_size, show_progress_bar):
             out[i] = judgement
         return out  # type: ignore[return-value]
 
@@ -227,6 +244,9 @@ class Rank1:
 
         engine = self._engine(batch_size, lambda request, tokens, think: self._closing(prepared[request.index], tokens, think))
         self.last_stats = engine.stats
+        if engine.name != self._engine_logged:
+            logger.info("engine: %s (asked for %r)", engine.name, self.engine)
+            self._engine_logged = engine.name
         bar = tqdm(total=total, unit="pair", disable=not show, desc="rank1", dynamic_ncols=True)
         try:
             for i, generation in engine.run(requests()):
@@ -236,11 +256,32 @@ class Rank1:
             bar.close()
 
     def predict(
-        self, pairs: Sequence[Pair], batch_size: int | None = None, show_progress_bar: bool | None = None
-    ) -> np.ndarray:
-        """Scores in input order, shape (len(pairs),), float32 in [0, 1] (CrossEncoder-style)."""
-        judgements = self.judge(pairs, batch_size=batch_size, show_progress_bar=show_progress_bar)
-        return np.array([j.score for j in judgements], dtype=np.float32)
+        self,
+        sentences: Pair | Sequence[Pair],
+        batch_size: int | None = None,
+        show_progress_bar: bool | None = None,
+        activation_fn: Callable | None = None,
+        apply_softmax: bool | None = False,
+        convert_to_numpy: bool = True,
+        convert_to_tensor: bool = False,
+    ) -> Any:
+        """Scores in input order, as sentence-transformers' ``CrossEncoder.predict`` returns them.
+
+        sentences: one pair, or a list of pairs (see :meth:`judge`); one pair gives one score.
+        activation_fn: None gives the rank1 score P(" true") (float32 in [0, 1]); otherwise it is applied
+            to the true-false logit margins (a float64 tensor), whose sigmoid is that score:
+            ``torch.nn.Identity()`` gives the raw margins, which never saturate (a "fallback" judgement,
+            without logits, has margin 0: score 0.5).
+        apply_softmax: accepted as in CrossEncoder; a no-op for rank1's single score per pair.
+        convert_to_tensor: a float32 torch tensor; else ``convert_to_numpy`` a float32 numpy array (the
+            default); else a list of 0-d tensors.
+        """
+        single = isinstance(sentences, (list, tuple)) and len(sentences) > 0 and isinstance(sentences[0], str)
+        pairs: Sequence[Pair] = [sentences] if single else sentences  # type: ignore[list-item]
+        values = self._values(self.judge(pairs, batch_size=batch_size, show_progress_bar=show_progress_bar),
+                              activation_fn).float()
+        out: Any = values if convert_to_tensor else values.numpy() if convert_to_numpy else list(values)
+        return out[0] if single else out
 
     def rank(
         self,
@@ -248,25 +289,111 @@ class Rank1:
         documents: Sequence[Passage],
         top_k: int | None = None,
         return_documents: bool = False,
-        instruction: str | None = None,
         batch_size: int | None = None,
         show_progress_bar: bool | None = None,
+        activation_fn: Callable | None = None,
+        apply_softmax: bool | None = False,
+        convert_to_numpy: bool = True,
+        convert_to_tensor: bool = False,
+        *,
+        instruction: str | None = None,
     ) -> list[dict[str, Any]]:
         """Rank documents for one query, best first, like sentence-transformers' ``CrossEncoder.rank``.
 
-        Returns: ``[{"corpus_id": i, "score": s}, ...]`` (plus ``"text"`` with return_documents), ties
-        broken by corpus_id.
+        The positional parameters are CrossEncoder's (sentence-transformers 5.x); ``instruction`` (joined
+        to the query the rank1 way) is keyword-only. ``activation_fn`` as in :meth:`predict`;
+        ``apply_softmax``, ``convert_to_numpy`` and ``convert_to_tensor`` are accepted and change nothing.
+
+        Returns: ``[{"corpus_id": i, "score": s}, ...]`` (plus ``"text"`` with return_documents), sorted
+        on the full-precision (float64) scores, ties by corpus_id, and cut to ``top_k``. The scores are
+        the float64 values the CLI ranks a run by, so both order the same documents the same way.
         """
         pairs = [(query, doc, instruction) for doc in documents]
-        scores = self.predict(pairs, batch_size=batch_size, show_progress_bar=show_progress_bar)
-        order = sorted(range(len(documents)), key=lambda i: (-float(scores[i]), i))
+        judgements = self.judge(pairs, batch_size=batch_size, show_progress_bar=show_progress_bar)
+        scores = self._values(judgements, activation_fn).tolist()
         hits = []
-        for i in order[:top_k]:
-            hit: dict[str, Any] = {"corpus_id": i, "score": float(scores[i])}
+        for i in best_first(scores)[:top_k]:
+            hit: dict[str, Any] = {"corpus_id": i, "score": scores[i]}
             if return_documents:
                 hit["text"] = documents[i]
             hits.append(hit)
         return hits
+
+    # ---- the store and the log -----------------------------------------------------------------------
+
+    @staticmethod
+    def _values(judgements: Sequence[Judgement], activation_fn: Callable | None) -> torch.Tensor:
+        """float64 scores, or ``activation_fn`` of the true-false margins (0 for a fallback)."""
+        if activation_fn is None:
+            return torch.tensor([j.score for j in judgements], dtype=torch.float64)
+        margins = [0.0 if j.true_logit is None or j.false_logit is None else j.true_logit - j.false_logit
+                   for j in judgements]
+        return torch.as_tensor(activation_fn(torch.tensor(margins, dtype=torch.float64)), dtype=torch.float64)
+
+    def _judge_reusing(
+        self, pairs: Sequence[Pair], batch_size: int | None, show_progress_bar: bool | None
+    ) -> Iterator[tuple[int, Judgement]]:
+        """(input index, judgement): stored ones first, then new ones, each committed as it is yielded.
+
+        Identical texts are judged once. The key is the CLI's (:func:`rank1_hf.pipeline.item_key`): the
+        final query text and the passage text, under :meth:`settings`, read at every call since the mteb
+        adapter changes ``dataset_prompt`` per task.
+        """
+        if self.store is None:
+            yield from self.judge_iter_logged(pairs, batch_size, show_progress_bar)
+            return
+        keys = [pair_key(*unpack_pair(pair, self.dataset_prompt)) for pair in pairs]
+        skey = self.store.register_settings(self.settings())
+        found = self.store.get_many(skey, keys)
+        where: dict[str, list[int]] = {}
+        for i, key in enumerate(keys):
+            where.setdefault(key, []).append(i)
+        todo = [key for key in where if key not in found]
+        reused = len(pairs) - sum(len(where[key]) for key in todo)
+        if reused:
+            logger.info("judgement store %s: %d of %d pairs reused", self.store.path, reused, len(pairs))
+        for i, key in enumerate(keys):
+            if key in found:
+                yield i, found[key]
+        first = [where[key][0] for key in todo]
+        for n, judgement in self.judge_iter_logged([pairs[i] for i in first], batch_size, show_progress_bar, first):
+            key = keys[n]
+            # One commit per judgement (a few ms, next to seconds of judging): a kill -9 loses only the
+            # pairs still in flight.
+            self.store.put_many(skey, [(key, judgement)])
+            for i in where[key]:
+                yield i, judgement
+
+    def judge_iter_logged(
+        self,
+        pairs: Sequence[Pair],
+        batch_size: int | None = None,
+        show_progress_bar: bool | None = None,
+        index: Sequence[int] | None = None,
+    ) -> Iterator[tuple[int, Judgement]]:
+        """:meth:`judge_iter` (no store), with what happened logged; yields ``index[i]`` for pair i."""
+        if not pairs:
+            return
+        index = range(len(pairs)) if index is None else index
+        cut = unfinished = 0
+        for i, judgement in self.judge_iter(pairs, batch_size=batch_size, show_progress_bar=show_progress_bar):
+            if judgement.truncated:
+                cut += 1
+                logger.info("pair %d: passage cut to fit context_size=%d", index[i], self.context_size)
+            if judgement.outcome != "answered":
+                unfinished += 1
+                logger.debug("pair %d: %s (reasoning unfinished after %d tokens)", index[i], judgement.outcome,
+                             judgement.reasoning_tokens)
+            yield index[i], judgement
+        if cut:
+            logger.warning("%d of %d passages were cut to fit context_size=%d (the passage only; the template "
+                           "stays whole)", cut, len(pairs), self.context_size)
+        if unfinished:
+            logger.info("%d of %d pairs did not close </think> within max_new_tokens=%d and were forced to "
+                        "an answer", unfinished, len(pairs), self.max_new_tokens)
+        if self.last_stats.oom_retries:
+            logger.warning("%d out-of-memory retries (the batch was split and run again)",
+                           self.last_stats.oom_retries)
 
     # ---- internals -----------------------------------------------------------------------------------
 
@@ -318,6 +445,11 @@ class Rank1:
             return prepared.ids + tokens[: end - 1] + self.tokenizer(piece, add_special_tokens=False)["input_ids"]
         reasoning = self.tokenizer.decode(tokens, skip_special_tokens=False)
         return self.tokenizer(forced_prompt(prepared.prompt, reasoning))["input_ids"]
+
+
+def best_first(scores: Sequence[float]) -> list[int]:
+    """Indices of ``scores`` from best to worst, ties in input order (as CrossEncoder.rank's stable sort)."""
+    return sorted(range(len(scores)), key=lambda i: (-scores[i], i))
 
 
 def _describe(quantization: Any) -> Any:

@@ -1,18 +1,24 @@
 """Read and write the files a reranking job consumes and produces.
 
-Inputs: queries, instructions and passages (TSV or BEIR-style JSONL), a first-stage TREC run and TREC
-qrels. Outputs: a TREC run and JSONL records, both written atomically.
+Inputs: queries, instructions and passages (TSV or BEIR-style JSONL); a first-stage run as TREC text,
+as JSON ``{qid: {docid: score}}`` (the official rank1 run files, BRIGHT's ``score.json``) or as an mteb
+2.x predictions file; qrels as TREC text or BEIR's ``qrels/*.tsv``. Outputs: a TREC run and JSONL
+records, both written atomically.
 
 Every problem with a user's file is raised as :class:`Rank1Error` with a one-line message naming the
 file and, where there is one, the line number.
 
-Ordering rule used throughout (reading with ``top_k`` and writing): score descending, ties broken by
-docid ascending, so the same scores always give the same ranking.
+Ordering rule (:func:`ranked`, the one place it is coded): score descending, ties broken by docid
+*descending*, which is how trec_eval (and so ir_measures and pytrec_eval) re-sort a run. Reading with
+``top_k``, building and writing a reranked run and evaluating all use it, so a run means the same ranking
+here as in those tools. :func:`write_run` also writes strictly decreasing scores (see there), so tools with
+any other tie rule read the same ranking too.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -190,9 +196,13 @@ def read_corpus(path: PathLike) -> dict[str, str]:
     return corpus
 
 
-def _ranked(pairs: Iterable[tuple[str, float]]) -> list[tuple[str, float]]:
-    """Order by score descending, then docid ascending (the module's documented tie-break)."""
-    return sorted(pairs, key=lambda pair: (-pair[1], pair[0]))
+def ranked(pairs: Iterable[tuple[str, float]]) -> list[tuple[str, float]]:
+    """(docid, score) pairs best first: score descending, ties by docid descending (trec_eval's rule).
+
+    trec_eval compares docids with ``strcmp``, i.e. byte order of their UTF-8 text, which is the code
+    point order Python compares ``str`` in.
+    """
+    return sorted(pairs, key=lambda pair: (pair[1], pair[0]), reverse=True)
 
 
 def _read_run_lines(path: PathLike) -> Iterator[tuple[int, str, str, float]]:
@@ -219,15 +229,25 @@ def _read_run_lines(path: PathLike) -> Iterator[tuple[int, str, str, float]]:
         yield lineno, qid, docid, score
 
 
-def read_run(path: PathLike, top_k: int | None = None) -> Run:
-    """Read a TREC run (``qid Q0 docid rank score tag``) into qid -> [(docid, score)], best first.
+def read_run(path: PathLike, top_k: int | None = None, *, subset: str | None = None,
+             split: str | None = None) -> Run:
+    """Read a first-stage run into qid -> [(docid, score)], best first (:func:`ranked`).
 
-    Ranking follows the scores, not the rank column (as trec_eval does): score descending, ties broken
-    by docid ascending. ``top_k`` keeps only the first k per query. A malformed line or a repeated
-    (qid, docid) pair is an error naming the line.
+    Formats, told apart by content:
+
+    * TREC text, ``qid Q0 docid rank score tag``: ranking follows the scores, not the rank column (as
+      trec_eval does). A malformed line or a repeated (qid, docid) pair is an error naming the line.
+    * JSON ``{qid: {docid: score}}``: the official rank1 run files (``jhu-clsp/rank1-run-files``),
+      BRIGHT's ``score.json``.
+    * mteb 2.x predictions (``prediction_folder=``: ``{"mteb_model_meta": ..., subset: {split: {qid:
+      {docid: score}}}}``): ``subset`` and ``split`` pick one when the file holds several.
+
+    ``top_k`` keeps only the first k per query.
     """
     if top_k is not None and top_k < 1:
         raise Rank1Error(f"top_k must be at least 1, got {top_k}")
+    if _first_char(path) == "{":
+        return {qid: ranked(docs)[:top_k] for qid, docs in _read_json_run(path, subset, split).items()}
     seen: dict[tuple[str, str], int] = {}
     pairs: dict[str, list[tuple[str, float]]] = {}
     for lineno, qid, docid, score in _read_run_lines(path):
@@ -237,22 +257,82 @@ def read_run(path: PathLike, top_k: int | None = None) -> Run:
                 f"{path} line {lineno}: duplicate pair qid {qid!r} docid {docid!r} (first on line {first})"
             )
         pairs.setdefault(qid, []).append((docid, score))
-    return {qid: _ranked(docs)[:top_k] for qid, docs in pairs.items()}
+    return {qid: ranked(docs)[:top_k] for qid, docs in pairs.items()}
+
+
+def _first_char(path: PathLike) -> str:
+    """The first non-blank character of a file ("" when it has none)."""
+    for _, line in _lines(path):
+        if line.strip():
+            return line.lstrip()[0]
+    return ""
+
+
+def _read_json_run(path: PathLike, subset: str | None, split: str | None) -> dict[str, list[tuple[str, float]]]:
+    """qid -> [(docid, score)] from a JSON run (flat, or mteb 2.x's subset/split nesting)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError) as e:
+        raise Rank1Error(f"{path}: cannot read: {e}") from None
+    except json.JSONDecodeError as e:
+        raise Rank1Error(f"{path} line {e.lineno}: invalid JSON: {e.msg}") from None
+    if isinstance(data, dict) and "mteb_model_meta" in data:
+        data = _pick(path, _pick(path, {k: v for k, v in data.items() if k != "mteb_model_meta"}, subset, "subset"),
+                     split, "split")
+    if not isinstance(data, dict):
+        raise Rank1Error(f"{path}: expected a JSON object {{qid: {{docid: score}}}}")
+    run: dict[str, list[tuple[str, float]]] = {}
+    for qid, docs in data.items():
+        if not isinstance(docs, dict):
+            raise Rank1Error(f"{path}: qid {qid!r}: expected {{docid: score}}, got {type(docs).__name__}")
+        for docid, score in docs.items():
+            if isinstance(score, bool) or not isinstance(score, (int, float)) or math.isnan(score):
+                raise Rank1Error(f"{path}: qid {qid!r} docid {docid!r}: score {score!r} is not a number")
+            run.setdefault(str(qid), []).append((str(docid), float(score)))
+    return run
+
+
+def _pick(path: PathLike, table: Any, name: str | None, what: str) -> Any:
+    """``table[name]``, or its only entry when ``name`` is None (mteb's subset/split levels)."""
+    if not isinstance(table, dict):
+        raise Rank1Error(f"{path}: not an mteb predictions file (no {what} level)")
+    if name is None and len(table) == 1:
+        return next(iter(table.values()))
+    if name in table:
+        return table[name]
+    choices = ", ".join(map(repr, table)) or "none"
+    raise Rank1Error(f"{path}: choose the mteb {what} to read ({what}=...): {choices}")
+
+
+#: The header line of BEIR's qrels/*.tsv files.
+BEIR_QRELS_HEADER = ("query-id", "corpus-id", "score")
 
 
 def read_qrels(path: PathLike) -> Qrels:
-    """Read TREC qrels (``qid iteration docid grade``) into qid -> {docid: grade}.
+    """Read qrels into qid -> {docid: grade}: TREC (``qid iteration docid grade``) or BEIR TSV.
 
+    BEIR's ``qrels/test.tsv`` has three tab-separated columns ``query-id corpus-id score``, with that
+    header line (which is skipped) or without it. Every line must have the field count of the first.
     A repeated (qid, docid) pair is an error, since one of the two grades would silently win.
     """
     qrels: Qrels = {}
+    width = None
     for lineno, line in _lines(path):
         if not line.strip():
             continue
         fields = line.split()
-        if len(fields) != 4:
-            raise Rank1Error(f"{path} line {lineno}: expected 4 fields 'qid 0 docid grade', got {len(fields)}")
-        qid, _, docid, grade = fields
+        if width is None:
+            width = len(fields)
+            if tuple(fields) == BEIR_QRELS_HEADER:
+                continue
+        if len(fields) != width or width not in (3, 4):
+            raise Rank1Error(
+                f"{path} line {lineno}: expected 4 fields 'qid 0 docid grade' (TREC) or 3 "
+                f"'query-id corpus-id score' (BEIR), got {len(fields)}"
+                + (f" after {width} on the first line" if lineno > 1 and width in (3, 4) else "")
+            )
+        qid, docid, grade = (fields[0], fields[2], fields[3]) if width == 4 else fields
         try:
             value = int(grade)
         except ValueError:
@@ -325,18 +405,38 @@ def _write_atomic(path: PathLike, lines: Iterable[str]) -> None:
         raise
 
 
-def write_run(path: PathLike, run: Mapping[str, Iterable[tuple[str, float]]], tag: str) -> None:
-    """Write a TREC run atomically, ranking each query by score descending, ties by docid ascending.
+def untied_scores(scores: Sequence[float]) -> list[float]:
+    """Scores in ranked order, made strictly decreasing by the smallest possible steps.
 
-    Queries are written in sorted qid order; scores are written with ``repr`` so they read back exactly.
+    Each score is kept unless it is not below the one written before it; then it becomes the next
+    double below that one (``math.nextafter``). Tied scores thus differ in their last bits only, and
+    every tool that re-sorts a run by score (trec_eval, ir_measures, pytrec_eval, ranx, ...) reads
+    exactly the written ranking, whatever its own tie rule, as long as it parses scores as doubles.
+    """
+    out: list[float] = []
+    for s in scores:
+        s = float(s)
+        if out and not s < out[-1]:
+            s = math.nextafter(out[-1], -math.inf)
+        out.append(s)
+    return out
+
+
+def write_run(path: PathLike, run: Mapping[str, Iterable[tuple[str, float]]], tag: str) -> None:
+    """Write a TREC run atomically, each query ranked by :func:`ranked`, queries in sorted qid order.
+
+    The score column is :func:`untied_scores` of the scores, written with ``repr`` (they read back
+    exactly): the raw scores of tied documents are in a reranked run's traces.
     """
     if not tag or any(c.isspace() for c in tag):
         raise Rank1Error(f"run tag must be one non-empty word, got {tag!r}")
 
     def lines() -> Iterator[str]:
         for qid in sorted(run):
-            for rank, (docid, score) in enumerate(_ranked(run[qid]), 1):
-                yield f"{qid} Q0 {docid} {rank} {float(score)!r} {tag}\n"
+            docs = ranked(run[qid])
+            written = untied_scores([score for _, score in docs])
+            for rank, ((docid, _), score) in enumerate(zip(docs, written), 1):
+                yield f"{qid} Q0 {docid} {rank} {score!r} {tag}\n"
 
     _write_atomic(path, lines())
 

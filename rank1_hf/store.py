@@ -14,6 +14,8 @@ Durability and concurrency:
   before ``put_many`` returns, so a process crash or SIGKILL never loses a committed batch and never
   corrupts the file; only an OS crash or power loss can drop the last few commits (still without
   corruption). Each ``put_many`` is one transaction, so a kill loses at most the batch in flight.
+* One store object may be used from several threads (a web service's workers): its connection is
+  shared behind a lock, so transactions never interleave.
 * Writers take the write lock up front (``BEGIN IMMEDIATE``) and wait up to ``busy_timeout_s`` for
   it, so several processes can share one store: they queue instead of failing with
   "database is locked".
@@ -25,6 +27,7 @@ import hashlib
 import json
 import math
 import sqlite3
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -120,8 +123,11 @@ class JudgementStore:
         self.path = Path(path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            # isolation_level=None: no implicit transactions; put_many opens its own.
-            self._conn = sqlite3.connect(self.path, timeout=busy_timeout_s, isolation_level=None)
+            # isolation_level=None: no implicit transactions; put_many opens its own. Threads share the
+            # connection behind self._lock (sqlite3 refuses cross-thread use unless told otherwise).
+            self._conn = sqlite3.connect(self.path, timeout=busy_timeout_s, isolation_level=None,
+                                         check_same_thread=False)
+            self._lock = threading.RLock()
         except (OSError, sqlite3.Error) as e:
             raise Rank1Error(f"cannot open the judgement store {self.path}: {e}") from e
         try:
@@ -169,15 +175,16 @@ class JudgementStore:
         deferred transaction that upgrades from read to write can fail at once with SQLITE_BUSY.
         """
         try:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield
-            except BaseException:
-                # SQLite may already have rolled back by itself (e.g. disk full).
-                if self._conn.in_transaction:
-                    self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
+            with self._lock:
+                self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield
+                except BaseException:
+                    # SQLite may already have rolled back by itself (e.g. disk full).
+                    if self._conn.in_transaction:
+                        self._conn.execute("ROLLBACK")
+                    raise
+                self._conn.execute("COMMIT")
         except sqlite3.OperationalError as e:
             # Disk full, read-only file, lock held past busy_timeout...: the user's to fix.
             raise Rank1Error(f"cannot write to the judgement store {self.path}: {e}") from e
@@ -194,8 +201,8 @@ class JudgementStore:
 
     def get_settings(self, key: str) -> dict[str, Any] | None:
         """The settings recorded under ``key``, or None if never registered."""
-        row = self._conn.execute("SELECT settings_json FROM settings WHERE key = ?",
-                                 (key,)).fetchone()
+        with self._lock:
+            row = self._conn.execute("SELECT settings_json FROM settings WHERE key = ?", (key,)).fetchone()
         return None if row is None else json.loads(row[0])
 
     def get_many(self, settings_key: str, pair_keys: Iterable[str]) -> dict[str, Judgement]:
@@ -206,11 +213,12 @@ class JudgementStore:
         for start in range(0, len(keys), _CHUNK):
             chunk = keys[start:start + _CHUNK]
             marks = ", ".join("?" * len(chunk))
-            rows = self._conn.execute(
-                f"SELECT pair_key, {cols} FROM judgements"
-                f" WHERE settings_key = ? AND pair_key IN ({marks})",
-                (settings_key, *chunk),
-            )
+            with self._lock:
+                rows = self._conn.execute(
+                    f"SELECT pair_key, {cols} FROM judgements"
+                    f" WHERE settings_key = ? AND pair_key IN ({marks})",
+                    (settings_key, *chunk),
+                ).fetchall()
             for pk, *values in rows:
                 d = dict(zip(_JUDGEMENT_COLUMNS, values))
                 d["truncated"] = bool(d["truncated"])
@@ -251,8 +259,9 @@ class JudgementStore:
 
     def count(self, settings_key: str) -> int:
         """How many judgements are stored under ``settings_key``."""
-        return self._conn.execute("SELECT COUNT(*) FROM judgements WHERE settings_key = ?",
-                                  (settings_key,)).fetchone()[0]
+        with self._lock:
+            return self._conn.execute("SELECT COUNT(*) FROM judgements WHERE settings_key = ?",
+                                      (settings_key,)).fetchone()[0]
 
     def close(self) -> None:
         """Close the connection (the last one to close folds the WAL back into the file)."""

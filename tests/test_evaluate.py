@@ -42,11 +42,37 @@ def test_rr_and_recall() -> None:
     assert result["R@100"] == pytest.approx((2 / 3 + 1) / 2, abs=1e-9)
 
 
-def test_ties_follow_docid_ascending() -> None:
-    # Equal scores: this project ranks "a" before "b" (trec_eval alone would put "b" first).
-    run = {"q": [("b", 1.0), ("a", 1.0)]}
+def test_ties_follow_trec_eval() -> None:
+    # Equal scores: trec_eval ranks "b" before "a" (docid descending), whatever order they come in.
     qrels = {"q": {"a": 1}}
-    assert evaluate(run, qrels, ["RR@10"])["RR@10"] == pytest.approx(1.0, abs=1e-12)
+    for run in ({"q": [("b", 1.0), ("a", 1.0)]}, {"q": [("a", 1.0), ("b", 1.0)]}):
+        assert evaluate(run, qrels, ["RR@10"])["RR@10"] == pytest.approx(0.5, abs=1e-12)
+
+
+def test_evaluate_equals_ir_measures_on_the_written_file(tmp_path) -> None:
+    # A tied run (every score 0.5, as from a model whose true/false logits are always equal), written,
+    # then scored by ir_measures straight from the file and by evaluate() from memory and from the file.
+    import ir_measures
+
+    from rank1_hf.runs import write_run
+
+    qrels = {"q1": {"d1": 1, "d3": 2}, "q2": {"d2": 1}}
+    run = {"q1": [("d1", 0.5), ("d2", 0.5), ("d3", 0.5), ("d4", 0.9)], "q2": [("d1", 0.5), ("d2", 0.5), ("d3", 0.5)]}
+    path = tmp_path / "run.trec"
+    write_run(path, run, tag="t")
+    measures = ["nDCG@10", "RR@10", "P@2"]
+    qrels_path = tmp_path / "qrels.txt"
+    qrels_path.write_text("".join(f"{q} 0 {d} {g}\n" for q, docs in qrels.items() for d, g in docs.items()))
+    theirs = ir_measures.calc_aggregate(
+        [ir_measures.parse_measure(m) for m in measures],
+        ir_measures.read_trec_qrels(str(qrels_path)),
+        ir_measures.read_trec_run(str(path)),
+    )
+    theirs = {str(m): v for m, v in theirs.items()}
+    assert evaluate(run, qrels, measures) == pytest.approx(theirs, abs=1e-12)
+    assert evaluate(read_run(path), read_qrels(qrels_path), measures) == pytest.approx(theirs, abs=1e-12)
+    # By hand: q1 ranks d4, d3, d2, d1 (RR 1/2), q2 ranks d3, d2, d1 (RR 1/2).
+    assert theirs["RR@10"] == pytest.approx(0.5, abs=1e-12)
 
 
 def test_missing_query_counts_as_zero() -> None:
@@ -70,7 +96,7 @@ def test_missing_ir_measures_gives_install_hint(monkeypatch: pytest.MonkeyPatch)
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", fake_import)
-    with pytest.raises(Rank1Error, match=r"pip install 'rank1-hf\[eval\]'"):
+    with pytest.raises(Rank1Error, match=r"ir_measures is missing \(a dependency of rank1-hf\)"):
         evaluate(RUN, QRELS)
 
 
@@ -91,3 +117,25 @@ def test_sample_bm25_leaves_room_for_reranking() -> None:
     oracle = {qid: [(d, float(qrels[qid].get(d, 0))) for d, _ in docs] for qid, docs in run.items()}
     best = evaluate(oracle, qrels)["nDCG@10"]
     assert 0.3 < bm25 < 0.75 and best - bm25 > 0.15
+
+
+def test_cli_evaluate_reads_beir_qrels_and_json_runs(tmp_path, capsys) -> None:
+    # BEIR qrels/test.tsv (with its header) and a rank1 run-file JSON, scored by the CLI as by ir_measures.
+    import json
+
+    import ir_measures
+
+    from rank1_hf.cli import main
+
+    qrels = tmp_path / "test.tsv"
+    qrels.write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\nq1\td3\t2\nq2\td2\t1\n")
+    run = tmp_path / "bm25_predictions.json"
+    run.write_text(json.dumps({"q1": {"d1": 0.5, "d2": 0.5, "d3": 0.5}, "q2": {"d1": 2.0, "d2": 1.0}}))
+    assert main(["evaluate", "--run", str(run), "--qrels", str(qrels), "--measures", "nDCG@10", "RR@10"]) == 0
+    row = capsys.readouterr().out.splitlines()[2].split()
+    trec = {"q1": {"d3": 0.5, "d2": 0.5, "d1": 0.5}, "q2": {"d1": 2.0, "d2": 1.0}}
+    truth = {"q1": {"d1": 1, "d3": 2}, "q2": {"d2": 1}}
+    theirs = ir_measures.calc_aggregate([ir_measures.nDCG @ 10, ir_measures.RR @ 10], truth, trec)
+    assert [float(x) for x in row[1:]] == pytest.approx(
+        [theirs[ir_measures.nDCG @ 10], theirs[ir_measures.RR @ 10]], abs=1e-4)
+    assert theirs[ir_measures.RR @ 10] == pytest.approx((1 + 1 / 2) / 2)  # q1: d3 first (docid descending)

@@ -186,16 +186,21 @@ def test_compat_class_works_in_evaluate(ranker):
 
 def test_model_metas():
     metas = model_metas()
-    assert set(metas) == set(CHECKPOINTS) and len(metas) == 10
+    assert set(metas) == set(CHECKPOINTS) and len(metas) == 13
     for name, meta in metas.items():
         assert meta.name == name and meta.is_cross_encoder and meta.open_weights
         assert meta.loader is Rank1CrossEncoder and str(meta.release_date) == "2025-02-25"
         assert meta.reference == f"https://huggingface.co/{name}" and meta.framework[0] == "PyTorch"
-        assert meta.n_parameters > 7e9
+    # The small Qwen2.5-based checkpoints (the 0.49B/1.54B/3.09B of Qwen's cards), then the big ones.
+    assert [metas[f"jhu-clsp/rank1-{s}"].n_parameters for s in ("0.5b", "1.5b", "3b")] == [
+        494_032_768, 1_543_714_304, 3_085_938_688]
+    assert metas["jhu-clsp/rank1-0.5b"].adapted_from == "Qwen/Qwen2.5-0.5B"
+    assert all(m.n_parameters > 7e9 for n, m in metas.items() if not n.endswith(("0.5b", "1.5b", "3b")))
     assert metas["jhu-clsp/rank1-7b-awq"].loader_kwargs == {"dtype": "float16"}
     assert metas["jhu-clsp/rank1-7b-awq"].adapted_from == "jhu-clsp/rank1-7b"
     assert metas["jhu-clsp/rank1-7b"].memory_usage_mb > metas["jhu-clsp/rank1-7b-awq"].memory_usage_mb
     assert meta_for("/tmp/somewhere/tiny-rank1").name == "rank1-hf/tiny-rank1"
+    assert meta_for("someone/rank1-7b-finetuned").name == "someone/rank1-7b-finetuned"  # hub ids kept
     with pytest.raises(Rank1Error, match="unknown rank1 checkpoint"):
         model_meta("jhu-clsp/rank2")
 
@@ -212,6 +217,20 @@ def test_meta_loader_builds_the_adapter(ranker, tmp_path):
     assert isinstance(adapter.ranker, Rank1) and adapter.ranker.model.device.type == "cpu"
     assert adapter.mteb_model_meta.name == meta.name
     assert adapter.ranker.max_new_tokens == MAX_NEW
+
+
+def test_mteb_older_than_the_metadata_needs_is_a_clear_error(monkeypatch, ranker):
+    # model_type arrived in mteb 2.5.2 and framework "Transformers" in 2.6.5 (mteb's git history).
+    monkeypatch.setattr(mteb, "__version__", "2.6.4")
+    with pytest.raises(Rank1Error, match=r"needs mteb>=2\.6\.5 \(found 2\.6\.4\)"):
+        model_meta()
+    monkeypatch.setattr(mteb, "__version__", "2.6.5")
+    assert model_meta().framework == ["PyTorch", "Transformers"]
+    import tomllib
+    from pathlib import Path
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert project["project"]["optional-dependencies"]["mteb"] == ["mteb>=2.6.5,<3"]
 
 
 def test_missing_mteb_is_a_clear_error(monkeypatch, ranker):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import os
 import stat
 from pathlib import Path
@@ -18,6 +20,7 @@ from rank1_hf.runs import (
     read_queries,
     read_run,
     sample_paths,
+    untied_scores,
     write_jsonl,
     write_run,
 )
@@ -132,13 +135,13 @@ def test_duplicate_pair_in_run(tmp_path: Path) -> None:
 
 
 def test_run_orders_by_score_then_docid_and_keeps_top_k(tmp_path: Path) -> None:
-    # The rank column is deliberately wrong: scores decide, ties go to the smaller docid.
+    # The rank column is deliberately wrong: scores decide, ties go to the larger docid (trec_eval's rule).
     path = _write(
         tmp_path / "run.trec",
-        "q1 Q0 dB 1 1.0 t\nq1 Q0 dA 2 1.0 t\nq1 Q0 dC 3 3.0 t\nq1 Q0 dD 4 0.5 t\nq2 Q0 x 1 -1 t\n",
+        "q1 Q0 dA 1 1.0 t\nq1 Q0 dB 2 1.0 t\nq1 Q0 dC 3 3.0 t\nq1 Q0 dD 4 0.5 t\nq2 Q0 x 1 -1 t\n",
     )
-    assert read_run(path) == {"q1": [("dC", 3.0), ("dA", 1.0), ("dB", 1.0), ("dD", 0.5)], "q2": [("x", -1.0)]}
-    assert read_run(path, top_k=2) == {"q1": [("dC", 3.0), ("dA", 1.0)], "q2": [("x", -1.0)]}
+    assert read_run(path) == {"q1": [("dC", 3.0), ("dB", 1.0), ("dA", 1.0), ("dD", 0.5)], "q2": [("x", -1.0)]}
+    assert read_run(path, top_k=2) == {"q1": [("dC", 3.0), ("dB", 1.0)], "q2": [("x", -1.0)]}
 
 
 def test_top_k_must_be_positive(tmp_path: Path) -> None:
@@ -149,8 +152,43 @@ def test_top_k_must_be_positive(tmp_path: Path) -> None:
 def test_qrels(tmp_path: Path) -> None:
     path = _write(tmp_path / "qrels.txt", "q1 0 d1 2\nq1 0 d2 0\nq2 0 d1 1\n")
     assert read_qrels(path) == {"q1": {"d1": 2, "d2": 0}, "q2": {"d1": 1}}
-    with pytest.raises(Rank1Error, match=r"qrels\.txt line 1: expected 4 fields"):
-        read_qrels(_write(tmp_path / "qrels.txt", "q1 d1 2\n"))
+    with pytest.raises(Rank1Error, match=r"qrels\.txt line 1: expected 4 fields .* or 3 .*got 5"):
+        read_qrels(_write(tmp_path / "qrels.txt", "q1 0 d1 2 x\n"))
+    with pytest.raises(Rank1Error, match=r"qrels\.txt line 2: .*got 3 after 4 on the first line"):
+        read_qrels(_write(tmp_path / "qrels.txt", "q1 0 d1 2\nq1 d2 1\n"))
+
+
+def test_beir_qrels_tsv_with_and_without_header(tmp_path: Path) -> None:
+    # BEIR's qrels/test.tsv: tab-separated query-id, corpus-id, score, with a header line.
+    expected = {"q1": {"d1": 2, "d2": 0}, "q2": {"d1": 1}}
+    body = "q1\td1\t2\nq1\td2\t0\nq2\td1\t1\n"
+    assert read_qrels(_write(tmp_path / "test.tsv", "query-id\tcorpus-id\tscore\n" + body)) == expected
+    assert read_qrels(_write(tmp_path / "noheader.tsv", body)) == expected
+    with pytest.raises(Rank1Error, match=r"line 3: duplicate judgement for qid 'q1' docid 'd1'"):
+        read_qrels(_write(tmp_path / "dup.tsv", "query-id\tcorpus-id\tscore\nq1\td1\t2\nq1\td1\t1\n"))
+
+
+def test_json_run_files(tmp_path: Path) -> None:
+    # The official rank1 run files and BRIGHT's score.json: {qid: {docid: score}}.
+    flat = _write(tmp_path / "scifact_default_predictions.json", json.dumps(
+        {"q1": {"a": 1.5, "b": 7, "c": 1.5}, "q2": {"x": -2.0}}))
+    expected = {"q1": [("b", 7.0), ("c", 1.5), ("a", 1.5)], "q2": [("x", -2.0)]}
+    assert read_run(flat) == expected
+    assert read_run(flat, top_k=1) == {"q1": [("b", 7.0)], "q2": [("x", -2.0)]}
+    # mteb 2.x prediction_folder files: {"mteb_model_meta": ..., subset: {split: {qid: {docid: score}}}}.
+    meta = {"model_name": "bm25s", "revision": "1"}
+    one = _write(tmp_path / "NFCorpus_predictions.json", json.dumps(
+        {"mteb_model_meta": meta, "default": {"test": {"q1": {"a": 1.5, "b": 7, "c": 1.5}, "q2": {"x": -2.0}}}}))
+    assert read_run(one) == expected
+    two = _write(tmp_path / "Bright_predictions.json", json.dumps(
+        {"mteb_model_meta": meta, "biology": {"standard": {"q": {"a": 1}}}, "pony": {"standard": {"q": {"b": 2}}}}))
+    assert read_run(two, subset="pony") == {"q": [("b", 2.0)]}
+    with pytest.raises(Rank1Error, match=r"choose the mteb subset to read \(subset=...\): 'biology', 'pony'"):
+        read_run(two)
+    with pytest.raises(Rank1Error, match=r"docid 'a': score 'high' is not a number"):
+        read_run(_write(tmp_path / "bad.json", '{"q": {"a": "high"}}'))
+    with pytest.raises(Rank1Error, match=r"bad2\.json line 1: invalid JSON"):
+        read_run(_write(tmp_path / "bad2.json", '{"q": '))
 
 
 def test_unknown_qid(tmp_path: Path) -> None:
@@ -171,17 +209,49 @@ def test_unknown_docid(tmp_path: Path) -> None:
 
 
 def test_write_run_round_trip_and_tie_break(tmp_path: Path) -> None:
-    run = {"q2": [("b", 0.1)], "q1": [("z", 0.5), ("a", 0.5), ("m", 0.9), ("k", 1 / 3)]}
+    run = {"q2": [("b", 0.1)], "q1": [("a", 0.5), ("z", 0.5), ("m", 0.9), ("k", 1 / 3)]}
     path = tmp_path / "out.trec"
     write_run(path, run, tag="rank1")
+    below_half = 0.49999999999999994  # the double just below 0.5, written for the tied "a"
     assert path.read_text().splitlines()[:4] == [
         "q1 Q0 m 1 0.9 rank1",
-        "q1 Q0 a 2 0.5 rank1",
-        "q1 Q0 z 3 0.5 rank1",
+        "q1 Q0 z 2 0.5 rank1",
+        f"q1 Q0 a 3 {below_half!r} rank1",
         f"q1 Q0 k 4 {1 / 3!r} rank1",
     ]
-    # Scores survive exactly, and reading gives back the written order.
-    assert read_run(path) == {"q1": [("m", 0.9), ("a", 0.5), ("z", 0.5), ("k", 1 / 3)], "q2": [("b", 0.1)]}
+    # Untied scores survive exactly, and reading gives back the written order.
+    assert read_run(path) == {"q1": [("m", 0.9), ("z", 0.5), ("a", below_half), ("k", 1 / 3)], "q2": [("b", 0.1)]}
+
+
+def test_untied_scores_cascade() -> None:
+    # 1.0 three times, then a raw score just below the second adjusted one: every step stays one double.
+    step = math.nextafter
+    one, below1, below2 = 1.0, step(1.0, 0.0), step(step(1.0, 0.0), 0.0)
+    assert untied_scores([1.0, 1.0, 1.0, below1, 0.25, 0.25]) == [
+        one, below1, below2, step(below2, 0.0), 0.25, step(0.25, 0.0)]
+    assert untied_scores([0.0, 0.0]) == [0.0, -5e-324]
+
+
+@pytest.mark.parametrize("tie_break", ["trec_eval", "ascending", "file order"])
+def test_written_run_reads_the_same_under_any_tie_rule(tmp_path: Path, tie_break: str) -> None:
+    # Ties everywhere (a model whose true/false logits are always equal scores every pair 0.5).
+    run = {"q": [(d, 0.5) for d in ("d3", "d1", "d10", "d2")]}
+    path = tmp_path / "tied.trec"
+    write_run(path, run, tag="t")
+    rows = [line.split() for line in path.read_text().splitlines()]
+    written = [r[2] for r in rows]
+
+    def trec_eval(i: int, j: int) -> int:  # its comparator: score descending, then strcmp(docno) descending
+        a, b = (float(rows[i][4]), rows[i][2].encode()), (float(rows[j][4]), rows[j][2].encode())
+        return (b > a) - (b < a)
+
+    keys = {
+        "trec_eval": functools.cmp_to_key(trec_eval),
+        "ascending": lambda i: (-float(rows[i][4]), rows[i][2]),
+        "file order": lambda i: (-float(rows[i][4]), i),
+    }
+    assert [rows[i][2] for i in sorted(range(len(rows)), key=keys[tie_break])] == written
+    assert written == ["d3", "d2", "d10", "d1"]  # trec_eval's order of equal scores: docid descending
 
 
 def test_write_run_rejects_bad_tag(tmp_path: Path) -> None:

@@ -1,0 +1,7 @@
+"""Adapters for the frameworks RAG pipelines are built on; each needs its own extra, imported only here.
+
+* :mod:`rank1_hf.integrations.langchain`: ``Rank1Compressor``, a LangChain ``BaseDocumentCompressor``
+  (``pip install 'rank1-hf[langchain]'``).
+* :mod:`rank1_hf.integrations.rerankers`: ``Rank1Ranker``, a ``rerankers`` ``BaseRanker``
+  (``pip install 'rank1-hf[rerankers]'``).
+"""

@@ -1,0 +1,77 @@
+"""LangChain and rerankers adapters, against the real packages (skipped when they are not installed)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import pytest
+
+from rank1_hf.errors import Rank1Error
+from rank1_hf.offline import qwen_tokenizer, tiny_model
+from rank1_hf.ranker import Rank1
+
+QUERY = "how do cats purr"
+TEXTS = ["Cats purr by vibrating the larynx.", "A deck oven bakes bread.", "Dogs bark.", "Kittens purr too."]
+
+
+@pytest.fixture(scope="module")
+def ranker():
+    tok = qwen_tokenizer()
+    return Rank1.from_model(tiny_model(tok), tok, max_new_tokens=6, context_size=512, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def expected(ranker):
+    """(text, score) best first, from Rank1.rank."""
+    return [(TEXTS[h["corpus_id"]], h["score"]) for h in ranker.rank(QUERY, TEXTS)]
+
+
+def test_langchain_compressor_reranks_documents(ranker, expected):
+    pytest.importorskip("langchain_core")
+    from langchain_core.documents import BaseDocumentCompressor, Document
+
+    from rank1_hf.integrations.langchain import Rank1Compressor
+
+    compressor = Rank1Compressor(ranker=ranker, top_n=2)
+    assert isinstance(compressor, BaseDocumentCompressor)
+    docs = [Document(page_content=t, metadata={"source": i}) for i, t in enumerate(TEXTS)]
+    out = compressor.compress_documents(docs, QUERY)
+    assert [(d.page_content, d.metadata["relevance_score"]) for d in out] == expected[:2]
+    assert out[0].metadata["source"] == TEXTS.index(out[0].page_content)  # original metadata kept
+    assert {"rank1_reasoning", "rank1_outcome"} <= set(out[0].metadata)
+    assert "relevance_score" not in docs[0].metadata  # the inputs are not modified
+    assert len(Rank1Compressor(ranker=ranker, top_n=None).compress_documents(docs, QUERY)) == 4
+    assert compressor.compress_documents([], QUERY) == []
+
+
+def test_rerankers_ranker_returns_ranked_results(ranker, expected):
+    pytest.importorskip("rerankers")
+    from rerankers.models.ranker import BaseRanker
+    from rerankers.results import RankedResults
+
+    from rank1_hf.integrations.rerankers import Rank1Ranker
+
+    model = Rank1Ranker.from_ranker(ranker)
+    assert isinstance(model, BaseRanker)
+    results = model.rank(QUERY, TEXTS, doc_ids=["a", "b", "c", "d"])
+    assert isinstance(results, RankedResults) and results.has_scores
+    assert [(r.document.text, r.score) for r in results] == expected
+    assert [r.rank for r in results] == [1, 2, 3, 4]
+    best = results.top_k(1)[0]
+    assert best.document.doc_id == "abcd"[TEXTS.index(best.document.text)]
+    assert "rank1_reasoning" in best.document.metadata
+    assert results.get_score_by_docid("a") == dict(expected)[TEXTS[0]]
+    assert model.score(QUERY, TEXTS[0]) == pytest.approx(dict(expected)[TEXTS[0]], abs=1e-5)  # batch of 1
+    assert [r.document.doc_id for r in model.rank(QUERY, TEXTS[:2])] == sorted(
+        [0, 1], key=lambda i: -dict(expected)[TEXTS[i]])
+
+
+@pytest.mark.parametrize("module, package", [("langchain", "langchain_core"), ("rerankers", "rerankers")])
+def test_missing_package_is_a_clear_error(monkeypatch, module, package):
+    monkeypatch.setitem(sys.modules, package, None)
+    for name in [n for n in sys.modules if n.startswith(package + ".")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.delitem(sys.modules, f"rank1_hf.integrations.{module}", raising=False)
+    with pytest.raises(Rank1Error, match=rf"pip install 'rank1-hf\[{module}\]'"):
+        importlib.import_module(f"rank1_hf.integrations.{module}")
