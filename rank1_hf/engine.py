@@ -90,7 +90,6 @@ class DecodeSettings:
     close: Closer
     batch_size: int = 32  # most rows decoded together
     token_budget: int | None = None  # most (prompt + max_new_tokens) tokens reserved by the rows in flight
-    max_prompt_tokens: int | None = None  # longest prompt expected (sizes the cache once)
 
 
 def greedy_tokens(logits: torch.Tensor, block: int = 2048) -> torch.Tensor:
@@ -235,7 +234,7 @@ class ContinuousEngine:
             admitted.append(_Row(pending.popleft()))
         if admitted:
             self._ensure_cache(max(len(r.request.ids) for r in admitted), rows)
-        return admitted
+        return sorted(admitted, key=lambda r: len(r.request.ids))
 
     @torch.inference_mode()
     def _ensure_cache(self, prompt_len: int, rows: list[_Row]) -> None:
@@ -244,8 +243,7 @@ class ContinuousEngine:
         needed = prompt_len + s.max_new_tokens + _CLOSE_MARGIN
         if self.cache is not None and self.cache.capacity >= needed:
             return
-        planned = max(needed, (s.max_prompt_tokens or 0) + s.max_new_tokens + _CLOSE_MARGIN)
-        capacity = -(-planned // 64) * 64
+        capacity = -(-needed // 64) * 64
         if self.cache is None:
             self.cache = SlotCache(self.model, s.batch_size, capacity)
             self._visible = torch.zeros((s.batch_size, capacity + 1), dtype=torch.bool, device=input_device(self.model))
@@ -299,12 +297,15 @@ class ContinuousEngine:
 
     @torch.inference_mode()
     def _prefill(self, admitted: list[_Row], start: int) -> None:
-        slots = list(range(start, start + len(admitted)))
-        logits = self._forward(slots, [r.request.ids for r in admitted], [0] * len(admitted), start)
-        self.stats.prefill_tokens += len(admitted) * max(len(r.request.ids) for r in admitted)
-        for row in admitted:
-            row.cached = len(row.request.ids)
-        self._apply(admitted, logits)
+        """Prefill rows in slots ``start..``, in groups of similar length (``admitted`` is sorted by length)."""
+        for group in _similar([len(r.request.ids) for r in admitted]):
+            rows = [admitted[k] for k in group]
+            first = start + group[0]
+            logits = self._forward(list(range(first, first + len(rows))), [r.request.ids for r in rows], [0] * len(rows), first)
+            self.stats.prefill_tokens += len(rows) * max(len(r.request.ids) for r in rows)
+            for row in rows:
+                row.cached = len(row.request.ids)
+            self._apply(rows, logits)
 
     @torch.inference_mode()
     def _decode(self, rows: list[_Row]) -> None:
@@ -370,12 +371,14 @@ class ContinuousEngine:
             while shared < limit and history[shared] == sequence[shared]:
                 shared += 1
             runs.append((row, sequence, shared))
-        if runs:
+        runs.sort(key=lambda run: len(run[1]) - run[2])
+        for group in _similar([len(seq) - shared for _, seq, shared in runs]):
+            batch = [runs[k] for k in group]
             logits = self._forward(
-                [slot[id(r)] for r, _, _ in runs], [seq[k:] for _, seq, k in runs], [k for _, _, k in runs], None
+                [slot[id(r)] for r, _, _ in batch], [seq[k:] for _, seq, k in batch], [k for _, _, k in batch], None
             )
             pairs = logits[:, list(s.readout)].tolist()
-            for (row, seq, shared), pair in zip(runs, pairs):
+            for (row, seq, shared), pair in zip(batch, pairs):
                 row.readout = (pair[0], pair[1])
                 row.cached = len(seq)
                 row.state = DONE
@@ -426,6 +429,20 @@ class ContinuousEngine:
         pending.extendleft(reversed(in_flight))
         self.cache = None
         return []
+
+
+def _similar(lengths: list[int], waste: float = 0.2) -> list[list[int]]:
+    """Indices of ascending ``lengths`` cut into consecutive groups whose padding stays under ``waste``."""
+    groups: list[list[int]] = []
+    total = 0
+    for k, n in enumerate(lengths):
+        if groups and n * (len(groups[-1]) + 1) <= (1 + waste) * (total + n):
+            groups[-1].append(k)
+            total += n
+        else:
+            groups.append([k])
+            total = n
+    return groups
 
 
 # Room in a slot beyond prompt + max_new_tokens for the closing tokens ("\n</think>" and re-tokenization).

