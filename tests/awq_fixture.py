@@ -14,7 +14,7 @@ checkpoints use (int4, zero point, group 128), so the loading path is the real o
 * ``scales`` float16 [in/group, out]; biases stay float16; lm_head and embeddings are not quantized.
 
 The returned reference model holds exactly those dequantized weights in float32, so AWQ logits can be
-compared with a float model that differs only by the float16 arithmetic of the AWQ kernel.
+compared with a float model that differs only by the bfloat16 arithmetic of the int4 kernels.
 """
 
 from __future__ import annotations
