@@ -11,5 +11,5 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" RANK1_HF_CACHE=/tmp/rank1-hf-cache PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-timeout "${CHECK_TIMEOUT:-240}" python3 benchmarks/gpu_check.py ${CHECK_ARGS:---skip awq} 2>&1 | tee "$OUT/gpu_check.log"
+timeout "${CHECK_TIMEOUT:-300}" python3 benchmarks/gpu_check.py ${CHECK_ARGS:-} 2>&1 | tee "$OUT/gpu_check.log"
 timeout "${THROUGHPUT_TIMEOUT:-330}" python3 benchmarks/gpu_throughput.py ${THROUGHPUT_ARGS:-} 2>&1 | tee "$OUT/gpu_throughput.log"

@@ -7,8 +7,8 @@ Three kinds of weights are handled:
 
 * full precision checkpoints (rank1-7b/-14b/-32b, rank1-llama3-8b, rank1-mistral-2501-24b);
 * the ``-awq`` variants: AutoAWQ int4 GEMM (group 128, zero point). They are recognised from
-  ``config.json``'s ``quantization_config`` and need no flag; transformers 5 runs them through
-  gptqmodel (``pip install 'rank1-hf[awq]'``);
+  ``config.json``'s ``quantization_config`` and need no flag nor extra package: :mod:`rank1_hf.awq`
+  keeps their weights packed and runs torch's own int4 kernels;
 * on-the-fly bitsandbytes quantization of a full precision checkpoint (``quantization="bnb-4bit"`` or
   ``"bnb-8bit"``; ``pip install 'rank1-hf[bnb]'``).
 
@@ -164,12 +164,6 @@ def is_awq_config(config: PretrainedConfig) -> bool:
     return _quant_method(config) == "awq"
 
 
-def _awq_group_size(config: PretrainedConfig) -> int:
-    qc = config.quantization_config
-    group = qc.get("group_size", 128) if isinstance(qc, Mapping) else getattr(qc, "group_size", 128)
-    return int(group)
-
-
 def _checkpoint_dtype(config: PretrainedConfig) -> torch.dtype:
     """The dtype the weights were saved in (config ``dtype``/``torch_dtype``); float32 if unstated."""
     value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
@@ -197,17 +191,18 @@ def _parse_dtype(dtype: DtypeLike) -> torch.dtype | None:
 def resolve_dtype(dtype: DtypeLike, config: PretrainedConfig, *, on_gpu: bool) -> torch.dtype:
     """The dtype the model will compute in.
 
-    ``None``/``"auto"``: AWQ checkpoints -> float16; otherwise the checkpoint's own dtype when the model
-    goes on a GPU, and float32 on a CPU-only placement (half precision matmuls on CPU are slow on many
-    processors and lose accuracy for no memory benefit worth the risk). An explicit dtype is kept, except
-    that AWQ refuses float32 (its kernels compute in float16 or bfloat16).
+    ``None``/``"auto"``: AWQ checkpoints -> bfloat16 (torch's int4 kernels compute in bfloat16, and it
+    is the dtype rank1 was trained in); otherwise the checkpoint's own dtype when the model goes on a
+    GPU, and float32 on a CPU-only placement (half precision matmuls on CPU are slow on many processors
+    and lose accuracy for no memory benefit worth the risk). An explicit dtype is kept, except that AWQ
+    refuses float32 (float16 works: activations are cast to bfloat16 around each int4 matmul).
     """
     wanted = _parse_dtype(dtype)
     if is_awq_config(config):
         if wanted is None:
-            return torch.float16
+            return torch.bfloat16
         if wanted == torch.float32:
-            raise Rank1Error("AWQ checkpoints compute in float16 or bfloat16, not float32; pass dtype='float16'")
+            raise Rank1Error("AWQ checkpoints compute in bfloat16 or float16, not float32; pass dtype='bfloat16'")
         return wanted
     if wanted is not None:
         return wanted
@@ -387,7 +382,7 @@ def load_model(
     Args:
         model_name_or_path: a local directory or a hub id (hub ids need the hub to be reachable).
         dtype: ``None``/``"auto"``, ``"float16"``, ``"bfloat16"``, ``"float32"`` or a torch dtype.
-            Auto: AWQ checkpoints load in float16; other checkpoints in their saved dtype (bfloat16 for
+            Auto: AWQ checkpoints load in bfloat16; other checkpoints in their saved dtype (bfloat16 for
             rank1) when placed on a GPU, and in **float32 on a CPU-only placement**.
         device_map: ``None`` puts the whole model on one device (``cuda:0`` if CUDA is available, else
             ``cpu``; or ``"auto"`` when ``max_memory`` is given); a device name; ``"auto"``,
@@ -409,8 +404,8 @@ def load_model(
         scores. Feed inputs to :func:`input_device` and read logits from :func:`output_device`.
 
     Raises:
-        Rank1Error: unknown path/id, missing optional extra (``rank1-hf[awq]``, ``rank1-hf[bnb]``),
-            bad dtype/device_map/max_memory/quantization.
+        Rank1Error: unknown path/id, missing optional extra (``rank1-hf[bnb]``), bad
+            dtype/device_map/max_memory/quantization, an AWQ variant other than 4-bit GEMM.
     """
     name = os.fspath(model_name_or_path)
     config = _load_config(name, trust_remote_code=trust_remote_code, revision=revision)
@@ -419,12 +414,12 @@ def load_model(
     resolved_map = _resolve_device_map(device_map, max_memory)
     on_gpu = _map_uses_gpu(resolved_map)
 
-    if is_awq_config(config):
-        # transformers 5 runs AWQ through gptqmodel; without it its error is a long traceback.
-        _require("gptqmodel", "awq", "this checkpoint is AWQ-quantized")
     torch_dtype = resolve_dtype(dtype, config, on_gpu=on_gpu)
     quant_config = _quantization_config(quantization, config, torch_dtype, on_gpu)
 
+    if is_awq_config(config):
+        model = _load_awq(name, config, torch_dtype, resolved_map, max_memory, trust_remote_code, revision)
+        return model, _finish(model, name, trust_remote_code, revision)
     if _map_uses_disk(resolved_map, max_memory) and offload_folder is None:
         raise Rank1Error("weights offloaded to disk need a folder: pass offload_folder=...")
 
@@ -452,13 +447,79 @@ def load_model(
                 f"cannot load model '{name}': the device map offloads to disk; pass offload_folder=..."
             ) from None
         raise
-    model.eval()
+    return model, _finish(model, name, trust_remote_code, revision)
 
+
+def _finish(model: PreTrainedModel, name: str, trust_remote_code: bool, revision: str | None) -> PreTrainedTokenizerBase:
+    """Put a loaded model in eval mode and load its tokenizer."""
+    model.eval()
     tokenizer = _load_tokenizer(name, trust_remote_code=trust_remote_code, revision=revision)
     generation_config = getattr(model, "generation_config", None)
     if generation_config is not None and generation_config.pad_token_id is None:
         generation_config.pad_token_id = tokenizer.pad_token_id  # silences generate's pad warning
-    return model, tokenizer
+    return tokenizer
+
+
+def _load_awq(
+    name: str,
+    config: PretrainedConfig,
+    dtype: torch.dtype,
+    device_map: str | dict[str, Any],
+    max_memory: MaxMemory | None,
+    trust_remote_code: bool,
+    revision: str | None,
+) -> PreTrainedModel:
+    """An AWQ checkpoint through :mod:`rank1_hf.awq`: built empty, swapped, read tensor by tensor."""
+    from accelerate import dispatch_model
+    from transformers import GenerationConfig
+
+    from rank1_hf import awq
+
+    try:
+        files = awq.awq_checkpoint_files(name, revision=revision)
+    except OSError as error:
+        raise _cannot_load(name, error) from None
+    model = awq.empty_awq_model(config, files, dtype, trust_remote_code=trust_remote_code)
+    if isinstance(device_map, str):  # a strategy: split the empty model as from_pretrained would
+        budget = max_memory or _available_memory()
+        device_map = _infer_device_map(model, device_map, budget)
+    awq.load_awq_weights(model, files, device_map, dtype)
+    devices = set(device_map.values())
+    if len(devices) > 1:
+        dispatch_model(model, device_map=device_map)  # hooks move activations between devices
+    else:
+        model.to(_torch_device(devices.pop()))  # parameters are there already; this moves the buffers
+    model.hf_device_map = dict(device_map)
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(name, revision=revision)
+    except OSError:
+        pass  # no generation_config.json: keep the one derived from the config
+    return model
+
+
+def _torch_device(device: DeviceKey) -> torch.device:
+    return torch.device(f"cuda:{device}" if isinstance(device, int) else device)
+
+
+def _available_memory() -> MaxMemory:
+    from accelerate.utils import get_max_memory
+
+    return dict(get_max_memory())
+
+
+def _infer_device_map(model: nn.Module, strategy: str, budget: MaxMemory) -> dict[str, DeviceKey]:
+    """accelerate's split of an (empty) model for a strategy, whole decoder layers per device."""
+    from transformers.integrations.accelerate import get_balanced_memory, get_max_memory, infer_auto_device_map
+
+    no_split = model._no_split_modules
+    with _quiet(("accelerate", "accelerate.utils.modeling", "transformers.integrations.accelerate")):
+        if strategy == "sequential":
+            memory = get_max_memory(dict(budget))
+        else:
+            memory = get_balanced_memory(
+                model, max_memory=dict(budget), no_split_module_classes=no_split, low_zero=strategy == "balanced_low_0"
+            )
+        return dict(infer_auto_device_map(model, max_memory=memory, no_split_module_classes=no_split))
 
 
 def _module_device(module: nn.Module) -> torch.device:
@@ -507,25 +568,14 @@ class _QuantizedLinearShape(nn.Module):
             self.register_buffer(name, torch.empty(shape, dtype=dtype, device="meta"))
 
 
-def _quantized_tensors(
-    linear: nn.Linear, scheme: str, dtype: torch.dtype, group_size: int
-) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """The tensors a quantized version of ``linear`` holds.
+def _quantized_tensors(linear: nn.Linear, scheme: str, dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """The tensors a bitsandbytes-quantized version of ``linear`` holds.
 
-    awq: exact AutoAWQ GEMM layout - qweight int32 [in, out/8], qzeros int32 [in/g, out/8], scales
-        fp16 [in/g, out] (about 0.52 bytes per weight at group 128).
     bnb-4bit: packed uint8 (0.5 byte per weight) + one float32 absmax per 64 weights (~0.56 B/weight).
     bnb-8bit: int8 weight + one float32 scale per output row (~1 byte per weight).
     """
     n_in, n_out = linear.in_features, linear.out_features
-    if scheme == "awq":
-        groups = n_in // group_size if group_size > 0 else 1
-        tensors = {
-            "qweight": ((n_in, n_out // 8), torch.int32),
-            "qzeros": ((groups, n_out // 8), torch.int32),
-            "scales": ((groups, n_out), torch.float16),
-        }
-    elif scheme == "bnb-4bit":
+    if scheme == "bnb-4bit":
         tensors = {
             "weight": ((n_in * n_out // 2, 1), torch.uint8),
             "absmax": (((n_in * n_out + 63) // 64,), torch.float32),
@@ -621,8 +671,7 @@ def plan_device_map(
     if is_awq_config(config):
         if quantization:
             raise Rank1Error(f"this checkpoint is already AWQ-quantized; drop quantization={quantization!r}")
-        # AWQ's unquantized parts run in float16 (same bytes as the bfloat16 default)
-        scheme, torch_dtype = "awq", torch.float16
+        scheme, torch_dtype = "awq", resolve_dtype(dtype, config, on_gpu=True)
     else:
         if quantization is not None and quantization not in QUANTIZATIONS:
             raise Rank1Error(f"unknown quantization '{quantization}'; use one of: {', '.join(QUANTIZATIONS)}")
@@ -631,28 +680,24 @@ def plan_device_map(
 
     model = _meta_model(config, torch_dtype)
     if scheme is not None:
+        from rank1_hf.awq import AwqLinear, check_awq_config
+
         head = model.get_output_embeddings()
-        group = _awq_group_size(config) if scheme == "awq" else 0
+        group = check_awq_config(config.quantization_config) if scheme == "awq" else 0
         for name, module in list(model.named_modules()):
-            if isinstance(module, nn.Linear) and module is not head:
-                model.set_submodule(name, _QuantizedLinearShape(_quantized_tensors(module, scheme, torch_dtype, group)))
+            if not isinstance(module, nn.Linear) or module is head:
+                continue
+            if scheme == "awq":  # the very layer loading builds, still empty
+                stand_in: nn.Module = AwqLinear(
+                    module.in_features, module.out_features, bias=module.bias is not None, group_size=group, dtype=torch_dtype
+                )
+            else:
+                stand_in = _QuantizedLinearShape(_quantized_tensors(module, scheme, torch_dtype))
+            model.set_submodule(name, stand_in)
 
-    from transformers.integrations.accelerate import (
-        compute_module_sizes,
-        get_balanced_memory,
-        get_max_memory,
-        infer_auto_device_map,
-    )
+    from transformers.integrations.accelerate import compute_module_sizes
 
-    no_split = model._no_split_modules
-    with _quiet(("accelerate", "accelerate.utils.modeling", "transformers.integrations.accelerate")):
-        if device_map == "sequential":
-            memory = get_max_memory(dict(budget))
-        else:
-            memory = get_balanced_memory(
-                model, max_memory=dict(budget), no_split_module_classes=no_split, low_zero=device_map == "balanced_low_0"
-            )
-        placed = dict(infer_auto_device_map(model, max_memory=memory, no_split_module_classes=no_split))
+    placed = _infer_device_map(model, device_map, budget)
 
     sizes, _ = compute_module_sizes(model)
     per_device: dict[DeviceKey, int] = {}

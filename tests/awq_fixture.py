@@ -14,7 +14,7 @@ checkpoints use (int4, zero point, group 128), so the loading path is the real o
 * ``scales`` float16 [in/group, out]; biases stay float16; lm_head and embeddings are not quantized.
 
 The returned reference model holds exactly those dequantized weights in float32, so AWQ logits can be
-compared with a float model that differs only by the float16 arithmetic of the AWQ kernel.
+compared with a float model that differs only by the bfloat16 arithmetic of the int4 kernels.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def pack_awq_gemm(codes: torch.Tensor) -> torch.Tensor:
     """Pack 4-bit codes [rows, cols] into int32 [rows, cols/8] in AutoAWQ GEMM order."""
     rows, cols = codes.shape
     blocks = codes.long().reshape(rows, cols // 8, 8)[..., list(AWQ_ORDER)]
-    packed = torch.zeros(rows, cols // 8, dtype=torch.int64)
+    packed = torch.zeros(rows, cols // 8, dtype=torch.int64, device=codes.device)
     for slot in range(8):
         packed |= (blocks[..., slot] & 0xF) << (4 * slot)
     # int32 storage: words with the top bit set are negative (two's complement).
@@ -125,13 +125,14 @@ def save_float_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizer
 
 
 def build_awq_checkpoint(
-    tokenizer: PreTrainedTokenizerBase, target: Path, *, seed: int = 0, group_size: int = 128
+    tokenizer: PreTrainedTokenizerBase, target: Path, *, seed: int = 0, group_size: int = 128, **overrides: object
 ) -> Qwen2ForCausalLM:
     """Write a tiny AWQ GEMM checkpoint to ``target`` and return its float32 dequantized twin.
 
     Every Linear inside the decoder layers is quantized (as AutoAWQ does; lm_head is left alone).
+    ``overrides`` change the config (sizes for benchmarks: in features a multiple of ``group_size``).
     """
-    model = tiny_qwen2(tokenizer, seed=seed)
+    model = tiny_qwen2(tokenizer, seed=seed, **overrides)
     state: dict[str, torch.Tensor] = {}
     quantized: set[str] = set()
     for name, module in model.model.layers.named_modules():

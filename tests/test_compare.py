@@ -289,16 +289,15 @@ def test_float_vs_bnb8_report_agrees_with_store(checkpoints, collection, tmp_pat
 
 
 def test_awq_vs_dequantized_twin_report_agrees_with_store(checkpoints, collection, tmp_path, capsys):
-    pytest.importorskip("gptqmodel")
     report_dir = tmp_path / "awq"
     assert _main(["--a", str(checkpoints["twin"]), "--b", str(checkpoints["awq"]),
                   *_compare_args(collection, report_dir)]) == 0
     print(capsys.readouterr().out)
     report = _check_against_store(report_dir)
-    # AWQ is detected from the checkpoint (no flag): it loads in float16, under its own settings key.
-    assert report["variants"]["B"]["settings"]["dtype"] == "torch.float16"
+    # AWQ is detected from the checkpoint (no flag): it loads in bfloat16, under its own settings key.
+    assert report["variants"]["B"]["settings"]["dtype"] == "torch.bfloat16"
     assert report["variants"]["A"]["settings_key"] != report["variants"]["B"]["settings_key"]
-    # The twin holds the very weights AWQ stands for: scores stay close (float16 kernel arithmetic aside).
+    # The twin holds the very weights AWQ stands for: scores stay close (bfloat16 kernel arithmetic aside).
     assert report["pairs"]["score"]["mean_abs_diff"] < 0.1
 
 
