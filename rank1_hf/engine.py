@@ -28,7 +28,7 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
 from .errors import Rank1Error
-from .head import fast_head
+from .head import fast_head, greedy_tokens
 from .kv_cache import Placement, SlotCache
 from .loading import input_device
 from .scoring import forced_readout
@@ -90,32 +90,6 @@ class DecodeSettings:
     close: Closer
     batch_size: int = 32  # most rows decoded together
     token_budget: int | None = None  # most (prompt + max_new_tokens) tokens reserved by the rows in flight
-
-
-def greedy_tokens(logits: torch.Tensor, block: int = 2048) -> torch.Tensor:
-    """``logits.argmax(-1)`` for (rows, vocab) logits, exactly (first index on ties, NaN wins), but fast on CPU.
-
-    PyTorch's CPU argmax is not vectorized: over a 151k vocabulary at 32 rows it took a quarter of the
-    tiny benchmark model's decode step (3.7 ms), while this takes 0.43 ms: the max of each block of
-    ``block`` columns (``amax`` is vectorized), the first block holding the row's max, and argmax in it.
-    """
-    if logits.device.type != "cpu":
-        return logits.argmax(-1)
-    rows, vocab = logits.shape
-    whole = vocab // block
-    parts = [logits[:, : whole * block].reshape(rows, whole, block).amax(-1)] if whole else []
-    if vocab > whole * block:
-        parts.append(logits[:, whole * block :].amax(-1, keepdim=True))
-    block_max = torch.cat(parts, -1)
-    top = block_max.amax(-1, keepdim=True)
-    first = (block_max == top).to(torch.uint8).argmax(-1)
-    # Past the vocabulary the index repeats the last column, which can only tie later than a real one.
-    columns = ((first * block)[:, None] + torch.arange(block)).clamp_(max=vocab - 1)
-    tokens = first * block + logits.gather(-1, columns).argmax(-1)
-    nan = torch.isnan(top[:, 0])  # argmax takes the first NaN; the block maxima cannot see it
-    if nan.any():
-        tokens[nan] = logits[nan].argmax(-1)
-    return tokens
 
 
 def is_oom(error: BaseException) -> bool:
@@ -189,7 +163,7 @@ class ContinuousEngine:
         source = iter(requests)
         pending: deque[Request] = deque()  # pulled from the source (or restarted), not yet admitted
         rows: list[_Row] = []  # rows[k] lives in slot k
-        with fast_head(self.model):
+        with fast_head(self.model, self.settings.readout):
             while True:
                 finished: list[_Row] = []
                 try:
