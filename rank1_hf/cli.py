@@ -6,7 +6,7 @@ Examples::
         --corpus corpus.jsonl --top-k 100 --output rank1.trec --qrels qrels.txt
     rank1-hf rerank --model demo --sample --top-k 10 --max-new-tokens 64 --output runs/sample.trec
     accelerate launch --multi_gpu --num_processes 4 -m rank1_hf rerank ...   # data parallel
-    torchrun --nproc_per_node 4 -m rank1_hf rerank ...                       # the same without accelerate
+    torchrun --nproc_per_node 4 -m rank1_hf -- rerank ...   # without accelerate ("--": torchrun takes --run for --run-path)
     rank1-hf rerank ... --shard 0/8 --store shards/0.sqlite                  # one of 8 separate jobs
     rank1-hf rerank ... --store merged.sqlite shards/*.sqlite --output rank1.trec   # then the outputs
     rank1-hf score --model jhu-clsp/rank1-7b --query "what is a cat" --passage "Cats are felines."
