@@ -105,6 +105,26 @@ def test_sources_are_reused_and_new_judgements_go_to_the_first_store(ranker, tmp
     assert len(full.judgements) == len(items)
 
 
+def test_ranks_write_their_own_files_and_rank0_collects_only_this_jobs(ranker, tmp_path):
+    items = pipeline.build_items(RUN, QUERIES, CORPUS)
+    with JudgementStore(tmp_path / "one.sqlite") as store:
+        single = pipeline.judge_items(ranker, items, store, shard=pipeline.Shard(), batch_size=1)
+    base = tmp_path / "shared" / "j.sqlite"
+    # Rank 1 of 2 judges a shorter job first: its .done marker names that job, not this one.
+    pipeline.judge_across_ranks(ranker, items[:3], base, pipeline.Shard(1, 2), batch_size=1)
+    with pytest.raises(Rank1Error, match="gave up waiting .* j.rank1-of-2.sqlite.done"):
+        pipeline.judge_across_ranks(ranker, items, base, pipeline.Shard(0, 2), batch_size=1,
+                                    poll_seconds=0.05, wait_timeout_s=0.3)
+    helper = pipeline.judge_across_ranks(ranker, items, base, pipeline.Shard(1, 2), batch_size=1)
+    main = pipeline.judge_across_ranks(ranker, items, base, pipeline.Shard(0, 2), batch_size=1)
+    assert main.judgements == single.judgements
+    # Rank 0 finished its shard before it timed out; now only rank 1's rest was judged, by rank 1.
+    assert main.summary.judged_here == 0 and main.summary.judged_now == helper.summary.judged_here > 0
+    assert (main.summary.pairs, main.summary.distinct, main.summary.reused) == (8, 6, 6 - main.summary.judged_now)
+    assert sorted(pipeline.rank_store_paths(base).values(), key=lambda s: s.rank) == [
+        pipeline.Shard(0, 2), pipeline.Shard(1, 2)]
+
+
 def test_interrupt_commits_finished_judgements(ranker, tmp_path):
     items = pipeline.build_items(RUN, QUERIES, CORPUS)
     done = []
