@@ -53,6 +53,8 @@ if what == "plan":
     with JudgementStore(f"{d}/store.sqlite", readonly=True) as store:
         plan = pipeline.plan_job(Settings(), items, [store], pipeline.Shard(0, 8))
     out.update(pairs=len(items), shard_pairs=len(plan.first), stored=len(plan.found), todo=len(plan.todo))
+elif what == "load":
+    out["pairs"] = len(pipeline.load_items(f"{d}/run.trec", f"{d}/queries.tsv", f"{d}/corpus.jsonl", top_k=100))
 elif what == "whole-corpus":
     out["passages"] = len(runs.read_corpus(f"{d}/corpus.jsonl"))
 out["seconds"] = time.monotonic() - started
@@ -98,8 +100,8 @@ def make_inputs(d: Path, queries: int, per_query: int, corpus: int, seed: int = 
     return {name: (d / name).stat().st_size / 2**20 for name in ("run.trec", "queries.tsv", "corpus.jsonl", "store.sqlite")}
 
 
-def measure(what: str, d: Path) -> dict[str, float]:
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(ROOT), what, str(d)], capture_output=True, text=True,
+def measure(what: str, d: Path, root: Path = ROOT) -> dict[str, float]:
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(root), what, str(d)], capture_output=True, text=True,
                           check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -110,13 +112,20 @@ def main() -> None:
     ap.add_argument("--per-query", type=int, default=100)
     ap.add_argument("--corpus", type=int, default=2_000_000, help="passages in corpus.jsonl")
     ap.add_argument("--dir", help="where the synthetic files go (default: a temporary folder)")
+    ap.add_argument("--reuse", action="store_true", help="the files in --dir are already made")
+    ap.add_argument("--compare-with", metavar="ROOT",
+                    help="also time load_items imported from another checkout (e.g. one before a change)")
     args = ap.parse_args()
     d = Path(args.dir or tempfile.mkdtemp(prefix="plan-scale-"))
     d.mkdir(parents=True, exist_ok=True)
-    started = time.monotonic()
-    sizes = make_inputs(d, args.queries, args.per_query, args.corpus)
-    print(f"inputs in {d} ({time.monotonic() - started:.0f} s to make): "
-          + ", ".join(f"{name} {mib:.0f} MiB" for name, mib in sizes.items()))
+    if not args.reuse:
+        started = time.monotonic()
+        sizes = make_inputs(d, args.queries, args.per_query, args.corpus)
+        print(f"inputs in {d} ({time.monotonic() - started:.0f} s to make): "
+              + ", ".join(f"{name} {mib:.0f} MiB" for name, mib in sizes.items()))
+    for label, root in [("this checkout", ROOT)] + ([("--compare-with", Path(args.compare_with))] if args.compare_with else []):
+        load = measure("load", d, root)
+        print(f"load_items only, {label} ({root}): {load['seconds']:.1f} s, peak RSS {load['peak_rss_mib']:.0f} MiB")
     base = measure("baseline", d)
     plan = measure("plan", d)
     whole = measure("whole-corpus", d)
