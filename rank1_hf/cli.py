@@ -6,7 +6,9 @@ Examples::
         --corpus corpus.jsonl --top-k 100 --output rank1.trec --qrels qrels.txt
     rank1-hf rerank --model demo --sample --top-k 10 --max-new-tokens 64 --output runs/sample.trec
     accelerate launch --multi_gpu --num_processes 4 -m rank1_hf rerank ...   # data parallel
-    torchrun --nproc_per_node 4 -m rank1_hf rerank ...                       # the same without accelerate
+    torchrun --nproc_per_node 4 -m rank1_hf -- rerank ...   # without accelerate ("--": torchrun takes --run for --run-path)
+    rank1-hf rerank ... --shard 0/8 --store shards/0.sqlite                  # one of 8 separate jobs
+    rank1-hf rerank ... --store merged.sqlite shards/*.sqlite --output rank1.trec   # then the outputs
     rank1-hf score --model jhu-clsp/rank1-7b --query "what is a cat" --passage "Cats are felines."
     rank1-hf evaluate --run rank1.trec --qrels qrels.txt
     rank1-hf plan jhu-clsp/rank1-32b --max-memory 0=40GiB,1=40GiB
@@ -15,12 +17,13 @@ Errors in the user's input or setup print one line, ``rank1-hf: error: ...``, an
 Ctrl-C (or SIGTERM) exits with 130 after committing finished judgements to the store: rerunning the same
 command resumes from there.
 
-Data parallel: each process started with RANK/WORLD_SIZE/LOCAL_RANK set judges a shard and loads its own
-whole model (on cuda:LOCAL_RANK when there are GPUs and no --device-map is given); rank 0 writes the
-outputs. ``accelerate launch --multi_gpu`` uses torchrun and works on CPU-only machines as well;
-``accelerate launch --cpu --num_processes N`` starts a single process in accelerate 1.x (multi-CPU
-needs mpirun), which still gives the right output, only not in parallel. The judgement store must be on
-a filesystem every process sees with working locks (a local disk; not NFS): see rank1_hf.pipeline.
+Data parallel: each process started with RANK/WORLD_SIZE/LOCAL_RANK set (one node or several) judges a
+shard into its own store file and loads its own whole model (on cuda:LOCAL_RANK when there are GPUs and no
+--device-map is given); rank 0 writes the outputs when every rank is done. ``accelerate launch
+--multi_gpu`` uses torchrun and works on CPU-only machines as well; ``accelerate launch --cpu
+--num_processes N`` starts a single process in accelerate 1.x (multi-CPU needs mpirun), which still gives
+the right output, only not in parallel. Without a launcher, ``--shard I/N`` jobs judge one shard each and a
+final run given all their ``--store`` files writes the outputs: see rank1_hf.pipeline.
 
 Passages too long for --context-size are cut (the passage only; the template's tail stays whole) and the
 summary counts them and names the first ten, since a cut passage may hide the relevant part.
@@ -167,27 +170,43 @@ def _rerank(args: argparse.Namespace) -> int:
 
     resolve_dataset_prompt(args.dataset_prompt)  # a bad name fails now, not after loading the model
 
-    output = Path(args.output)
-    traces = Path(args.traces) if args.traces else output.with_name(output.stem + ".traces.jsonl")
-    store_path = Path(args.store) if args.store else output.with_name("rank1-judgements.sqlite")
     shard = pipeline.Shard.from_env()
-    if shard.is_main:
+    job_shard = pipeline.Shard.parse(args.shard) if args.shard is not None else None
+    if job_shard is not None and shard.world_size > 1:
+        raise Rank1Error("--shard is for separate jobs; under a launcher (WORLD_SIZE > 1) the ranks are the shards")
+    if job_shard is not None and not args.store:
+        raise Rank1Error("--shard needs --store: the shard job's own judgement store")
+    if job_shard is None and args.output is None:
+        raise Rank1Error("rerank needs --output (only a --shard job writes no run file)")
+    writes_outputs = job_shard is None and shard.is_main
+    output = Path(args.output) if args.output else None
+    traces = None
+    if output is not None:
+        traces = Path(args.traces) if args.traces else output.with_name(output.stem + ".traces.jsonl")
+    if writes_outputs:
         pipeline.check_writable(output)
         pipeline.check_writable(traces)
+    store_paths = _distinct_paths([Path(s) for s in args.store] if args.store else
+                                  [output.with_name("rank1-judgements.sqlite")])
 
     # Everything that can be wrong with the inputs is found before the (slow) model load.
     items = pipeline.load_items(args.run, args.queries, args.corpus, args.instructions, args.top_k)
     if not items:
         raise Rank1Error(f"{args.run}: the run has no pairs")
-    qrels = runs.read_qrels(args.qrels) if args.qrels and shard.is_main else None
+    qrels = runs.read_qrels(args.qrels) if args.qrels and writes_outputs else None
     if qrels is not None:
         from .evaluate import _ir_measures
 
         _ir_measures()  # a missing optional dependency fails now, not after the judging
 
+    from contextlib import ExitStack
+
     from .store import JudgementStore
 
-    with JudgementStore(store_path) as store:
+    with ExitStack() as stack:
+        # The stores after the first are only read: they must exist and, once the model is loaded, hold
+        # judgements made with this run's settings.
+        sources = [stack.enter_context(JudgementStore(p, readonly=True)) for p in store_paths[1:]]
         device_map = None
         if shard.world_size > 1:
             import torch
@@ -196,34 +215,41 @@ def _rerank(args: argparse.Namespace) -> int:
             if torch.cuda.is_available():
                 device_map = f"cuda:{shard.local_rank % torch.cuda.device_count()}"
         ranker = _make_ranker(args, device_map=device_map)
-        bar = _ProgressBar(enabled=args.progress or (not args.no_progress and sys.stderr.isatty()), shard=shard)
+        for source in sources:
+            source.check_settings(ranker.settings())
+        bar = _ProgressBar(enabled=args.progress or (not args.no_progress and sys.stderr.isatty()),
+                           shard=job_shard or shard)
+        judging = dict(batch_size=args.batch_size, flush_every=args.flush_every, flush_seconds=args.flush_seconds,
+                       progress=bar.update, on_start=bar.start)
+        own = pipeline.rank_store_path(store_paths[0], shard) if shard.world_size > 1 else store_paths[0]
         try:
-            result = pipeline.judge_items(
-                ranker,
-                items,
-                store,
-                batch_size=args.batch_size,
-                flush_every=args.flush_every,
-                flush_seconds=args.flush_seconds,
-                shard=shard,
-                progress=bar.update,
-                on_start=bar.start,
-                wait_timeout_s=args.wait_timeout,
-            )
+            if shard.world_size > 1:
+                result = pipeline.judge_across_ranks(ranker, items, store_paths[0], shard, sources=sources,
+                                                     wait_timeout_s=args.wait_timeout, **judging)
+            else:
+                # A rollback journal (not WAL): the store may be on a network filesystem.
+                with JudgementStore(store_paths[0], journal="delete") as store:
+                    result = pipeline.judge_items(ranker, items, store, sources=sources,
+                                                  shard=job_shard or shard, **judging)
         except KeyboardInterrupt:
             bar.close()
-            from .store import settings_key
-
-            done = store.count(settings_key(ranker.settings()))
-            print(f"{PROG}: interrupted: {done} finished judgements for these settings are in the store "
-                  f"{store_path}; rerun the same command to resume", file=sys.stderr)
+            print(f"{PROG}: interrupted: the finished judgements are in the store {own}; rerun the same command "
+                  "to resume", file=sys.stderr)
             return 130
         finally:
             bar.close()
 
     summary = result.summary
+    if job_shard is not None:
+        print(f"rank1-hf rerank, shard {job_shard.rank}/{job_shard.world_size}")
+        print(f"model: {args.model}")
+        for line in summary.lines():
+            print(line)
+        print(f"store: {own}")
+        print("no run file written by a shard job: rerun without --shard, with --store given every shard's store")
+        return 0
     if not shard.is_main:
-        print(f"{PROG}: rank {shard.rank}/{shard.world_size}: judged {summary.judged_here} pairs; "
+        print(f"{PROG}: rank {shard.rank}/{shard.world_size}: judged {summary.judged_here} pairs into {own}; "
               "rank 0 writes the outputs", file=sys.stderr)
         return 0
     tag = "demo-smollm2" if demo else args.tag
@@ -236,7 +262,8 @@ def _rerank(args: argparse.Namespace) -> int:
         print(line)
     print(f"run: {output}")
     print(f"traces: {traces}")
-    print(f"store: {store_path}")
+    print("store: " + (f"{own} and the other ranks' beside it" if shard.world_size > 1 else str(own))
+          + (f", reused from {', '.join(map(str, store_paths[1:]))}" if store_paths[1:] else ""))
     if qrels is not None:
         from .evaluate import evaluate, format_table
 
@@ -254,6 +281,14 @@ def _rerank(args: argparse.Namespace) -> int:
         print(f"evaluation over the {len(judged)} queries with qrels:")
         print(table)
     return 0
+
+
+def _distinct_paths(paths: list[Path]) -> list[Path]:
+    """The --store paths in order, each file once (the same file given twice is read once)."""
+    seen: dict[Path, Path] = {}
+    for p in paths:
+        seen.setdefault(p.resolve(), p)
+    return list(seen.values())
 
 
 class _ProgressBar:
@@ -338,9 +373,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("rerank", help="rerank a first-stage TREC run", description=(
         "Rerank the top-k of a TREC run with a rank1 model. Judgements go to a SQLite store as they "
         "finish, so an interrupted run resumes where it stopped. Under accelerate launch / torchrun "
-        "(RANK, WORLD_SIZE set) each process judges a shard and rank 0 writes the outputs; the store must "
-        "be on a filesystem all processes share (a local disk: SQLite over NFS is not safe). On CPU use "
-        "accelerate launch --multi_gpu (or torchrun): accelerate's --cpu starts a single process."))
+        "(RANK, WORLD_SIZE set; one node or several) each rank judges a shard into its own store file beside "
+        "the --store path (a directory every rank sees, NFS included) and rank 0 writes the outputs once "
+        "all are done. Without a launcher, --shard I/N jobs (e.g. a cluster's array jobs) each judge a "
+        "shard, and a final run given all their stores writes the outputs. On CPU use accelerate launch "
+        "--multi_gpu (or torchrun): accelerate's --cpu starts a single process."))
     p.add_argument("--model", required=True, help="hub id or local directory; 'demo' = the bundled SmolLM2 demo (not rank1)")
     p.add_argument("--run", help="first-stage run: TREC (qid Q0 docid rank score tag), JSON {qid: {docid: score}} "
                                  "(the rank1 run files) or an mteb predictions file")
@@ -350,14 +387,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qrels", help="TREC qrels or BEIR qrels TSV: print an evaluation of the input top-k vs the reranked run")
     p.add_argument("--sample", action="store_true", help="use the bundled sample for run/queries/corpus/qrels/instructions")
     p.add_argument("--top-k", type=int, default=100, help="rerank the first k of each query (default 100)")
-    p.add_argument("--output", required=True, help="reranked TREC run to write")
+    p.add_argument("--output", help="reranked TREC run to write (required, except with --shard)")
     p.add_argument("--traces", help="JSONL traces (default: OUTPUT's name with .traces.jsonl)")
-    p.add_argument("--store", help="judgement store (default: rank1-judgements.sqlite next to OUTPUT)")
+    p.add_argument("--store", action="extend", nargs="+", metavar="PATH",
+                   help="judgement store(s): new judgements go to the first (default: rank1-judgements.sqlite "
+                        "next to OUTPUT), judgements in any are reused; the others must exist and have been made "
+                        "with this run's settings. May be given more than once. Under a launcher, rank r of N "
+                        "writes FIRST's name with .rankR-of-N before the extension")
+    p.add_argument("--shard", metavar="I/N",
+                   help="judge only shard I (0-based) of N (pairs chosen by a hash of their store key) into the "
+                        "first --store, and write no run file; then a run without --shard, given all the "
+                        "shards' stores, writes the outputs")
     p.add_argument("--tag", default="rank1", help="run tag in the TREC file (default rank1)")
     p.add_argument("--measures", nargs="+", default=list(DEFAULT_MEASURES), help="measures for --qrels")
     p.add_argument("--flush-every", type=int, help="judgements per store commit (default: the batch size); a SIGKILL loses fewer than this")
     p.add_argument("--flush-seconds", type=float, default=5.0, help="commit at least this often (default 5)")
-    p.add_argument("--wait-timeout", type=float, help="rank 0: seconds to wait for other processes (default forever)")
+    p.add_argument("--wait-timeout", type=float, help="launcher rank 0: seconds to wait for the other ranks (default forever)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--progress", action="store_true", help="a progress bar even when stderr is not a terminal")
     _add_judging(p)

@@ -17,13 +17,21 @@ transactions as it finishes (every ``flush_every`` judgements or ``flush_seconds
 way out, KeyboardInterrupt included), and looked up there before anything is generated. Rerunning the
 same job after a crash or a SIGKILL recomputes only the pairs that were in flight.
 
-Data parallel: started N times with ``RANK``/``WORLD_SIZE`` set (``accelerate launch``, ``torchrun``),
-each process judges a deterministic shard of the pairs into the same store, and rank 0 polls the store
-until every pair is there, then builds the outputs, identical to a single-process run. No
-``torch.distributed`` is needed: the SQLite store (WAL journal, busy timeout) is the only thing the
-processes share. It must therefore be on a filesystem all of them see, with working POSIX locks: a local
-disk on one machine. SQLite over NFS is not safe; for several machines, give each machine its own store
-and its own slice of the queries (separate run files), or put one machine's store on a shared local disk.
+Shards: pair -> shard is a stable hash of the pair's store key (:func:`shard_index`), not its position in
+the input, so a shard is the same set of judgements whatever else is in the job, and a rerun with another
+number of shards still finds every finished judgement (reuse is by key, from any store given). A job may
+read several stores (:func:`judge_items`' ``sources``) and writes only its own.
+
+Two ways to spread a job over machines, both ending in outputs identical to a single-process run's:
+
+* Array jobs (``rank1-hf rerank --shard I/N --store shardI.sqlite``): each job judges its shard into its
+  own store; a final plain run given all the stores judges nothing new and writes the outputs.
+* A launcher (``torchrun`` / ``accelerate launch``, one node or several: RANK/WORLD_SIZE set):
+  :func:`judge_across_ranks`. Rank r of N writes its own store file beside the base store
+  (:func:`rank_store_path`, one writer per file, rollback journal: safe on NFS), then a ``.done`` marker
+  naming the job; rank 0, once every rank's marker for this job is there, reads all the rank files and
+  builds the outputs. No ``torch.distributed`` is needed: the shared directory is the only thing the
+  processes share.
 
 Ranking rule: :func:`rank1_hf.runs.ranked` (score descending, ties by docid descending, as trec_eval
 re-sorts), for the first-stage top-k, the reranked run, the traces and the evaluation alike, so the file on
@@ -34,19 +42,23 @@ judgement's raw score.
 
 from __future__ import annotations
 
+import glob
+import hashlib
+import json
 import logging
 import os
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 from . import runs
 from .errors import Rank1Error
 from .judgement import Judgement
 from .prompt import query_text
-from .store import JudgementStore, pair_key
+from .store import JudgementStore, pair_key, settings_key
 
 if TYPE_CHECKING:  # importing the ranker pulls in torch; the pipeline itself does not need it
     from .ranker import Rank1
@@ -59,7 +71,7 @@ TRACE_FIELDS = (
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a job can hold 700,000 of these
 class Item:
     """One (query, passage) pair of the first-stage run, with its texts."""
 
@@ -72,9 +84,17 @@ class Item:
     first_stage_score: float
 
 
+def shard_index(pair_key: str, count: int) -> int:
+    """The shard (0-based, of ``count``) a pair belongs to: its store key (a sha256 hex) modulo ``count``.
+
+    Stable across runs, machines and Python processes, and independent of where the pair is in the input.
+    """
+    return int(pair_key[:16], 16) % count
+
+
 @dataclass(frozen=True)
 class Shard:
-    """Which slice of the work this process does: pair i (in job order) belongs to rank i % world_size."""
+    """Which slice of the pairs this process judges: those whose :func:`shard_index` is ``rank``."""
 
     rank: int = 0
     world_size: int = 1
@@ -94,6 +114,17 @@ class Shard:
             raise Rank1Error(f"bad RANK={rank} / WORLD_SIZE={world}")
         return cls(rank, world, local)
 
+    @classmethod
+    def parse(cls, text: str) -> "Shard":
+        """``"I/N"``: shard I (0-based) of N."""
+        m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+        if not m or not 0 <= int(m.group(1)) < int(m.group(2)):
+            raise Rank1Error(f"--shard must be I/N with 0 <= I < N (e.g. 0/4), got {text!r}")
+        return cls(int(m.group(1)), int(m.group(2)))
+
+    def owns(self, pair_key: str) -> bool:
+        return self.world_size == 1 or shard_index(pair_key, self.world_size) == self.rank
+
     @property
     def is_main(self) -> bool:
         return self.rank == 0
@@ -101,11 +132,12 @@ class Shard:
 
 @dataclass
 class Summary:
-    """What a job did. Counts of judgements are of distinct texts (identical pairs are judged once)."""
+    """What a job (or one shard of it) did. Counts of judgements are of distinct texts (identical pairs are
+    judged once)."""
 
     pairs: int = 0
     distinct: int = 0
-    reused: int = 0  # found in the store when the job started
+    reused: int = 0  # found in a store when the job started
     judged_now: int = 0  # missing when the job started (by all processes together)
     judged_here: int = 0  # by this process
     outcomes: Counter = field(default_factory=Counter)
@@ -139,10 +171,11 @@ class Summary:
 
 @dataclass
 class Result:
-    """Judgements per (qid, docid) for every item (only this shard's on a rank other than 0)."""
+    """Judgements per (qid, docid): of every item, or of this shard's items only (a shard job)."""
 
     judgements: dict[tuple[str, str], Judgement]
     summary: Summary
+    fingerprint: str = ""  # names the job: its settings and every pair (see Plan)
 
 
 # ---------------------------------------------------------------------------------------------- items
@@ -188,13 +221,18 @@ def load_items(
     instructions: runs.PathLike | None = None,
     top_k: int | None = None,
 ) -> list[Item]:
-    """Read the job's files (see :mod:`rank1_hf.runs` for the formats) and build its items."""
+    """Read the job's files (see :mod:`rank1_hf.runs` for the formats) and build its items.
+
+    The run is read first; of the queries, instructions and corpus only the ids it names are kept, so a
+    top-100 of MS MARCO holds its 700,000 pairs' texts, not the 8.8M-passage corpus.
+    """
     first_stage = runs.read_run(run, top_k)
+    docids = {docid for docs in first_stage.values() for docid, _ in docs}
     return build_items(
         first_stage,
-        runs.read_queries(queries),
-        runs.read_corpus(corpus),
-        runs.read_instructions(instructions) if instructions is not None else None,
+        runs.read_queries(queries, keep=first_stage),
+        runs.read_corpus(corpus, keep=docids),
+        runs.read_instructions(instructions, keep=first_stage) if instructions is not None else None,
         top_k,
         run_path=run,
     )
@@ -239,59 +277,88 @@ class _Writer:
             self.buffer, self.meta = [], {}
 
 
+@dataclass
+class Plan:
+    """What one shard of a job has to do, worked out from the stores (nothing judged)."""
+
+    settings_key: str
+    keys: list[str]  # the store key of every item, in item order
+    first: dict[str, Item]  # the first item of each distinct key in this shard, in job order
+    found: set[str]  # distinct keys of this shard already in some store
+    todo: list[str]  # distinct keys of this shard still to judge, in job order
+    fingerprint: str  # names the whole job (settings and every pair), whatever the shard
+
+
+def plan_job(ranker: "Rank1", items: Sequence[Item], stores: Sequence[JudgementStore], shard: Shard) -> Plan:
+    """Which of ``shard``'s pairs are already in one of ``stores`` and which are left to judge.
+
+    Only ``ranker.settings()`` and ``ranker.dataset_prompt`` are used, and the stores are asked for keys,
+    not judgements, so planning a 700,000-pair job needs no model and little memory.
+    """
+    if len({(it.qid, it.docid) for it in items}) != len(items):
+        raise Rank1Error("duplicate (qid, docid) pairs in the items")
+    skey = settings_key(ranker.settings())
+    keys = [item_key(ranker, it) for it in items]
+    job = hashlib.sha256(skey.encode("ascii"))
+    first: dict[str, Item] = {}
+    for pk, it in zip(keys, items):
+        job.update(pk.encode("ascii"))
+        if pk not in first and shard.owns(pk):
+            first[pk] = it
+    found: set[str] = set()
+    for store in stores:
+        found |= store.has_many(skey, (pk for pk in first if pk not in found))
+    todo = [pk for pk in first if pk not in found]
+    return Plan(skey, keys, first, found, todo, job.hexdigest()[:16])
+
+
 def judge_items(
     ranker: "Rank1",
     items: Sequence[Item],
     store: JudgementStore,
     *,
+    sources: Sequence[JudgementStore] = (),
     batch_size: int | None = None,
     flush_every: int | None = None,
     flush_seconds: float = 5.0,
     shard: Shard | None = None,
     progress: Callable[[int], Any] | None = None,
     on_start: Callable[[int, int], Any] | None = None,
-    poll_seconds: float = 1.0,
-    wait_timeout_s: float | None = None,
 ) -> Result:
-    """Judge every item, reusing the store; returns the judgements per (qid, docid) and a summary.
+    """Judge this shard's items, reusing ``store`` and ``sources``; new judgements go to ``store`` only.
+
+    Returns the judgements per (qid, docid) of this shard's items (of all items when the shard is 0 of 1)
+    and a summary of this shard.
 
     Args:
+        sources: more stores to reuse judgements from (only read; the first store holding a pair wins).
         batch_size: pairs decoded together (the ranker's default when None).
         flush_every: judgements per store transaction (default: the batch size).
         flush_seconds: commit at least this often while judgements keep coming.
         shard: this process's slice (default: from the RANK/WORLD_SIZE environment).
         progress: called with 1 per judgement made by this process (e.g. a tqdm bar's ``update``).
         on_start: called once with (pairs this process will judge, pairs reused) before judging.
-        poll_seconds, wait_timeout_s: how rank 0 of several waits for the others' judgements (forever
-            when wait_timeout_s is None; a Rank1Error after it).
     """
     started = time.monotonic()
     shard = shard or Shard.from_env()
-    if len({(it.qid, it.docid) for it in items}) != len(items):
-        raise Rank1Error("duplicate (qid, docid) pairs in the items")
-    skey = store.register_settings(ranker.settings())
-    keys = [item_key(ranker, it) for it in items]
-    # First item per distinct text, in job order: identical texts under different ids are judged once.
-    first: dict[str, Item] = {}
-    for pk, it in zip(keys, items):
-        first.setdefault(pk, it)
-    distinct = list(first)
-    found = store.get_many(skey, distinct)
-    # Shard over all distinct pairs, not over the missing ones: processes start at different times and
-    # see different "missing" sets, and a split of those could leave a pair to nobody.
-    mine = [pk for i, pk in enumerate(distinct) if i % shard.world_size == shard.rank and pk not in found]
-    summary = Summary(pairs=len(items), distinct=len(distinct), reused=len(found),
-                      judged_now=len(distinct) - len(found), judged_here=len(mine))
-    if found:
-        logger.info("judgement store %s: %d of %d distinct pairs reused", store.path, len(found), len(distinct))
+    stores = [store, *sources]
+    store.register_settings(ranker.settings())
+    plan = plan_job(ranker, items, stores, shard)
+    mine = plan.todo
+    summary = Summary(pairs=sum(1 for pk in plan.keys if shard.owns(pk)), distinct=len(plan.first),
+                      reused=len(plan.found), judged_now=len(mine), judged_here=len(mine))
+    if plan.found:
+        logger.info("judgement stores %s: %d of %d distinct pairs reused",
+                    ", ".join(str(s.path) for s in stores), len(plan.found), len(plan.first))
     if on_start is not None:
-        on_start(len(mine), len(found))
+        on_start(len(mine), len(plan.found))
 
-    writer = _Writer(store, skey, flush_every or batch_size or ranker.batch_size, flush_seconds)
+    writer = _Writer(store, plan.settings_key, flush_every or batch_size or ranker.batch_size, flush_seconds)
     made: dict[str, Judgement] = {}
     try:
         if mine:
             judging = time.monotonic()
+            first = plan.first
             todo = [(first[pk].query, first[pk].passage, first[pk].instruction) for pk in mine]
             for i, judgement in ranker.judge_iter_logged(todo, batch_size=batch_size, show_progress_bar=False):
                 pk = mine[i]
@@ -303,37 +370,154 @@ def judge_items(
     finally:
         writer.flush()  # also on KeyboardInterrupt and errors: finished work is never thrown away
 
-    if shard.is_main and shard.world_size > 1:
-        # Rank 0 builds the outputs from the store, the one copy every process agrees on.
-        stored = _wait_for_all(store, skey, distinct, poll_seconds, wait_timeout_s)
-    else:
-        stored = {**found, **made}
-    judgements = {(it.qid, it.docid): stored[pk] for pk, it in zip(keys, items) if pk in stored}
+    stored = {**_fetch(stores, plan.settings_key, plan.found), **made}
+    judgements = {(it.qid, it.docid): stored[pk] for pk, it in zip(plan.keys, items) if pk in stored}
+    _count_outcomes(summary, items, judgements)
+    summary.elapsed_s = time.monotonic() - started
+    return Result(judgements, summary, plan.fingerprint)
+
+
+def _fetch(stores: Sequence[JudgementStore], skey: str, keys: Iterable[str]) -> dict[str, Judgement]:
+    """The judgements of ``keys``, each from the first store that holds it."""
+    wanted = set(keys)
+    got: dict[str, Judgement] = {}
+    for store in stores:
+        if not wanted:
+            break
+        found = store.get_many(skey, wanted)
+        got.update(found)
+        wanted -= found.keys()
+    return got
+
+
+def _count_outcomes(summary: Summary, items: Sequence[Item], judgements: Mapping[tuple[str, str], Judgement]) -> None:
     for it in items:
         j = judgements.get((it.qid, it.docid))
         if j is not None:
             summary.outcomes[j.outcome] += 1
             if j.truncated:
                 summary.truncated.append((it.qid, it.docid))
-    summary.elapsed_s = time.monotonic() - started
-    return Result(judgements, summary)
 
 
-def _wait_for_all(
-    store: JudgementStore, skey: str, keys: list[str], poll_seconds: float, timeout_s: float | None
-) -> dict[str, Judgement]:
-    """All judgements for ``keys``, polling the store while other processes are still writing them."""
+# ---------------------------------------------------------------------------------------------- many ranks
+
+
+def rank_store_path(base: runs.PathLike, shard: Shard) -> Path:
+    """Rank r of N's own store beside the base store: ``judgements.sqlite`` -> ``judgements.rank3-of-8.sqlite``."""
+    base = Path(base)
+    return base.with_name(f"{base.stem}.rank{shard.rank}-of-{shard.world_size}{base.suffix}")
+
+
+def rank_store_paths(base: runs.PathLike) -> dict[Path, Shard]:
+    """The rank stores beside ``base`` (of runs with any number of ranks), with the shard each was for."""
+    base = Path(base)
+    name = re.compile(re.escape(base.stem) + r"\.rank(\d+)-of-(\d+)" + re.escape(base.suffix))
+    out = {}
+    for path in sorted(base.parent.glob(f"{glob.escape(base.stem)}.rank*-of-*{glob.escape(base.suffix)}")):
+        m = name.fullmatch(path.name)
+        if m and int(m.group(1)) < int(m.group(2)):
+            out[path] = Shard(int(m.group(1)), int(m.group(2)))
+    return out
+
+
+def done_path(store_path: runs.PathLike) -> Path:
+    """The marker a rank writes beside its store when its shard of the job is finished."""
+    return Path(f"{store_path}.done")
+
+
+def judge_across_ranks(
+    ranker: "Rank1",
+    items: Sequence[Item],
+    base_store: runs.PathLike,
+    shard: Shard,
+    *,
+    sources: Sequence[JudgementStore] = (),
+    poll_seconds: float = 1.0,
+    wait_timeout_s: float | None = None,
+    **judging: Any,
+) -> Result:
+    """One rank of a launcher job: judge this rank's shard into its own store, then (rank 0) collect all.
+
+    Rank r of N writes only :func:`rank_store_path` (rollback journal: one writer per file is safe on a
+    network filesystem) and, when its shard is done, :func:`done_path`, holding the job's fingerprint and
+    how many pairs it judged. It reuses the base store (when it exists), ``sources`` and the rank stores
+    of runs with another N; the rank stores of this N hold other shards only and are not read while their
+    writers may be running. Rank 0 then waits for every rank's marker of this job (``wait_timeout_s``:
+    Rank1Error after that many seconds; None: forever), reads every rank store of this N and returns all
+    the judgements; any other rank returns its own. ``judging``: :func:`judge_items`' options.
+    """
+    base = Path(base_store)
+    own = rank_store_path(base, shard)
+    done_path(own).unlink(missing_ok=True)  # before this rank writes anything: an old marker is stale now
+    readers = [JudgementStore(base, readonly=True)] if base.is_file() else []
+    try:
+        readers += [JudgementStore(p, readonly=True) for p, s in rank_store_paths(base).items()
+                    if s.world_size != shard.world_size]
+        with JudgementStore(own, journal="delete") as store:
+            result = judge_items(ranker, items, store, sources=[*sources, *readers], shard=shard, **judging)
+        # Written after the store is closed: on NFS, close-to-open consistency then shows rank 0 the file
+        # complete once it sees the marker.
+        runs.write_jsonl(done_path(own), [{"job": result.fingerprint, "judged": result.summary.judged_here}])
+        if not shard.is_main:
+            return result
+        judged = _wait_for_ranks(base, shard.world_size, result.fingerprint, poll_seconds, wait_timeout_s)
+        reused = list(readers)
+        for r in range(shard.world_size):
+            readers.append(JudgementStore(rank_store_path(base, Shard(r, shard.world_size)), readonly=True))
+        return _collect(ranker, items, [*readers[len(reused):], *sources, *reused], result, sum(judged))
+    finally:
+        for reader in readers:
+            reader.close()
+
+
+def _wait_for_ranks(
+    base: Path, world_size: int, fingerprint: str, poll_seconds: float, timeout_s: float | None
+) -> list[int]:
+    """Each rank's count of pairs judged, once every rank has marked this job done."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while True:
-        stored = store.get_many(skey, keys)
-        if len(stored) == len(keys):
-            return stored
+        judged: list[int] = []
+        for r in range(world_size):
+            marker = _read_marker(done_path(rank_store_path(base, Shard(r, world_size))))
+            if marker is None or marker.get("job") != fingerprint:
+                break
+            judged.append(int(marker.get("judged", 0)))
+        if len(judged) == world_size:
+            return judged
         if deadline is not None and time.monotonic() > deadline:
             raise Rank1Error(
-                f"gave up waiting for {len(keys) - len(stored)} judgements from the other processes; "
-                f"rerun to finish them (the store {store.path} keeps what is done)"
+                f"gave up waiting for {world_size - len(judged)} or more of the {world_size} ranks (no "
+                f"{done_path(rank_store_path(base, Shard(len(judged), world_size))).name} for this job); "
+                f"rerun to finish them (the rank stores beside {base} keep what is done)"
             )
         time.sleep(poll_seconds)
+
+
+def _read_marker(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # not there yet (written atomically, so never half there)
+
+
+def _collect(ranker: "Rank1", items: Sequence[Item], stores: Sequence[JudgementStore], own: Result,
+             judged_now: int) -> Result:
+    """Rank 0's result: every item's judgement, from the rank stores and the ones reused."""
+    started = time.monotonic()
+    keys = [item_key(ranker, it) for it in items]
+    skey = settings_key(ranker.settings())
+    stored = _fetch(stores, skey, keys)
+    missing = len(set(keys) - stored.keys())
+    if missing:
+        raise Rank1Error(f"{missing} judgements are in none of the rank stores although every rank is done; "
+                         "rerun the job to judge them")
+    judgements = {(it.qid, it.docid): stored[pk] for pk, it in zip(keys, items)}
+    distinct = len(stored)
+    summary = Summary(pairs=len(items), distinct=distinct, reused=distinct - judged_now, judged_now=judged_now,
+                      judged_here=own.summary.judged_here, judging_s=own.summary.judging_s)
+    _count_outcomes(summary, items, judgements)
+    summary.elapsed_s = own.summary.elapsed_s + time.monotonic() - started
+    return Result(judgements, summary, own.fingerprint)
 
 
 # ---------------------------------------------------------------------------------------------- outputs

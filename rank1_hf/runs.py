@@ -21,7 +21,7 @@ import json
 import math
 import os
 import secrets
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Container, Iterable, Iterator, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -134,9 +134,13 @@ def _add(table: dict[str, str], ident: str, text: str, what: str, path: PathLike
 
 
 def _id_text_file(
-    path: PathLike, what: str, id_keys: Sequence[str], *, allow_empty: bool = False
+    path: PathLike, what: str, id_keys: Sequence[str], *, allow_empty: bool = False,
+    keep: Container[str] | None = None,
 ) -> dict[str, str]:
-    """Read an id -> text table (TSV or JSONL); ``allow_empty`` drops blank texts instead of failing."""
+    """Read an id -> text table (TSV or JSONL); ``allow_empty`` drops blank texts instead of failing.
+
+    ``keep``: only these ids are kept (and checked); the others are read past without being held.
+    """
     table: dict[str, str] = {}
     if _is_jsonl(path):
         rows: Iterable[tuple[int, str, str]] = (
@@ -145,6 +149,8 @@ def _id_text_file(
     else:
         rows = _tsv_rows(path, what)
     for lineno, ident, text in rows:
+        if keep is not None and ident not in keep:
+            continue
         if allow_empty and ident and not text.strip():
             continue
         _add(table, ident, text, what, path, lineno)
@@ -154,37 +160,43 @@ def _id_text_file(
 # --------------------------------------------------------------------------- readers
 
 
-def read_queries(path: PathLike) -> dict[str, str]:
+def read_queries(path: PathLike, keep: Container[str] | None = None) -> dict[str, str]:
     """Read queries: TSV (``qid<TAB>text``) or JSONL (``{"_id" or "query_id", "text"}``, BEIR queries.jsonl).
 
     The format comes from the extension (.jsonl/.json/.ndjson vs .tsv/.txt/.tab), otherwise from the
-    first line. Empty text, empty or duplicate ids are errors naming the file and line.
+    first line. Empty text, empty or duplicate ids are errors naming the file and line. ``keep``: read
+    only these qids (the rest of the file is streamed past, not held in memory).
     """
-    return _id_text_file(path, "query id", ("_id", "query_id"))
+    return _id_text_file(path, "query id", ("_id", "query_id"), keep=keep)
 
 
-def read_instructions(path: PathLike) -> dict[str, str]:
+def read_instructions(path: PathLike, keep: Container[str] | None = None) -> dict[str, str]:
     """Read per-query instructions, in the same formats as :func:`read_queries`.
 
     An empty instruction means "no instruction" and is left out rather than rejected, since
     instruction-following datasets often carry blank fields for some queries.
     """
-    return _id_text_file(path, "query id", ("_id", "query_id"), allow_empty=True)
+    return _id_text_file(path, "query id", ("_id", "query_id"), allow_empty=True, keep=keep)
 
 
-def read_corpus(path: PathLike) -> dict[str, str]:
+def read_corpus(path: PathLike, keep: Container[str] | None = None) -> dict[str, str]:
     """Read passages: BEIR corpus.jsonl (``{"_id", "title", "text"}``) or TSV (``docid<TAB>text``).
 
     A JSONL row becomes the passage the official code would read for the same record
     (:func:`rank1_hf.prompt.passage_text`): ``"{title} {text}"`` whenever the row has a title, even an
     empty one (``" text"``), and the text alone when it has no ``title`` field or a null one. Empty passage
     text is an error naming the docid, file and line.
+
+    ``keep``: hold only these docids (a run's top-k is a tiny part of a corpus like MS MARCO's 8.8M
+    passages); the other rows are parsed for their id and dropped, unchecked.
     """
     if not _is_jsonl(path):
-        return _id_text_file(path, "docid", ())
+        return _id_text_file(path, "docid", (), keep=keep)
     corpus: dict[str, str] = {}
     for lineno, row in _json_rows(path):
         docid = _field(row, ("_id", "doc_id", "docid"), path, lineno).strip()
+        if keep is not None and docid not in keep:
+            continue
         text = _field(row, ("text",), path, lineno)
         title = row.get("title")
         if title is not None and not isinstance(title, str):
@@ -248,15 +260,20 @@ def read_run(path: PathLike, top_k: int | None = None, *, subset: str | None = N
         raise Rank1Error(f"top_k must be at least 1, got {top_k}")
     if _first_char(path) == "{":
         return {qid: ranked(docs)[:top_k] for qid, docs in _read_json_run(path, subset, split).items()}
-    seen: dict[tuple[str, str], int] = {}
+    # Duplicates are caught with one docid set per query (no per-pair line numbers held for 700k
+    # lines); the first line of a duplicate is found again only on the error path.
+    seen: dict[str, set[str]] = {}
     pairs: dict[str, list[tuple[str, float]]] = {}
     for lineno, qid, docid, score in _read_run_lines(path):
-        first = seen.setdefault((qid, docid), lineno)
-        if first != lineno:
+        docs = seen.setdefault(qid, set())
+        if docid in docs:
             raise Rank1Error(
-                f"{path} line {lineno}: duplicate pair qid {qid!r} docid {docid!r} (first on line {first})"
+                f"{path} line {lineno}: duplicate pair qid {qid!r} docid {docid!r} "
+                f"(first on line {_first_line(path, qid, docid)})"
             )
+        docs.add(docid)
         pairs.setdefault(qid, []).append((docid, score))
+    del seen
     return {qid: ranked(docs)[:top_k] for qid, docs in pairs.items()}
 
 
@@ -368,14 +385,20 @@ def _where(run_path: PathLike | None, qid: str, docid: str | None) -> str:
     """Locate the first run line for qid (and docid), re-scanning the file only on the error path."""
     if run_path is None:
         return "run"
+    lineno = _first_line(run_path, qid, docid)
+    return str(run_path) if lineno is None else f"{run_path} line {lineno}"
+
+
+def _first_line(run_path: PathLike, qid: str, docid: str | None) -> int | None:
+    """The first TREC run line for qid (and docid), or None (also for a file that is not TREC text)."""
     try:
         for lineno, line in _lines(run_path):
             fields = line.split()
             if len(fields) >= 3 and fields[0] == qid and (docid is None or fields[2] == docid):
-                return f"{run_path} line {lineno}"
+                return lineno
     except Rank1Error:
         pass
-    return str(run_path)
+    return None
 
 
 # --------------------------------------------------------------------------- writers

@@ -10,10 +10,17 @@ looked up before any new generation. Rows are keyed by two hashes:
 
 Durability and concurrency:
 
-* WAL journal mode with ``synchronous=NORMAL``: a commit is in the WAL file (in the OS page cache)
-  before ``put_many`` returns, so a process crash or SIGKILL never loses a committed batch and never
-  corrupts the file; only an OS crash or power loss can drop the last few commits (still without
-  corruption). Each ``put_many`` is one transaction, so a kill loses at most the batch in flight.
+* WAL journal mode (the default, ``journal="wal"``) with ``synchronous=NORMAL``: a commit is in the WAL
+  file (in the OS page cache) before ``put_many`` returns, so a process crash or SIGKILL never loses a
+  committed batch and never corrupts the file; only an OS crash or power loss can drop the last few
+  commits (still without corruption). Each ``put_many`` is one transaction, so a kill loses at most the
+  batch in flight. WAL needs shared memory between the processes using the file, so it works on one
+  machine only.
+* ``journal="delete"``: SQLite's rollback journal, for a file on a network filesystem (NFS, Lustre, ...):
+  safe there as long as one process writes the file and nobody reads it while that writer runs. The
+  rerank CLI gives every shard job and every launcher rank its own file in this mode.
+* ``readonly=True`` opens an existing store to look judgements up and never writes to it (no schema, no
+  journal change), e.g. another job's finished store on a shared filesystem.
 * One store object may be used from several threads (a web service's workers): its connection is
   shared behind a lock, so transactions never interleave.
 * Writers take the write lock up front (``BEGIN IMMEDIATE``) and wait up to ``busy_timeout_s`` for
@@ -39,6 +46,8 @@ from .judgement import Judgement
 
 # Well under SQLite's bound-parameter limit (999 in old builds).
 _CHUNK = 500
+# "wal": fast, one machine only; "delete": SQLite's rollback journal, safe on network filesystems.
+JOURNAL_MODES = ("wal", "delete")
 # Optional per-row trace columns a caller may fill through put_many(meta=...).
 META_FIELDS = ("qid", "docid", "elapsed_s")
 
@@ -105,6 +114,23 @@ def pair_key(query: str, passage: str) -> str:
     return h.hexdigest()
 
 
+def settings_difference(stored: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
+    """One ``"name: X in the store, Y in this run"`` line per setting that differs (sorted by name)."""
+    absent = object()
+    out = []
+    for name in sorted(set(stored) | set(wanted)):
+        a, b = stored.get(name, absent), wanted.get(name, absent)
+        if a != b:
+            there, here = ("absent" if v is absent else _short(v) for v in (a, b))
+            out.append(f"{name}: {there} in the store, {here} in this run")
+    return out
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _check_floats(j: Judgement) -> None:
     # SQLite stores NaN as NULL, which would come back as None (or break NOT NULL): refuse it here.
     for name in ("score", "true_logit", "false_logit"):
@@ -119,8 +145,15 @@ class JudgementStore:
     Use as a context manager, or call ``close()``.
     """
 
-    def __init__(self, path: str | Path, busy_timeout_s: float = 60.0) -> None:
+    def __init__(self, path: str | Path, busy_timeout_s: float = 60.0, *, journal: str = "wal",
+                 readonly: bool = False) -> None:
         self.path = Path(path)
+        if journal not in JOURNAL_MODES:
+            raise ValueError(f"journal must be one of {JOURNAL_MODES}, got {journal!r}")
+        self.readonly = readonly
+        if readonly:
+            self._open_readonly(busy_timeout_s)
+            return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # isolation_level=None: no implicit transactions; put_many opens its own. Threads share the
@@ -133,7 +166,7 @@ class JudgementStore:
         try:
             # busy_timeout first, so that the statements below also wait for other processes.
             self._conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
-            self._use_wal(busy_timeout_s)
+            self._set_journal(journal, busy_timeout_s)
             self._conn.execute("PRAGMA synchronous = NORMAL")
             with self._transaction():
                 self._create_schema()
@@ -143,8 +176,23 @@ class JudgementStore:
                 raise
             raise Rank1Error(f"cannot use the judgement store {self.path}: {e}") from e
 
-    def _use_wal(self, busy_timeout_s: float) -> None:
-        """Switch the file to WAL mode (a no-op when it already is).
+    def _open_readonly(self, busy_timeout_s: float) -> None:
+        if not self.path.is_file():
+            raise Rank1Error(f"judgement store {self.path} does not exist")
+        try:
+            self._conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True,
+                                         timeout=busy_timeout_s, isolation_level=None,
+                                         check_same_thread=False)
+            self._lock = threading.RLock()
+            tables = {r[0] for r in self._conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        except sqlite3.Error as e:
+            raise Rank1Error(f"cannot read the judgement store {self.path}: {e}") from e
+        if not {"settings", "judgements"} <= tables:
+            self._conn.close()
+            raise Rank1Error(f"{self.path} is not a rank1-hf judgement store (no judgements table)")
+
+    def _set_journal(self, journal: str, busy_timeout_s: float) -> None:
+        """Switch the file to the journal mode asked for (a no-op when it already is in it).
 
         While another process is switching a fresh file, SQLite answers "database is locked" at
         once, without calling the busy handler, so the wait is done here.
@@ -152,14 +200,14 @@ class JudgementStore:
         deadline = time.monotonic() + busy_timeout_s
         while True:
             try:
-                mode = self._conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                mode = self._conn.execute(f"PRAGMA journal_mode = {journal.upper()}").fetchone()[0]
                 break
             except sqlite3.OperationalError as e:
                 if e.sqlite_errorcode != sqlite3.SQLITE_BUSY or time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)
-        if mode.lower() != "wal":
-            raise sqlite3.OperationalError(f"could not switch to WAL journal mode (got {mode})")
+        if mode.lower() != journal:
+            raise sqlite3.OperationalError(f"could not switch to the {journal} journal mode (got {mode})")
 
     def _create_schema(self) -> None:
         # executescript() would commit our transaction, so run the statements one by one.
@@ -204,6 +252,44 @@ class JudgementStore:
         with self._lock:
             row = self._conn.execute("SELECT settings_json FROM settings WHERE key = ?", (key,)).fetchone()
         return None if row is None else json.loads(row[0])
+
+    def all_settings(self) -> dict[str, dict[str, Any]]:
+        """Every settings record in the store: key -> settings."""
+        with self._lock:
+            rows = self._conn.execute("SELECT key, settings_json FROM settings").fetchall()
+        return {key: json.loads(text) for key, text in rows}
+
+    def check_settings(self, settings: Mapping[str, Any]) -> None:
+        """Refuse (Rank1Error) a store that holds judgements, none of them made with ``settings``.
+
+        For a store given only to reuse judgements from: one made with other settings is most likely the
+        wrong file, and it would silently contribute nothing. The message names the settings that differ.
+        """
+        key = settings_key(settings)
+        with self._lock:
+            used = [r[0] for r in self._conn.execute("SELECT DISTINCT settings_key FROM judgements")]
+        if not used or key in used:
+            return
+        recorded = self.all_settings()
+        diffs = [settings_difference(recorded[k], settings) for k in used if k in recorded]
+        closest = min(diffs, key=len) if diffs else []
+        detail = "; ".join(closest) if closest else f"settings key {used[0]} (not recorded), this run {key}"
+        raise Rank1Error(f"judgement store {self.path} was made with other settings than this run: {detail}")
+
+    def has_many(self, settings_key: str, pair_keys: Iterable[str]) -> set[str]:
+        """Which of ``pair_keys`` are stored (reads the keys only, not the judgements)."""
+        keys = list(dict.fromkeys(pair_keys))
+        found: set[str] = set()
+        for start in range(0, len(keys), _CHUNK):
+            chunk = keys[start:start + _CHUNK]
+            marks = ", ".join("?" * len(chunk))
+            with self._lock:
+                rows = self._conn.execute(
+                    f"SELECT pair_key FROM judgements WHERE settings_key = ? AND pair_key IN ({marks})",
+                    (settings_key, *chunk),
+                ).fetchall()
+            found.update(r[0] for r in rows)
+        return found
 
     def get_many(self, settings_key: str, pair_keys: Iterable[str]) -> dict[str, Judgement]:
         """The stored judgements among ``pair_keys`` (missing ones are simply absent)."""

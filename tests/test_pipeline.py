@@ -9,7 +9,7 @@ import pytest
 from rank1_hf import pipeline
 from rank1_hf.errors import Rank1Error
 from rank1_hf.prompts import DATASET_PROMPTS, resolve_dataset_prompt
-from rank1_hf.store import JudgementStore
+from rank1_hf.store import JudgementStore, settings_key
 
 QUERIES = {"q1": "how do cats purr", "q2": "how do cats purr", "q3": "best bread oven"}
 CORPUS = {
@@ -64,24 +64,65 @@ def test_judge_reuse_and_identical_texts(ranker, tmp_path):
     assert set(rows[0]) == set(pipeline.TRACE_FIELDS)
 
 
-def test_shards_add_up_to_a_single_process_run(ranker, tmp_path):
+def test_shards_are_chosen_by_key_and_add_up_to_a_single_process_run(ranker, tmp_path):
     items = pipeline.build_items(RUN, QUERIES, CORPUS)
     with JudgementStore(tmp_path / "one.sqlite") as store:
         single = pipeline.judge_items(ranker, items, store, shard=pipeline.Shard(), batch_size=1)
-    with JudgementStore(tmp_path / "two.sqlite") as store:
-        # Rank 1 first (rank 0 would otherwise wait for it), then rank 0 collects everything.
-        helper = pipeline.judge_items(ranker, items, store, shard=pipeline.Shard(1, 2), batch_size=1)
-        main = pipeline.judge_items(ranker, items, store, shard=pipeline.Shard(0, 2), batch_size=1)
-    assert helper.summary.judged_here + main.summary.judged_here == 6
-    assert main.judgements == single.judgements
+    keys = {(it.qid, it.docid): pipeline.item_key(ranker, it) for it in items}
+    parts = []
+    for rank in (0, 1):
+        with JudgementStore(tmp_path / f"shard{rank}.sqlite") as store:
+            parts.append(pipeline.judge_items(ranker, items, store, shard=pipeline.Shard(rank, 2), batch_size=1))
+    for rank, part in enumerate(parts):
+        # Each shard holds exactly the pairs whose key hashes to it (by the key's first 16 hex digits).
+        assert set(part.judgements) == {ids for ids, pk in keys.items() if int(pk[:16], 16) % 2 == rank}
+    assert parts[0].summary.judged_here + parts[1].summary.judged_here == 6
+    assert {**parts[0].judgements, **parts[1].judgements} == single.judgements
+    # The shard of a pair does not depend on where it is in the input: reversed items, same shard 0.
+    with JudgementStore(tmp_path / "reversed.sqlite") as store:
+        rev = pipeline.judge_items(ranker, items[::-1], store, shard=pipeline.Shard(0, 2), batch_size=1)
+    assert set(rev.judgements) == set(parts[0].judgements)
 
 
-def test_rank0_gives_up_waiting_after_the_timeout(ranker, tmp_path):
+def test_sources_are_reused_and_new_judgements_go_to_the_first_store(ranker, tmp_path):
     items = pipeline.build_items(RUN, QUERIES, CORPUS)
-    with JudgementStore(tmp_path / "s.sqlite") as store:
-        with pytest.raises(Rank1Error, match="gave up waiting"):
-            pipeline.judge_items(ranker, items, store, shard=pipeline.Shard(0, 2), poll_seconds=0.05,
-                                 wait_timeout_s=0.2)
+    for rank in (0, 1):
+        with JudgementStore(tmp_path / f"shard{rank}.sqlite") as store:
+            pipeline.judge_items(ranker, items, store, shard=pipeline.Shard(rank, 2), batch_size=1)
+    skey = settings_key(ranker.settings())
+    # Three shards over stores written as two: every pair is found, nothing judged, nothing written.
+    with JudgementStore(tmp_path / "shard0.sqlite", readonly=True) as a, \
+            JudgementStore(tmp_path / "shard1.sqlite", readonly=True) as b:
+        for rank in range(3):
+            with JudgementStore(tmp_path / f"three{rank}.sqlite") as store:
+                result = pipeline.judge_items(ranker, items, store, sources=[a, b], shard=pipeline.Shard(rank, 3))
+                assert result.summary.judged_now == 0 and store.count(skey) == 0
+        with JudgementStore(tmp_path / "merged.sqlite") as merged:
+            full = pipeline.judge_items(ranker, items, merged, sources=[a], shard=pipeline.Shard())
+            # shard 1's pairs were missing from the sources: judged now, into the first store only.
+            assert full.summary.judged_now == merged.count(skey) > 0
+    assert full.summary.reused + full.summary.judged_now == 6
+    assert len(full.judgements) == len(items)
+
+
+def test_ranks_write_their_own_files_and_rank0_collects_only_this_jobs(ranker, tmp_path):
+    items = pipeline.build_items(RUN, QUERIES, CORPUS)
+    with JudgementStore(tmp_path / "one.sqlite") as store:
+        single = pipeline.judge_items(ranker, items, store, shard=pipeline.Shard(), batch_size=1)
+    base = tmp_path / "shared" / "j.sqlite"
+    # Rank 1 of 2 judges a shorter job first: its .done marker names that job, not this one.
+    pipeline.judge_across_ranks(ranker, items[:3], base, pipeline.Shard(1, 2), batch_size=1)
+    with pytest.raises(Rank1Error, match="gave up waiting .* j.rank1-of-2.sqlite.done"):
+        pipeline.judge_across_ranks(ranker, items, base, pipeline.Shard(0, 2), batch_size=1,
+                                    poll_seconds=0.05, wait_timeout_s=0.3)
+    helper = pipeline.judge_across_ranks(ranker, items, base, pipeline.Shard(1, 2), batch_size=1)
+    main = pipeline.judge_across_ranks(ranker, items, base, pipeline.Shard(0, 2), batch_size=1)
+    assert main.judgements == single.judgements
+    # Rank 0 finished its shard before it timed out; now only rank 1's rest was judged, by rank 1.
+    assert main.summary.judged_here == 0 and main.summary.judged_now == helper.summary.judged_here > 0
+    assert (main.summary.pairs, main.summary.distinct, main.summary.reused) == (8, 6, 6 - main.summary.judged_now)
+    assert sorted(pipeline.rank_store_paths(base).values(), key=lambda s: s.rank) == [
+        pipeline.Shard(0, 2), pipeline.Shard(1, 2)]
 
 
 def test_interrupt_commits_finished_judgements(ranker, tmp_path):
