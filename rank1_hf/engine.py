@@ -90,6 +90,7 @@ class DecodeSettings:
     close: Closer
     batch_size: int = 32  # most rows decoded together
     token_budget: int | None = None  # most (prompt + max_new_tokens) tokens reserved by the rows in flight
+    longest_prompt: int | None = None  # when known, the cache is sized for it once (a stream may grow it)
 
 
 def is_oom(error: BaseException) -> bool:
@@ -217,7 +218,8 @@ class ContinuousEngine:
         needed = prompt_len + s.max_new_tokens + _CLOSE_MARGIN
         if self.cache is not None and self.cache.capacity >= needed:
             return
-        capacity = -(-needed // 64) * 64
+        planned = max(prompt_len, s.longest_prompt or 0) + s.max_new_tokens + _CLOSE_MARGIN
+        capacity = -(-planned // 64) * 64
         if self.cache is None:
             self.cache = SlotCache(self.model, s.batch_size, capacity)
             self._visible = torch.zeros((s.batch_size, capacity + 1), dtype=torch.bool, device=input_device(self.model))

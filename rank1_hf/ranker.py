@@ -232,10 +232,13 @@ class Rank1:
         if show is None:
             show = sys.stderr.isatty() and total != 1
         prepared: dict[int, Prepared] = {}
+        longest = None
+        if isinstance(pairs, Sequence):  # prepared up front: bad input fails before any judging
+            ready = [self.prepare(*unpack_pair(pair, self.dataset_prompt)) for pair in pairs]
+            longest = max((len(p.ids) for p in ready), default=None)
 
         def requests() -> Iterator[Request]:
             if isinstance(pairs, Sequence):
-                ready = [self.prepare(*unpack_pair(pair, self.dataset_prompt)) for pair in pairs]
                 for i in sorted(range(len(ready)), key=lambda i: (len(ready[i].ids), i)):
                     prepared[i] = ready[i]
                     yield Request(i, ready[i].ids)
@@ -244,7 +247,9 @@ class Rank1:
                 prepared[i] = self.prepare(*unpack_pair(pair, self.dataset_prompt))
                 yield Request(i, prepared[i].ids)
 
-        engine = self._engine(batch_size, lambda request, tokens, think: self._closing(prepared[request.index], tokens, think))
+        engine = self._engine(
+            batch_size, lambda request, tokens, think: self._closing(prepared[request.index], tokens, think), longest
+        )
         self.last_stats = engine.stats
         if engine.name != self._engine_logged:
             logger.info("engine: %s (asked for %r)", engine.name, self.engine)
@@ -399,7 +404,7 @@ class Rank1:
 
     # ---- internals -----------------------------------------------------------------------------------
 
-    def _engine(self, batch_size: int | None, close) -> ContinuousEngine | GenerateEngine:
+    def _engine(self, batch_size: int | None, close, longest_prompt: int | None = None) -> ContinuousEngine | GenerateEngine:
         tok, config = self.tokenizer, self.model.generation_config
         eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
         configured = config.eos_token_id if config is not None else None
@@ -414,6 +419,7 @@ class Rank1:
             close=close,
             batch_size=batch_size or self.batch_size,
             token_budget=self.token_budget,
+            longest_prompt=longest_prompt,
         )
         if self.engine == "generate":
             return GenerateEngine(self.model, settings)
