@@ -11,5 +11,7 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" RANK1_HF_CACHE=/tmp/rank1-hf-cache PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-timeout "${CHECK_TIMEOUT:-300}" python3 benchmarks/gpu_check.py ${CHECK_ARGS:-} 2>&1 | tee "$OUT/gpu_check.log"
-timeout "${THROUGHPUT_TIMEOUT:-330}" python3 benchmarks/gpu_throughput.py ${THROUGHPUT_ARGS:-} 2>&1 | tee "$OUT/gpu_throughput.log"
+# Engine v2 at rank1's lengths first (the figure that matters most), then the loading/quantization checks.
+timeout "${LONG_TIMEOUT:-270}" python3 benchmarks/gpu_throughput.py --long --batches 1 16 64 128 --repeats 1 \
+  --skip-workload ${LONG_ARGS:-} 2>&1 | tee "$OUT/gpu_long.log"
+timeout "${CHECK_TIMEOUT:-200}" python3 benchmarks/gpu_check.py ${CHECK_ARGS:-} 2>&1 | tee "$OUT/gpu_check.log"

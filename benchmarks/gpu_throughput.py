@@ -6,8 +6,13 @@
 Prints, as markdown to paste into benchmarks/RESULTS.md with the card's name and the date:
 1. ms per decode step at batch 1, 16 and 64 for each engine, with the memory-bandwidth floor beside it
    (weight bytes / measured device-to-device copy bandwidth: a decode step must read every weight once);
-2. pairs/s of each engine on workload 1 of benchmarks/throughput.py (heavy-tailed planted lengths).
+2. with --long (rank1's real lengths: prompts of about 500 tokens, reasoning from 1,000 to 1,256 tokens):
+   ms per decode step at batch 1, 16, 64 and 128, beside a floor that adds the key/value bytes each step
+   must read (batch x tokens in the cache x bytes per token) to the weight bytes;
+3. pairs/s of each engine on workload 1 of benchmarks/throughput.py (heavy-tailed planted lengths).
 Reasoning lengths are planted (tests/plant.py) so each step count is known in advance.
+
+    python benchmarks/gpu_throughput.py --long --batches 1 16 64 128 --repeats 1 --skip-workload
 """
 
 from __future__ import annotations
@@ -54,13 +59,14 @@ def copy_bandwidth(device: torch.device) -> float:
     return 2 * 10 * x.numel() / (time.perf_counter() - start)
 
 
-def step_ms(ranker: Rank1, tok, engine: str, batch: int, steps: int) -> float:
-    """ms per decode step: judge ``batch`` pairs planted to reason ``steps`` tokens, minus a 1-step run."""
-    pairs = [("a query", "passage " * 40)] * batch  # one prompt length, so every row gets the planted length
+def step_ms(ranker: Rank1, tok, engine: str, batch: int, steps: int, first: int = 1, words: int = 40) -> float:
+    """ms per decode step: judge ``batch`` pairs planted to reason ``steps`` tokens, minus a ``first``-step run
+    (so the figure is the cost of a step with ``first``..``steps`` reasoning tokens in the cache)."""
+    pairs = [("a query", "passage " * words)] * batch  # one prompt length, so every row gets the planted length
     n = len(tok(build_prompt(*pairs[0]))["input_ids"])
     ranker.engine, ranker.batch_size = engine, batch
     times = []
-    for length in (1, 1, steps):  # the first run only warms up (allocator, kernels, lazy init)
+    for length in (1, first, steps):  # the first run only warms up (allocator, kernels, lazy init)
         handle = plant_lengths(ranker.model, tok, {n: length})
         sync()
         start = time.perf_counter()
@@ -68,7 +74,7 @@ def step_ms(ranker: Rank1, tok, engine: str, batch: int, steps: int) -> float:
         sync()
         times.append(time.perf_counter() - start)
         handle.remove()
-    return 1000 * (times[2] - times[1]) / (steps - 1)
+    return 1000 * (times[2] - times[1]) / (steps - first)
 
 
 class ForwardClock:
@@ -99,6 +105,9 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
+    ap.add_argument("--long", action="store_true", help="rank1's lengths: ~500-token prompts, 1000-1256 reasoning tokens")
+    ap.add_argument("--skip-workload", action="store_true")
+    ap.add_argument("--engines", nargs="+", default=["generate", "continuous"])
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -112,21 +121,32 @@ def main() -> None:
     print(f"# {name}, {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, shape {args.shape}, {dtype}")
     print(f"weights {weight_bytes / 2**30:.2f} GiB, copy bandwidth {bandwidth / 2**30:.0f} GiB/s, "
           f"bandwidth floor {floor_ms:.2f} ms per decode step\n")
-    ranker = Rank1.from_model(model, tok, max_new_tokens=max(args.steps, 1200) + 8)
+    start, steps, words = (1000, 1256, 490) if args.long else (1, args.steps, 40)
+    ranker = Rank1.from_model(model, tok, max_new_tokens=max(steps, 1200) + 8)
+    prompt_tokens = len(tok(build_prompt("a query", "passage " * words))["input_ids"])
+    from rank1_hf.kv_cache import kv_bytes_per_token
+
+    kv_token = kv_bytes_per_token(model)
     # Engines alternate and each figure is the median of --repeats measurements, so a machine that
     # warms up (clocks, lazily loaded kernels, host memory growing) does not favour the engine run last.
     measured: dict[tuple[str, int], list[float]] = {}
     for _ in range(args.repeats):
         for batch in args.batches:
-            for engine in ("generate", "continuous"):
-                measured.setdefault((engine, batch), []).append(step_ms(ranker, tok, engine, batch, args.steps))
-    print(f"| engine | batch | ms / decode step (median of {args.repeats}) | all | floor ms | tokens/s |")
-    print("|---|---|---|---|---|---|")
+            for engine in args.engines:
+                measured.setdefault((engine, batch), []).append(
+                    step_ms(ranker, tok, engine, batch, steps, start, words))
+    context = prompt_tokens + (start + steps) / 2  # tokens in each row's cache, on average over the steps timed
+    print(f"prompt {prompt_tokens} tokens, reasoning {start}..{steps}: KV {kv_token / 2**10:.0f} KiB per token\n")
+    print(f"| engine | batch | ms / decode step (median of {args.repeats}) | all | floor ms (weights + KV) | x floor | tokens/s |")
+    print("|---|---|---|---|---|---|---|")
     for (engine, batch), values in sorted(measured.items()):
         ms = statistics.median(values)
-        print(f"| {engine} | {batch} | {ms:.2f} | {' '.join(f'{v:.1f}' for v in values)} | {floor_ms:.2f} | "
-              f"{batch * 1000 / ms:.0f} |")
+        floor = 1000 * (weight_bytes + batch * context * kv_token) / bandwidth
+        print(f"| {engine} | {batch} | {ms:.2f} | {' '.join(f'{v:.1f}' for v in values)} | {floor:.2f} | "
+              f"{ms / floor:.2f} | {batch * 1000 / ms:.0f} |")
     sys.stdout.flush()
+    if args.skip_workload:
+        return
     pairs, planted, never = workload(1, tok, args.pairs)
     handle = plant_lengths(model, tok, planted, never)
     print("\n| engine (workload 1) | pairs | s | pairs/s | generated tokens/s | steps | s in forward | slot eff |")
