@@ -32,6 +32,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .engine import ContinuousEngine, DecodeSettings, EngineStats, Generation, Request
 from .errors import Rank1Error
+from .fingerprint import files_fingerprint, hub_fingerprint, tensors_fingerprint
 from .generate import GenerateEngine
 from .head import prepack_head
 from .judgement import Judgement
@@ -96,6 +97,7 @@ class Rank1:
             quantization = getattr(model.config, "quantization_config", None)
         load = {"model": model_name_or_path, "revision": revision, "quantization": _describe(quantization)}
         self._setup(model, tokenizer, load, **options)
+        self._weights = _loaded_fingerprint(model_name_or_path, model)
 
     @classmethod
     def from_model(
@@ -103,8 +105,10 @@ class Rank1:
     ) -> "Rank1":
         """Wrap an already-loaded causal LM and its tokenizer.
 
-        name: what identifies these weights in the judgement store (default: the config's
-            ``_name_or_path``); give distinct names to distinct in-memory models that share a store.
+        name: the model's name in the judgement store's settings (default: the config's
+            ``_name_or_path``). The key also holds a fingerprint of the weights themselves
+            (:mod:`rank1_hf.fingerprint`, computed on first use), so different weights never share
+            judgements, whatever their names.
 
         Options:
             max_new_tokens: reasoning cap, 8192 as the reference.
@@ -161,6 +165,7 @@ class Rank1:
         self.load_options = load
         self.last_stats = EngineStats()
         self.store = store if isinstance(store, JudgementStore) or store is None else JudgementStore(store)
+        self._weights: str | None = None  # the weights' fingerprint, computed on first use (settings())
         self._engine_logged: str | None = None  # the engine last logged as chosen
 
     # ---- prompts -------------------------------------------------------------------------------------
@@ -191,9 +196,17 @@ class Rank1:
         )
 
     def settings(self) -> dict[str, Any]:
-        """Everything that determines a judgement besides the pair: the key of the judgement store."""
+        """Everything that determines a judgement besides the pair: the key of the judgement store.
+
+        ``weights`` is the fingerprint of the weights (:mod:`rank1_hf.fingerprint`): the resolved commit
+        of a hub checkpoint, a hash of a local directory's weight files, or of an in-memory model's
+        tensors (computed once, on the first call).
+        """
+        if self._weights is None:
+            self._weights = tensors_fingerprint(self.model)
         return {
             **self.load_options,
+            "weights": self._weights,
             "dtype": str(self.model.dtype),
             "max_new_tokens": self.max_new_tokens,
             "context_size": self.context_size,
@@ -457,6 +470,15 @@ class Rank1:
 def best_first(scores: Sequence[float]) -> list[int]:
     """Indices of ``scores`` from best to worst, ties in input order (as CrossEncoder.rank's stable sort)."""
     return sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+
+
+def _loaded_fingerprint(name: str | os.PathLike, model: PreTrainedModel) -> str | None:
+    """The fingerprint of weights loaded by name: their files' for a local directory, the resolved
+    commit for a hub checkpoint (None when unknown: the tensors are hashed on first use)."""
+    if os.path.isdir(name):
+        return files_fingerprint(name)
+    commit = getattr(model.config, "_commit_hash", None)
+    return hub_fingerprint(commit) if commit else None
 
 
 def _describe(quantization: Any) -> Any:
