@@ -94,15 +94,15 @@ def plant_lengths(model, tokenizer, lengths: dict[int, int], never: set[int] = f
     def hook(module, args, kwargs, output):
         ids = kwargs.get("input_ids", args[0] if args else None)
         logits = output.logits
-        k = logits.shape[1]
-        ids = ids[:, ids.shape[1] - k :]
+        k, width = logits.shape[1], ids.shape[1]
+        ids = ids[:, width - k :]
         positions = kwargs.get("position_ids")
         if positions is None:
             mask = kwargs.get("attention_mask")
             if mask is not None and mask.dim() == 2:
                 positions = (mask.long().cumsum(-1) - 1)[:, -k:]
             else:
-                positions = torch.arange(ids.shape[1] - k, ids.shape[1]).expand(ids.shape[0], -1)
+                positions = torch.arange(width - k, width).expand(ids.shape[0], -1)  # no cache, no padding
         positions = positions[:, -k:].to(ids.device)
         target = table.to(ids.device)[ids]
         at_entry = (ids == last_prompt_token) & (positions < entry.numel())

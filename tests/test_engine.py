@@ -1,92 +1,180 @@
-"""Engine behaviour: no row waits for another, readout without re-reading, OOM halving."""
+"""The engine contract, through Rank1 and EngineStats: rows join while others decode, readouts come
+without re-reading, out of memory anywhere (prefill, the Nth decode step, the closing pass) loses and
+repeats nothing, and the token budget bounds the rows in flight."""
+
+from collections import Counter
 
 import pytest
 import torch
 from conftest import make_pairs
 from plant import plant_lengths
+from reference import reference_judge
 
 from rank1_hf import Rank1
 from rank1_hf.offline import tiny_model
 from rank1_hf.prompt import build_prompt
 
+QWEN_EOS = {151643}  # Qwen2.5's <|endoftext|>, the tiny model's only end-of-sequence id
+QWEN_THINK_END = 151666  # "</think>" in the offline rank1-style Qwen tokenizer (an added token)
+MAX_NEW = 36
+REASONING = [3, 30, 7, 22, 12, 5, 18, 14]  # planted reasoning lengths, by prompt length
+
 
 @pytest.fixture(scope="module")
 def planted(tokenizers):
-    """A tiny model that reasons for a planted, widely varied number of tokens per prompt length."""
+    """A tiny model that reasons for a planted, widely varied number of tokens per prompt length; two
+    prompt lengths loop without ever closing </think> (forced at MAX_NEW)."""
     tok = tokenizers["qwen"]
+    assert tok.eos_token_id in QWEN_EOS and tok.convert_tokens_to_ids("</think>") == QWEN_THINK_END
     model = tiny_model(tok, "qwen2", seed=0)
-    pairs = make_pairs(24, seed=11)
-    lengths = sorted({len(tok(build_prompt(q, p))["input_ids"]) for q, p in pairs})
-    planted = {n: [3, 40, 7, 90, 12, 5, 60, 20][k % 8] for k, n in enumerate(lengths)}
-    handle = plant_lengths(model, tok, planted)
-    yield model, tok, pairs, planted
+    pairs = make_pairs(16, seed=11)
+    lengths = sorted({prompt_tokens(tok, q, p) for q, p in pairs})
+    never = set(lengths[1::5])
+    reasoning = {n: REASONING[k % len(REASONING)] for k, n in enumerate(lengths) if n not in never}
+    handle = plant_lengths(model, tok, reasoning, never=never)
+    refs = [reference_judge(model, tok, q, p, MAX_NEW, QWEN_EOS) for q, p in pairs]
+    yield model, tok, pairs, reasoning, refs
     handle.remove()
 
 
+def prompt_tokens(tok, query: str, passage: str) -> int:
+    return len(tok(build_prompt(query, passage))["input_ids"])
+
+
+def assert_same(judgements, refs):
+    for j, r in zip(judgements, refs):
+        assert (j.outcome, j.reasoning) == (r.outcome, r.reasoning)
+        assert abs(j.true_logit - r.true_logit) <= 1e-3 and abs(j.false_logit - r.false_logit) <= 1e-3
+
+
+class Calls:
+    """Records (rows, input width) of every model call; optionally raises out of memory on a chosen one."""
+
+    def __init__(self, model, fail=None):
+        self.calls: list[tuple[int, int]] = []
+        self.fail, self.fired_after = fail, None
+        self.yielded: list[int] = []  # filled by the test while it iterates
+        self.handle = model.register_forward_pre_hook(self.hook, with_kwargs=True)
+
+    def hook(self, module, args, kwargs):
+        ids = kwargs["input_ids"]
+        self.calls.append(tuple(ids.shape))
+        if self.fired_after is None and self.fail is not None and self.fail(self, ids):
+            self.fired_after = len(self.yielded)
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    def decode_steps(self) -> int:
+        return sum(width == 1 for _, width in self.calls)
+
+
 def test_planted_lengths_and_free_readout(planted):
-    model, tok, pairs, lengths = planted
-    ranker = Rank1.from_model(model, tok, max_new_tokens=128, engine="continuous", batch_size=4)
+    model, tok, pairs, reasoning, refs = planted
+    ranker = Rank1.from_model(model, tok, max_new_tokens=MAX_NEW, engine="continuous", batch_size=4)
     js = ranker.judge(pairs)
+    assert_same(js, refs)
+    answered = [prompt_tokens(tok, q, p) for (q, p), j in zip(pairs, js) if j.outcome == "answered"]
+    assert len(answered) >= 10 and len(answered) < len(pairs)
     for (q, p), j in zip(pairs, js):
-        assert j.outcome == "answered"
-        assert j.reasoning_tokens == lengths[len(tok(build_prompt(q, p))["input_ids"])]
+        n = prompt_tokens(tok, q, p)
+        assert j.reasoning_tokens == (reasoning[n] if n in reasoning else MAX_NEW)
     stats = ranker.last_stats
-    # One decode step per answered row reads its readout; no prompt or reasoning is read again.
-    assert stats.readout_tokens == len(pairs)
-    # Rows leave as they finish and others take their place: almost every slot computed is a reasoning token.
-    assert stats.generated_tokens / stats.decode_slots >= 0.9
+    # One decode step reads each answered row's readout: r reasoning tokens + </think> (the first of
+    # them from the prefill) take r decode steps, the readout one more. A forced row decodes its
+    # MAX_NEW tokens in MAX_NEW - 1 steps and is read by its closing pass.
+    expected = sum(reasoning[n] + 1 for n in answered) + (len(pairs) - len(answered)) * (MAX_NEW - 1)
+    assert stats.decode_slots == expected
+    assert stats.generated_tokens == sum(reasoning[n] + 1 for n in answered) + (len(pairs) - len(answered)) * MAX_NEW
+
+
+def test_rows_join_while_others_are_decoding(planted):
+    """A prompt is prefilled while other rows are mid-decode, and decodes with them in the next step."""
+    model, tok, pairs, _, refs = planted
+    calls = Calls(model)
+    try:
+        ranker = Rank1.from_model(model, tok, max_new_tokens=MAX_NEW, engine="continuous", batch_size=4)
+        js = ranker.judge(pairs)
+    finally:
+        calls.handle.remove()
+    assert_same(js, refs)
+    trace = calls.calls
+    joins = [
+        k for k in range(1, len(trace) - 1)
+        if trace[k][1] > 1 and trace[k - 1][1] == 1 and trace[k + 1][1] == 1 and trace[k + 1][0] > trace[k][0]
+    ]
+    # 16 pairs through 4 slots: after the first 4, each of the 12 later admissions fills a slot freed
+    # while the other rows still decode (the planted lengths never end 4 rows in one step here).
+    assert len(joins) >= 8, trace
+    assert ranker.last_stats.steps == calls.decode_steps()
+    assert ranker.last_stats.peak_rows == 4
+
+
+@pytest.mark.parametrize("engine, step", [("continuous", 9), ("continuous", 30), ("generate", 9)])
+def test_out_of_memory_on_a_decode_step_loses_and_repeats_nothing(planted, engine, step):
+    """Out of memory on the Nth decode step: rows already yielded stay yielded, rows half-decoded or
+    finishing in that step are restarted, and every pair comes out exactly once, as the reference."""
+    model, tok, pairs, _, refs = planted
+    calls = Calls(model, fail=lambda c, ids: ids.shape[1] == 1 and c.decode_steps() == step)
+    try:
+        ranker = Rank1.from_model(model, tok, max_new_tokens=MAX_NEW, engine=engine, batch_size=4)
+        got = {}
+        for i, j in ranker.judge_iter(pairs):
+            calls.yielded.append(i)
+            got[i] = j
+    finally:
+        calls.handle.remove()
+    assert calls.fired_after is not None, "the injected error never fired"
+    assert sorted(Counter(calls.yielded).items()) == [(i, 1) for i in range(len(pairs))]
+    assert ranker.last_stats.oom_retries == 1
+    assert_same([got[i] for i in range(len(pairs))], refs)
+    if engine == "continuous" and step == 30:
+        assert calls.fired_after >= 1  # some rows were yielded before the error, and not again after
+
+
+@pytest.mark.parametrize("engine", ["continuous", "generate"])
+def test_out_of_memory_in_the_closing_pass_loses_and_repeats_nothing(planted, engine):
+    """The pass that reads unfinished rows after "\\n</think>" runs out of memory: they are redone."""
+    model, tok, pairs, _, refs = planted
+
+    def closing(c, ids):  # </think> as input is only ever in a closing pass: the loop rows never write it
+        return ids.shape[1] > 1 and bool((ids == QWEN_THINK_END).any())
+
+    calls = Calls(model, fail=closing)
+    try:
+        ranker = Rank1.from_model(model, tok, max_new_tokens=MAX_NEW, engine=engine, batch_size=4)
+        got = {}
+        for i, j in ranker.judge_iter(pairs):
+            calls.yielded.append(i)
+            got[i] = j
+    finally:
+        calls.handle.remove()
+    assert calls.fired_after is not None, "no closing pass ran"
+    assert sorted(Counter(calls.yielded).items()) == [(i, 1) for i in range(len(pairs))]
+    assert ranker.last_stats.oom_retries == 1
+    assert_same([got[i] for i in range(len(pairs))], refs)
 
 
 def test_static_engine_pays_for_the_longest_row_continuous_does_not(planted):
-    model, tok, pairs, _ = planted
-    static = Rank1.from_model(model, tok, max_new_tokens=128, engine="generate", batch_size=8)
-    cont = Rank1.from_model(model, tok, max_new_tokens=128, engine="continuous", batch_size=8)
-    a, b = static.judge(pairs), cont.judge(pairs)
-    assert [(x.reasoning, x.outcome) for x in a] == [(y.reasoning, y.outcome) for y in b]
-    assert max(abs(x.score - y.score) for x, y in zip(a, b)) <= 1e-4
+    model, tok, pairs, _, refs = planted
+    static = Rank1.from_model(model, tok, max_new_tokens=MAX_NEW, engine="generate", batch_size=8)
+    cont = Rank1.from_model(model, tok, max_new_tokens=MAX_NEW, engine="continuous", batch_size=8)
+    assert_same(static.judge(pairs), refs)
+    assert_same(cont.judge(pairs), refs)
     eff_static = static.last_stats.generated_tokens / static.last_stats.decode_slots
     eff_cont = cont.last_stats.generated_tokens / cont.last_stats.decode_slots
     assert eff_cont >= 0.9 and eff_static < 0.7
 
 
-class InjectedOOM:
-    """Raises an out-of-memory error on the first forward pass with more than ``rows`` rows."""
-
-    def __init__(self, model, rows: int, times: int = 1):
-        self.rows, self.left = rows, times
-        self.handle = model.register_forward_pre_hook(self.hook, with_kwargs=True)
-
-    def hook(self, module, args, kwargs):
-        ids = kwargs.get("input_ids")
-        if self.left and ids is not None and ids.shape[0] > self.rows:
-            self.left -= 1
-            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-
-
 @pytest.mark.parametrize("engine", ["continuous", "generate"])
-def test_out_of_memory_halves_the_batch_and_loses_nothing(planted, engine):
-    model, tok, pairs, _ = planted
-    expected = Rank1.from_model(model, tok, max_new_tokens=128, engine=engine, batch_size=8).judge(pairs)
-    oom = InjectedOOM(model, rows=4, times=2)
-    try:
-        ranker = Rank1.from_model(model, tok, max_new_tokens=128, engine=engine, batch_size=8)
-        seen = [i for i, _ in ranker.judge_iter(pairs)]
-        got = ranker.judge(pairs)
-    finally:
-        oom.handle.remove()
-    assert sorted(seen) == list(range(len(pairs)))  # each pair judged exactly once
-    assert ranker.last_stats.oom_retries >= 1 or oom.left == 0
-    assert [(j.reasoning, j.outcome) for j in got] == [(j.reasoning, j.outcome) for j in expected]
-    assert max(abs(a.score - b.score) for a, b in zip(got, expected)) <= 1e-4
-
-
-def test_token_budget_limits_rows_in_flight(planted):
-    model, tok, pairs, _ = planted
-    longest = max(len(tok(build_prompt(q, p))["input_ids"]) for q, p in pairs)
-    budget = 3 * (longest + 128)
-    ranker = Rank1.from_model(model, tok, max_new_tokens=128, batch_size=32, token_budget=budget)
-    ranker.judge(pairs)
-    assert 1 <= ranker.last_stats.peak_rows <= 3
+def test_token_budget_limits_rows_in_flight_to_exactly_three(planted, engine):
+    model, tok, pairs, _, refs = planted
+    by_length = sorted(range(len(pairs)), key=lambda i: prompt_tokens(tok, *pairs[i]))[-7:]
+    lengths = [prompt_tokens(tok, *pairs[i]) for i in by_length]
+    budget = 3 * (max(lengths) + MAX_NEW)
+    # Any 3 of these rows fit the budget and no 4 do, so 3 rows in flight is the right peak.
+    assert 4 * (min(lengths) + MAX_NEW) > budget
+    ranker = Rank1.from_model(model, tok, max_new_tokens=MAX_NEW, batch_size=32, token_budget=budget, engine=engine)
+    assert_same(ranker.judge([pairs[i] for i in by_length]), [refs[i] for i in by_length])
+    assert ranker.last_stats.peak_rows == 3
 
 
 def test_greedy_tokens_is_argmax_exactly():
