@@ -22,6 +22,7 @@ class Ref:
     tokens: list[int]
     true_logit: float
     false_logit: float
+    prompt_tokens: int
 
 
 @torch.inference_mode()
@@ -50,7 +51,7 @@ def reference_judge(model, tokenizer, query: str, passage: str, max_new_tokens: 
                 before = tokenizer.decode(gen[:-1], skip_special_tokens=False)
                 seq = ids + gen[:-1] + tokenizer(text[len(before) : end], add_special_tokens=False)["input_ids"]
             logits = _next_logits(model, seq)
-            return _ref(logits, t_id, f_id, "answered", text[: end - len("</think>")], gen)
+            return _ref(logits, t_id, f_id, "answered", text[: end - len("</think>")], gen, len(ids))
     text = tokenizer.decode(gen, skip_special_tokens=False)
     cut = text.strip()
     if cut and cut[-1] not in ".!?":
@@ -59,10 +60,10 @@ def reference_judge(model, tokenizer, query: str, passage: str, max_new_tokens: 
             cut = cut[: last + 1]
     forced = prompt + "\n" + cut.strip() + "\n</think>"
     logits = _next_logits(model, tokenizer(forced)["input_ids"])
-    return _ref(logits, t_id, f_id, "forced", text, gen)
+    return _ref(logits, t_id, f_id, "forced", text, gen, len(ids))
 
 
-def _ref(logits, t_id, f_id, outcome, reasoning, gen) -> Ref:
+def _ref(logits, t_id, f_id, outcome, reasoning, gen, prompt_tokens) -> Ref:
     t, f = float(logits[t_id]), float(logits[f_id])
     p_true = math.exp(t) / (math.exp(t) + math.exp(f)) if max(t, f) < 700 else float(t > f)
-    return Ref(p_true, outcome, reasoning, list(gen), t, f)
+    return Ref(p_true, outcome, reasoning, list(gen), t, f, prompt_tokens)
