@@ -3,9 +3,9 @@
 A judgement costs seconds to minutes of GPU time, so every finished batch is written here and
 looked up before any new generation. Rows are keyed by two hashes:
 
-* ``settings_key``: everything that determines a judgement (model, revision, quantization, dtype,
-  max_new_tokens, context_size, prompt template, ...). The settings themselves are kept in the
-  ``settings`` table, so ``SELECT * FROM settings`` tells what a key means.
+* ``settings_key``: everything that determines a judgement (model, a fingerprint of its weights,
+  revision, quantization, dtype, max_new_tokens, context_size, prompt template, ...). The settings
+  themselves are kept in the ``settings`` table, so ``SELECT * FROM settings`` tells what a key means.
 * ``pair_key``: the exact final query text and passage text the model read.
 
 Durability and concurrency:

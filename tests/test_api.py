@@ -92,7 +92,7 @@ def _tiny_crossencoder(path: Path):
 
 def test_crossencoder_documented_calls_give_the_same_shapes(tiny, tmp_path):
     # The calls of CrossEncoder's docs, run on the real CrossEncoder and on Rank1: same types and shapes.
-    pytest.importorskip("sentence_transformers")
+    pytest.importorskip("sentence_transformers", reason="compares with a real sentence-transformers CrossEncoder")
     ce, ranker = _tiny_crossencoder(tmp_path), ranker_for(tiny)
     pairs = [("what is a cat", "cats are small felines"), ("what is a cat", "dogs bark"), ("q", "bread")]
     docs = ["cats are small felines", "dogs bark", "bread"]
@@ -179,7 +179,7 @@ def test_store_behind_the_dropin_and_the_mteb_adapter(tiny, tmp_path):
     scores = dropin.predict(pairs)
     with JudgementStore(path) as store:
         assert store.count(settings_key(dropin.ranker.settings())) == 3
-    pytest.importorskip("mteb")
+    pytest.importorskip("mteb", reason="the mteb adapter needs mteb (the [mteb] extra)")
     from rank1_hf.mteb import Rank1CrossEncoder
 
     adapter = Rank1CrossEncoder.from_ranker(dropin.ranker)

@@ -148,6 +148,37 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(model_dir, tmp_path, ca
     assert (killed.parent / "r.traces.jsonl").read_text() == (clean.parent / "r.traces.jsonl").read_text()
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_interrupt_exits_130_with_finished_judgements_committed(model_dir, tmp_path, sig):
+    """Ctrl-C, or the SIGTERM accelerate/torchrun stop workers with: exit status 130, a one-line message
+    naming what is in the store, no traceback."""
+    run = _small_run(tmp_path / "run.trec", queries=8, per_query=3)
+    out, store = tmp_path / "r.trec", tmp_path / "rank1-judgements.sqlite"
+    args = _args(model_dir, run, out, "--batch-size", "1", "--max-new-tokens", "48", "--flush-every", "1")
+    # SIGINT back to its default in the child: a shell may start background jobs with it ignored, and
+    # Python then never raises KeyboardInterrupt.
+    proc = subprocess.Popen([sys.executable, "-m", "rank1_hf", *args], env=_env(), cwd=ROOT, text=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and proc.poll() is None and (_stored_safe(store) if store.exists() else 0) < 2:
+            time.sleep(0.02)
+        assert proc.poll() is None, "the job ended before it could be interrupted"
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 130, stderr
+    done = _stored(store)
+    assert 2 <= done < 24
+    assert stderr.strip().splitlines()[-1] == (
+        f"rank1-hf: interrupted: {done} finished judgements for these settings are in the store {store}; "
+        "rerun the same command to resume")
+    assert "Traceback" not in stderr and not out.exists()
+
+
 def _stored_safe(store: Path) -> int:
     try:
         return _stored(store)

@@ -221,7 +221,7 @@ def test_kendall_and_spearman_match_brute_force_and_scipy():
     assert compare.kendall_tau_b(x, [-v for v in x]) == pytest.approx(-1.0)
     assert compare.kendall_tau_b([0.2], [0.3]) is None and compare.spearman_rho([0.4, 0.4], [0.1, 0.2]) is None
     assert compare.average_ranks([3.0, 1.0, 3.0, 2.0]).tolist() == [3.5, 1.0, 3.5, 2.0]
-    stats = pytest.importorskip("scipy.stats")
+    stats = pytest.importorskip("scipy.stats", reason="the cross-check against scipy needs scipy")
     for _ in range(10):
         x, y = rng.integers(0, 5, 9).astype(float), rng.normal(size=9)
         assert compare.kendall_tau_b(x, y) == pytest.approx(stats.kendalltau(x, y).statistic, abs=1e-12)
@@ -260,7 +260,7 @@ def test_paired_test_exact_monte_carlo_and_degenerate():
 
 
 def test_float_vs_bnb8_report_agrees_with_store(checkpoints, collection, tmp_path, capsys):
-    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("bitsandbytes", reason="needs bitsandbytes (the [bnb] extra)")
     report_dir = tmp_path / "bnb8"
     assert _main(["--a", str(checkpoints["float"]), "--b", str(checkpoints["float"]), "--b-quantization", "bnb-8bit",
                   *_compare_args(collection, report_dir)]) == 0

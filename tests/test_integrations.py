@@ -28,7 +28,7 @@ def expected(ranker):
 
 
 def test_langchain_compressor_reranks_documents(ranker, expected):
-    pytest.importorskip("langchain_core")
+    pytest.importorskip("langchain_core", reason="needs langchain-core (the [langchain] extra)")
     from langchain_core.documents import BaseDocumentCompressor, Document
 
     from rank1_hf.integrations.langchain import Rank1Compressor
@@ -46,7 +46,7 @@ def test_langchain_compressor_reranks_documents(ranker, expected):
 
 
 def test_rerankers_ranker_returns_ranked_results(ranker, expected):
-    pytest.importorskip("rerankers")
+    pytest.importorskip("rerankers", reason="needs rerankers (the [rerankers] extra)")
     from rerankers.models.ranker import BaseRanker
     from rerankers.results import RankedResults
 

