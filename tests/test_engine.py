@@ -179,7 +179,7 @@ def test_token_budget_limits_rows_in_flight_to_exactly_three(planted, engine):
 
 def test_greedy_tokens_is_argmax_exactly():
     """The CPU fast path must pick what torch.argmax picks: first index on ties, NaN wins, any width."""
-    from rank1_hf.engine import greedy_tokens
+    from rank1_hf.head import greedy_tokens
 
     torch.manual_seed(0)
     cases = [torch.randn(5, 151665), torch.randn(3, 100), torch.randn(2, 4096), torch.randn(1, 2049)]
