@@ -23,6 +23,7 @@ changes (planting in tests scales rows in place).
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import Iterator, Sequence
 
 import torch
@@ -183,11 +184,16 @@ def _bf16_fast() -> bool:
     return bool(check is not None and check())
 
 
+# Packed weights per head module, kept off the module itself: oneDNN's packed tensors cannot be
+# deep-copied or pickled, and a user's copy.deepcopy(model) must keep working.
+_PACKED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
 def _packed(head: nn.Linear, rows_hint: int = 16) -> tuple[str, torch.Tensor, torch.Tensor | None]:
     """(kind, packed weight, row norms), kept on the module, redone when the weight changes."""
     weight = head.weight
     key = (weight.data_ptr(), weight._version)
-    found = getattr(head, "_rank1_packed", None)
+    found = _PACKED.get(head)
     if found is not None and found[0] == key:
         return found[1]
     with torch.no_grad():
@@ -196,7 +202,7 @@ def _packed(head: nn.Linear, rows_hint: int = 16) -> tuple[str, torch.Tensor, to
                       weight.detach().norm(dim=-1))
         else:
             packed = ("fp32", torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows_hint), None)
-    head._rank1_packed = (key, packed)
+    _PACKED[head] = (key, packed)
     return packed
 
 

@@ -3,6 +3,8 @@ so judgements made with other settings or other weights are never reused."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from transformers import BitsAndBytesConfig
@@ -44,7 +46,7 @@ def changed_fields(a: Rank1, b: Rank1) -> set[str]:
 def test_each_setting_changes_the_key(tok, model, saved, monkeypatch):
     base = Rank1.from_model(model, tok, name="m", **OPTIONS)
     assert set(base.settings()) == FIELDS
-    quantized = tiny_model(tok, seed=0)  # the same tensors, a quantization config on top
+    quantized = copy.deepcopy(model)  # the same tensors, a quantization config on top (deepcopy must work after Rank1)
     quantized.config.quantization_config = BitsAndBytesConfig(load_in_8bit=True)
     variants = {
         "model": Rank1.from_model(model, tok, name="other", **OPTIONS),
@@ -103,7 +105,7 @@ def test_local_directory_replaced_in_place_is_judged_again(tok, tmp_path):
 
 
 def test_hub_checkpoints_are_keyed_by_their_resolved_commit(tok, model, monkeypatch):
-    hub = tiny_model(tok, seed=0)
+    hub = copy.deepcopy(model)
     hub.config._commit_hash = "0123456789abcdef0123456789abcdef01234567"
     monkeypatch.setattr("rank1_hf.loading.load_model", lambda name, **kw: (hub, tok))
 
