@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The test command: set up .venv (scripts/setup.sh), then run the default test suite (slow tests excluded;
-# add "-m slow" to run only those). Extra arguments go to pytest.
+# The test command: set up .venv (scripts/setup.sh), then run the test suite (a test marked slow would be
+# excluded by default; none exists now). Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
