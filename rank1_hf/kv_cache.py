@@ -110,10 +110,6 @@ class SlotCache(Cache):
                 out.append(grown)
         return new
 
-    def data_ptrs(self) -> list[int]:
-        """Addresses of the buffers (they never change while the cache lives)."""
-        return [t.data_ptr() for t in (*self.keys, *self.values) if t is not None]
-
     # The few Cache queries transformers may make of a cache it did not build.
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0

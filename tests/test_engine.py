@@ -108,12 +108,11 @@ def test_rows_join_while_others_are_decoding(planted):
     assert ranker.last_stats.peak_rows == 4
 
 
-@pytest.mark.parametrize("engine, step", [("continuous", 9), ("continuous", 30), ("generate", 9)])
-def test_out_of_memory_on_a_decode_step_loses_and_repeats_nothing(planted, engine, step):
-    """Out of memory on the Nth decode step: rows already yielded stay yielded, rows half-decoded or
-    finishing in that step are restarted, and every pair comes out exactly once, as the reference."""
+def judge_failing_once(planted, engine, fail):
+    """Judge the planted pairs with out-of-memory injected where ``fail`` says; every pair must come out
+    exactly once, equal to the reference, after exactly one retry. Returns the call trace."""
     model, tok, pairs, _, refs = planted
-    calls = Calls(model, fail=lambda c, ids: ids.shape[1] == 1 and c.decode_steps() == step)
+    calls = Calls(model, fail=fail)
     try:
         ranker = Rank1.from_model(model, tok, max_new_tokens=MAX_NEW, engine=engine, batch_size=4)
         got = {}
@@ -122,10 +121,18 @@ def test_out_of_memory_on_a_decode_step_loses_and_repeats_nothing(planted, engin
             got[i] = j
     finally:
         calls.handle.remove()
-    assert calls.fired_after is not None, "the injected error never fired"
     assert sorted(Counter(calls.yielded).items()) == [(i, 1) for i in range(len(pairs))]
     assert ranker.last_stats.oom_retries == 1
     assert_same([got[i] for i in range(len(pairs))], refs)
+    return calls
+
+
+@pytest.mark.parametrize("engine, step", [("continuous", 9), ("continuous", 30), ("generate", 9)])
+def test_out_of_memory_on_a_decode_step_loses_and_repeats_nothing(planted, engine, step):
+    """Out of memory on the Nth decode step: rows already yielded stay yielded, rows half-decoded or
+    finishing in that step are restarted, and every pair comes out exactly once, as the reference."""
+    calls = judge_failing_once(planted, engine, lambda c, ids: ids.shape[1] == 1 and c.decode_steps() == step)
+    assert calls.fired_after is not None, "the injected error never fired"
     if engine == "continuous" and step == 30:
         assert calls.fired_after >= 1  # some rows were yielded before the error, and not again after
 
@@ -133,24 +140,12 @@ def test_out_of_memory_on_a_decode_step_loses_and_repeats_nothing(planted, engin
 @pytest.mark.parametrize("engine", ["continuous", "generate"])
 def test_out_of_memory_in_the_closing_pass_loses_and_repeats_nothing(planted, engine):
     """The pass that reads unfinished rows after "\\n</think>" runs out of memory: they are redone."""
-    model, tok, pairs, _, refs = planted
 
     def closing(c, ids):  # </think> as input is only ever in a closing pass: the loop rows never write it
         return ids.shape[1] > 1 and bool((ids == QWEN_THINK_END).any())
 
-    calls = Calls(model, fail=closing)
-    try:
-        ranker = Rank1.from_model(model, tok, max_new_tokens=MAX_NEW, engine=engine, batch_size=4)
-        got = {}
-        for i, j in ranker.judge_iter(pairs):
-            calls.yielded.append(i)
-            got[i] = j
-    finally:
-        calls.handle.remove()
+    calls = judge_failing_once(planted, engine, closing)
     assert calls.fired_after is not None, "no closing pass ran"
-    assert sorted(Counter(calls.yielded).items()) == [(i, 1) for i in range(len(pairs))]
-    assert ranker.last_stats.oom_retries == 1
-    assert_same([got[i] for i in range(len(pairs))], refs)
 
 
 def test_static_engine_pays_for_the_longest_row_continuous_does_not(planted):
