@@ -273,7 +273,8 @@ def test_fixture_packing_matches_gptqmodel():
 def test_rank1_judgements_agree_with_dequantized_twin(checkpoint, tokenizer):
     """Greedy reasoning may fork on bfloat16 noise; where both runs reasoned the same tokens, the scores
     (a softmax over two logits, each within ~0.1 of the twin's) must be within 0.05."""
-    Rank1 = pytest.importorskip("rank1_hf.ranker").Rank1
+    from rank1_hf.ranker import Rank1  # an import error must fail, not skip
+
     path, twin = checkpoint
     got = Rank1(str(path), max_new_tokens=8).judge(PAIRS)
     want = Rank1.from_model(twin, copy.deepcopy(tokenizer), max_new_tokens=8).judge(PAIRS)
