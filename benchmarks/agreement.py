@@ -20,7 +20,7 @@ from plant import plant_think  # noqa: E402
 from reference import reference_judge  # noqa: E402
 
 from rank1_hf import Rank1  # noqa: E402
-from rank1_hf.offline import tiny_model  # noqa: E402
+from rank1_hf.testing import tiny_model  # noqa: E402
 
 
 def main() -> None:

@@ -79,7 +79,7 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from rank1_hf.offline import qwen_tokenizer
+    from rank1_hf.testing import qwen_tokenizer
 
     tokenizer = copy.deepcopy(qwen_tokenizer())
     shape = dict(hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,

@@ -59,7 +59,7 @@ def run(name: str, check: Callable[[], str]) -> None:
 
 
 def _tokenizer():
-    from rank1_hf.offline import qwen_tokenizer
+    from rank1_hf.testing import qwen_tokenizer
 
     tok = copy.deepcopy(qwen_tokenizer())
     tok.padding_side = "left"
@@ -126,7 +126,8 @@ def check_bnb(root: Path) -> str:
     H200 run read a cosine of 0.75 there), so that comparison is printed, not checked.
     """
     from awq_fixture import bnb_twin
-    from rank1_hf.loading import input_device, load_model
+    from rank1_hf.devices import input_device
+    from rank1_hf.loading import load_model
 
     path, original, tok = _small_float_checkpoint(root)
     batch = tok(PROMPTS, return_tensors="pt", padding=True)
@@ -153,7 +154,8 @@ def check_awq(root: Path, device: str = "cuda:0") -> str:
     """Bound 0.2 on logits of std ~0.9: on CPU the same check reads 0.06 (bfloat16 noise; the twin run
     in bfloat16 reads 0.07); a wrong packing reads ~6."""
     from awq_fixture import build_awq_checkpoint
-    from rank1_hf.loading import input_device, load_model
+    from rank1_hf.devices import input_device
+    from rank1_hf.loading import load_model
 
     tok = _tokenizer()
     twin = build_awq_checkpoint(tok, root / "awq")
@@ -268,7 +270,8 @@ def check_awq_7b(device: str = "cuda:0", shape: dict | None = None) -> str:
 
 
 def check_split(root: Path) -> str:
-    from rank1_hf.loading import input_device, load_model, output_device
+    from rank1_hf.devices import input_device, output_device
+    from rank1_hf.loading import load_model
 
     path, _, tok = _small_float_checkpoint(root)
     batch = tok(PROMPTS, return_tensors="pt", padding=True)

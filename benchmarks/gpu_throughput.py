@@ -32,7 +32,7 @@ from plant import plant_lengths  # noqa: E402
 from throughput import workload  # noqa: E402
 
 from rank1_hf import Rank1  # noqa: E402
-from rank1_hf.offline import qwen_tokenizer, tiny_model  # noqa: E402
+from rank1_hf.testing import qwen_tokenizer, tiny_model  # noqa: E402
 from rank1_hf.prompt import build_prompt  # noqa: E402
 
 SHAPES = {

@@ -9,7 +9,7 @@ child's own high-water mark, VmHWM):
 * plan: ``load_items`` (reads the run, then keeps only the queries and passages it names) and
   ``plan_job`` for shard 0 of 8 against the store (the store keys of all pairs, the shard's pairs, which
   of them are stored): what every shard job and launcher rank does before judging;
-* whole corpus: ``runs.read_corpus`` without ``keep=`` (what reading the inputs cost before: the corpus
+* whole corpus: ``formats.read_corpus`` without ``keep=`` (what reading the inputs cost before: the corpus
   was held whole), for the ratio.
 
     python benchmarks/plan_scale.py                      # the defaults above (about 1 GB of files)
@@ -36,7 +36,7 @@ WORDS = ("cat dog bread oven yeast river mountain law court judge software pytho
 CHILD = r"""
 import json, sys, time
 sys.path.insert(0, sys.argv[1])
-from rank1_hf import pipeline, runs
+from rank1_hf import pipeline, formats
 from rank1_hf.store import JudgementStore
 
 class Settings:  # stands in for a loaded Rank1: planning reads only these two
@@ -56,7 +56,7 @@ if what == "plan":
 elif what == "load":
     out["pairs"] = len(pipeline.load_items(f"{d}/run.trec", f"{d}/queries.tsv", f"{d}/corpus.jsonl", top_k=100))
 elif what == "whole-corpus":
-    out["passages"] = len(runs.read_corpus(f"{d}/corpus.jsonl"))
+    out["passages"] = len(formats.read_corpus(f"{d}/corpus.jsonl"))
 out["seconds"] = time.monotonic() - started
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent through exec.
 hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))

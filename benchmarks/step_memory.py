@@ -23,7 +23,7 @@ from plant import plant_lengths  # noqa: E402
 
 from rank1_hf import Rank1  # noqa: E402
 from rank1_hf.kv_cache import SlotCache  # noqa: E402
-from rank1_hf.offline import qwen_tokenizer, tiny_model  # noqa: E402
+from rank1_hf.testing import qwen_tokenizer, tiny_model  # noqa: E402
 from rank1_hf.prompt import build_prompt  # noqa: E402
 
 WINDOWS = {"early (~150 tokens cached)": (40, 60), "late (~700 tokens cached)": (570, 590)}

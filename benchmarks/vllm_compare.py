@@ -34,9 +34,9 @@ from pathlib import Path
 import torch
 
 from rank1_hf import Rank1
-from rank1_hf.offline import qwen_tokenizer, tiny_model
+from rank1_hf.testing import qwen_tokenizer, tiny_model
 from rank1_hf.prompt import build_prompt
-from rank1_hf.scoring import readout_ids
+from rank1_hf.readout import readout_ids
 
 WORDS = "cat dog bread oven yeast river mountain law court judge software python compiler vitamin protein".split()
 

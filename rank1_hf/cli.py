@@ -72,7 +72,7 @@ def is_demo(name: str) -> bool:
 def _resolve_model(name: str) -> str:
     """The path or hub id to load: the demo model's local path, or ``name`` as given."""
     if is_demo(name):
-        from .offline import smollm2
+        from .assets import smollm2
 
         return str(smollm2())
     return name
@@ -106,7 +106,7 @@ def _add_judging(p: argparse.ArgumentParser) -> None:
 
 def _make_ranker(args: argparse.Namespace, *, device_map: Any = None, show_progress_bar: bool | None = None):
     """Load the model named by ``args`` into a Rank1 (imports torch/transformers on first use)."""
-    from .prompts import resolve_dataset_prompt
+    from .dataset_prompts import resolve_dataset_prompt
     from .ranker import Rank1
 
     dataset_prompt = resolve_dataset_prompt(args.dataset_prompt)
@@ -146,10 +146,10 @@ def _positive(name: str, value: int | float | None) -> None:
 
 def fill_inputs(args: argparse.Namespace, command: str) -> None:
     """``--sample`` fills the input files not given; then --run, --queries and --corpus must be there."""
-    from . import runs
+    from . import formats
 
     if args.sample:
-        for name, path in runs.sample_paths().items():
+        for name, path in formats.sample_paths().items():
             if getattr(args, name) is None:
                 setattr(args, name, str(path))
     missing = [f"--{n}" for n in ("run", "queries", "corpus") if getattr(args, n) is None]
@@ -158,7 +158,7 @@ def fill_inputs(args: argparse.Namespace, command: str) -> None:
 
 
 def _rerank(args: argparse.Namespace) -> int:
-    from . import pipeline, runs
+    from . import pipeline, formats
 
     fill_inputs(args, "rerank")
     for name in ("top_k", "batch_size", "flush_every", "flush_seconds", "max_new_tokens", "context_size"):
@@ -166,7 +166,7 @@ def _rerank(args: argparse.Namespace) -> int:
     demo = is_demo(args.model)
     if demo:
         print(f"note: {DEMO_NOTE}", file=sys.stderr)
-    from .prompts import resolve_dataset_prompt
+    from .dataset_prompts import resolve_dataset_prompt
 
     resolve_dataset_prompt(args.dataset_prompt)  # a bad name fails now, not after loading the model
 
@@ -193,7 +193,7 @@ def _rerank(args: argparse.Namespace) -> int:
     items = pipeline.load_items(args.run, args.queries, args.corpus, args.instructions, args.top_k)
     if not items:
         raise Rank1Error(f"{args.run}: the run has no pairs")
-    qrels = runs.read_qrels(args.qrels) if args.qrels and writes_outputs else None
+    qrels = formats.read_qrels(args.qrels) if args.qrels and writes_outputs else None
     if qrels is not None:
         from .evaluate import _ir_measures
 
@@ -340,13 +340,13 @@ def _score(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from . import runs
+    from . import formats
     from .evaluate import evaluate, format_table
 
-    qrels = runs.read_qrels(args.qrels)
+    qrels = formats.read_qrels(args.qrels)
     rows = {}
     for path in args.run:
-        rows[path] = evaluate(runs.read_run(path), qrels, args.measures)
+        rows[path] = evaluate(formats.read_run(path), qrels, args.measures)
     print(format_table(rows))
     return 0
 

@@ -18,14 +18,14 @@ The report (:func:`build_report`, written by :func:`write_report`) holds:
 
 From Python::
 
-    from rank1_hf import Rank1, compare, pipeline, runs
+    from rank1_hf import Rank1, compare, pipeline, formats
     from rank1_hf.store import JudgementStore
 
     items = pipeline.load_items("run.trec", "queries.jsonl", "corpus.jsonl", top_k=20)
     with JudgementStore("judgements.sqlite") as store:
         a = compare.judge_variant("A", lambda: Rank1("jhu-clsp/rank1-7b"), items, store)
         b = compare.judge_variant("B", lambda: Rank1("jhu-clsp/rank1-7b", quantization="bnb-4bit"), items, store)
-    report = compare.build_report(items, a, b, qrels=runs.read_qrels("qrels.txt"))
+    report = compare.build_report(items, a, b, qrels=formats.read_qrels("qrels.txt"))
     compare.write_report(report, "report/")
 """
 
@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from . import pipeline, runs
+from . import pipeline, formats
 from .errors import Rank1Error
 from .evaluate import DEFAULT_MEASURES
 
@@ -828,8 +828,8 @@ def write_report(report: dict[str, Any], directory: str | os.PathLike[str], figu
     report["figures_skipped"] = skipped
     # allow_nan=False: a NaN would make report.json unreadable to strict JSON parsers; None is used instead.
     text = json.dumps(report, indent=1, ensure_ascii=False, allow_nan=False) + "\n"
-    runs._write_atomic(target / "report.json", [text])
-    runs._write_atomic(target / "report.md", [markdown(report)])
+    formats._write_atomic(target / "report.json", [text])
+    formats._write_atomic(target / "report.md", [markdown(report)])
     return report
 
 
@@ -919,7 +919,7 @@ def run(args: argparse.Namespace) -> int:
     for model in (args.a, args.b):
         if cli.is_demo(model):
             print(f"note: {cli.DEMO_NOTE}", file=sys.stderr)
-    from .prompts import resolve_dataset_prompt
+    from .dataset_prompts import resolve_dataset_prompt
 
     resolve_dataset_prompt(args.dataset_prompt)  # a bad name fails now, not after loading a model
 
@@ -927,7 +927,7 @@ def run(args: argparse.Namespace) -> int:
     items = pipeline.load_items(args.run, args.queries, args.corpus, args.instructions, args.top_k)
     if not items:
         raise Rank1Error(f"{args.run}: the run has no pairs")
-    qrels = runs.read_qrels(args.qrels) if args.qrels else None
+    qrels = formats.read_qrels(args.qrels) if args.qrels else None
     if qrels is not None:
         from .evaluate import _ir_measures, _parse
 

@@ -30,8 +30,8 @@ from transformers.cache_utils import DynamicLayer
 from .errors import Rank1Error
 from .head import fast_head, greedy_tokens
 from .kv_cache import Placement, SlotCache
-from .loading import input_device
-from .scoring import forced_readout
+from .devices import input_device
+from .readout import forced_readout
 from .stopping import ThinkDetector, ThinkEnd
 
 logger = logging.getLogger(__name__)

@@ -14,8 +14,8 @@ from transformers import GenerationConfig, LogitsProcessorList, PreTrainedModel,
 
 from .engine import DecodeSettings, EngineStats, Generation, Request, fits, is_oom
 from .errors import Rank1Error
-from .loading import input_device
-from .scoring import forced_readout, left_pad
+from .devices import input_device
+from .readout import forced_readout, left_pad
 from .stopping import ReadoutCapture, ThinkStoppingCriteria
 
 

@@ -46,10 +46,8 @@ __all__ = [
     "QUANTIZATIONS",
     "Plan",
     "format_plan",
-    "input_device",
     "is_awq_config",
     "load_model",
-    "output_device",
     "parse_max_memory",
     "plan_device_map",
     "resolve_dtype",
@@ -401,7 +399,7 @@ def load_model(
         ``(model, tokenizer)``. The tokenizer pads on the left; if it had no pad token one is set: a
         dedicated or reserved token when the vocabulary has one (``<|finetune_right_pad_id|>`` for
         Llama 3, ``<pad>`` for Mistral), else eos. Padding is always masked, so the choice never changes
-        scores. Feed inputs to :func:`input_device` and read logits from :func:`output_device`.
+        scores. Feed inputs to :func:`rank1_hf.devices.input_device` and read logits from :func:`rank1_hf.devices.output_device`.
 
     Raises:
         Rank1Error: unknown path/id, missing optional extra (``rank1-hf[bnb]``), bad
@@ -520,35 +518,6 @@ def _infer_device_map(model: nn.Module, strategy: str, budget: MaxMemory) -> dic
                 model, max_memory=dict(budget), no_split_module_classes=no_split, low_zero=strategy == "balanced_low_0"
             )
         return dict(infer_auto_device_map(model, max_memory=memory, no_split_module_classes=no_split))
-
-
-def _module_device(module: nn.Module) -> torch.device:
-    """Where a module computes: its accelerate hook's execution device, else its weights' device.
-
-    Offloaded (cpu/disk) modules keep their weights on the meta device or on cpu and run on the
-    hook's execution device, so the hook has to be asked first.
-    """
-    hook = getattr(module, "_hf_hook", None)
-    hooks = list(getattr(hook, "hooks", ())) or ([hook] if hook is not None else [])
-    for h in hooks:
-        device = getattr(h, "execution_device", None)
-        if device is not None:
-            return torch.device(f"cuda:{device}" if isinstance(device, int) else device)
-    for tensor in module.parameters():
-        if tensor.device.type != "meta":
-            return tensor.device
-    return torch.device("cpu")
-
-
-def input_device(model: PreTrainedModel) -> torch.device:
-    """The device input ids must be on: the one the token embeddings compute on."""
-    return _module_device(model.get_input_embeddings())
-
-
-def output_device(model: PreTrainedModel) -> torch.device:
-    """The device logits come out on: the one ``lm_head`` computes on."""
-    head = model.get_output_embeddings()
-    return _module_device(head) if head is not None else input_device(model)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ the instruction is joined the rank1 way, and the passage is built from title and
 
 Dataset prompts: like the official ``run_mteb.py``, the adapter wraps each task's queries in the official
 prompt for the task's name and subset (``get_prompt(task, subset)``, see
-:func:`rank1_hf.prompts.official_prompt`): SciFact gets the SciFact prompt, BrightRetrieval's ``pony``
+:func:`rank1_hf.dataset_prompts.official_prompt`): SciFact gets the SciFact prompt, BrightRetrieval's ``pony``
 subset the pony prompt and its ``biology`` subset the BrightRetrieval one, NevIR none.
 ``official_prompts=False`` turns that off (the official ``--skip_prompt``); ``dataset_prompts`` overrides
 it per task.
@@ -38,7 +38,7 @@ import numpy as np
 from .errors import Rank1Error
 from .judgement import Judgement
 from .prompt import Pair, query_text
-from .prompts import official_prompt, resolve_dataset_prompt
+from .dataset_prompts import official_prompt, resolve_dataset_prompt
 
 if TYPE_CHECKING:
     from .ranker import Rank1
@@ -137,7 +137,7 @@ class Rank1CrossEncoder:
             several GPUs pass ``device_map="auto"`` (and ``max_memory``) instead.
         dataset_prompts: per-task overrides of the official prompts: key ``"{task}_{subset}"`` or ``"{task}"``
             (the subset's key first, as the official ``get_prompt`` looks them up), value a template with
-            ``FILL_QUERY_HERE``, a prompt name from :mod:`rank1_hf.prompts`, or None for no prompt.
+            ``FILL_QUERY_HERE``, a prompt name from :mod:`rank1_hf.dataset_prompts`, or None for no prompt.
         official_prompts: wrap queries in the official prompt of each task and subset (the default, as the
             official runner does); False runs every task without one, like its ``--skip_prompt``.
         options: anything else :class:`Rank1` takes (``dtype``, ``max_new_tokens``, ``batch_size``,

@@ -33,10 +33,10 @@ Two ways to spread a job over machines, both ending in outputs identical to a si
   builds the outputs. No ``torch.distributed`` is needed: the shared directory is the only thing the
   processes share.
 
-Ranking rule: :func:`rank1_hf.runs.ranked` (score descending, ties by docid descending, as trec_eval
+Ranking rule: :func:`rank1_hf.formats.ranked` (score descending, ties by docid descending, as trec_eval
 re-sorts), for the first-stage top-k, the reranked run, the traces and the evaluation alike, so the file on
 disk, the traces and every evaluation tool agree. Only the top-k pairs are reranked and written. The run
-file's scores are made strictly decreasing (:func:`rank1_hf.runs.untied_scores`); the traces keep each
+file's scores are made strictly decreasing (:func:`rank1_hf.formats.untied_scores`); the traces keep each
 judgement's raw score.
 """
 
@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
-from . import runs
+from . import formats
 from .errors import Rank1Error
 from .judgement import Judgement
 from .prompt import query_text
@@ -187,7 +187,7 @@ def build_items(
     corpus: Mapping[str, str],
     instructions: Mapping[str, str] | None = None,
     top_k: int | None = None,
-    run_path: runs.PathLike | None = None,
+    run_path: formats.PathLike | None = None,
 ) -> list[Item]:
     """The job's pairs, query by query (sorted qid), each in first-stage order, cut to ``top_k``.
 
@@ -195,11 +195,11 @@ def build_items(
     """
     if top_k is not None and top_k < 1:
         raise Rank1Error(f"top_k must be at least 1, got {top_k}")
-    runs.check_run(run, queries, corpus, run_path)
+    formats.check_run(run, queries, corpus, run_path)
     instructions = instructions or {}
     items: list[Item] = []
     for qid in sorted(run):
-        ranked = runs.ranked(run[qid])[:top_k]
+        ranked = formats.ranked(run[qid])[:top_k]
         seen: set[str] = set()
         for rank, (docid, score) in enumerate(ranked, 1):
             if docid in seen:
@@ -215,24 +215,24 @@ def build_items(
 
 
 def load_items(
-    run: runs.PathLike,
-    queries: runs.PathLike,
-    corpus: runs.PathLike,
-    instructions: runs.PathLike | None = None,
+    run: formats.PathLike,
+    queries: formats.PathLike,
+    corpus: formats.PathLike,
+    instructions: formats.PathLike | None = None,
     top_k: int | None = None,
 ) -> list[Item]:
-    """Read the job's files (see :mod:`rank1_hf.runs` for the formats) and build its items.
+    """Read the job's files (see :mod:`rank1_hf.formats` for the formats) and build its items.
 
     The run is read first; of the queries, instructions and corpus only the ids it names are kept, so a
     top-100 of MS MARCO holds its 700,000 pairs' texts, not the 8.8M-passage corpus.
     """
-    first_stage = runs.read_run(run, top_k)
+    first_stage = formats.read_run(run, top_k)
     docids = {docid for docs in first_stage.values() for docid, _ in docs}
     return build_items(
         first_stage,
-        runs.read_queries(queries, keep=first_stage),
-        runs.read_corpus(corpus, keep=docids),
-        runs.read_instructions(instructions, keep=first_stage) if instructions is not None else None,
+        formats.read_queries(queries, keep=first_stage),
+        formats.read_corpus(corpus, keep=docids),
+        formats.read_instructions(instructions, keep=first_stage) if instructions is not None else None,
         top_k,
         run_path=run,
     )
@@ -402,13 +402,13 @@ def _count_outcomes(summary: Summary, items: Sequence[Item], judgements: Mapping
 # ---------------------------------------------------------------------------------------------- many ranks
 
 
-def rank_store_path(base: runs.PathLike, shard: Shard) -> Path:
+def rank_store_path(base: formats.PathLike, shard: Shard) -> Path:
     """Rank r of N's own store beside the base store: ``judgements.sqlite`` -> ``judgements.rank3-of-8.sqlite``."""
     base = Path(base)
     return base.with_name(f"{base.stem}.rank{shard.rank}-of-{shard.world_size}{base.suffix}")
 
 
-def rank_store_paths(base: runs.PathLike) -> dict[Path, Shard]:
+def rank_store_paths(base: formats.PathLike) -> dict[Path, Shard]:
     """The rank stores beside ``base`` (of runs with any number of ranks), with the shard each was for."""
     base = Path(base)
     name = re.compile(re.escape(base.stem) + r"\.rank(\d+)-of-(\d+)" + re.escape(base.suffix))
@@ -420,7 +420,7 @@ def rank_store_paths(base: runs.PathLike) -> dict[Path, Shard]:
     return out
 
 
-def done_path(store_path: runs.PathLike) -> Path:
+def done_path(store_path: formats.PathLike) -> Path:
     """The marker a rank writes beside its store when its shard of the job is finished."""
     return Path(f"{store_path}.done")
 
@@ -428,7 +428,7 @@ def done_path(store_path: runs.PathLike) -> Path:
 def judge_across_ranks(
     ranker: "Rank1",
     items: Sequence[Item],
-    base_store: runs.PathLike,
+    base_store: formats.PathLike,
     shard: Shard,
     *,
     sources: Sequence[JudgementStore] = (),
@@ -457,7 +457,7 @@ def judge_across_ranks(
             result = judge_items(ranker, items, store, sources=[*sources, *readers], shard=shard, **judging)
         # Written after the store is closed: on NFS, close-to-open consistency then shows rank 0 the file
         # complete once it sees the marker.
-        runs.write_jsonl(done_path(own), [{"job": result.fingerprint, "judged": result.summary.judged_here}])
+        formats.write_jsonl(done_path(own), [{"job": result.fingerprint, "judged": result.summary.judged_here}])
         if not shard.is_main:
             return result
         judged = _wait_for_ranks(base, shard.world_size, result.fingerprint, poll_seconds, wait_timeout_s)
@@ -523,17 +523,17 @@ def _collect(ranker: "Rank1", items: Sequence[Item], stores: Sequence[JudgementS
 # ---------------------------------------------------------------------------------------------- outputs
 
 
-def reranked_run(items: Sequence[Item], judgements: Mapping[tuple[str, str], Judgement]) -> runs.Run:
-    """qid -> [(docid, score)], ranked by :func:`rank1_hf.runs.ranked` (see the module docstring)."""
-    run: runs.Run = {}
+def reranked_run(items: Sequence[Item], judgements: Mapping[tuple[str, str], Judgement]) -> formats.Run:
+    """qid -> [(docid, score)], ranked by :func:`rank1_hf.formats.ranked` (see the module docstring)."""
+    run: formats.Run = {}
     for it in items:
         run.setdefault(it.qid, []).append((it.docid, judgements[(it.qid, it.docid)].score))
-    return {qid: runs.ranked(docs) for qid, docs in sorted(run.items())}
+    return {qid: formats.ranked(docs) for qid, docs in sorted(run.items())}
 
 
-def first_stage_run(items: Sequence[Item]) -> runs.Run:
+def first_stage_run(items: Sequence[Item]) -> formats.Run:
     """The input run as the job saw it (after top_k), for comparing against the reranked one."""
-    run: runs.Run = {}
+    run: formats.Run = {}
     for it in items:
         run.setdefault(it.qid, []).append((it.docid, it.first_stage_score))
     return run
@@ -552,19 +552,19 @@ def trace_rows(items: Sequence[Item], judgements: Mapping[tuple[str, str], Judge
 def write_outputs(
     items: Sequence[Item],
     judgements: Mapping[tuple[str, str], Judgement],
-    output: runs.PathLike,
-    traces: runs.PathLike | None,
+    output: formats.PathLike,
+    traces: formats.PathLike | None,
     tag: str = "rank1",
-) -> runs.Run:
+) -> formats.Run:
     """Write the reranked TREC run and (optionally) the JSONL traces, each atomically; returns the run."""
     run = reranked_run(items, judgements)
-    runs.write_run(output, run, tag)
+    formats.write_run(output, run, tag)
     if traces is not None:
-        runs.write_jsonl(traces, trace_rows(items, judgements))
+        formats.write_jsonl(traces, trace_rows(items, judgements))
     return run
 
 
-def check_writable(path: runs.PathLike) -> None:
+def check_writable(path: formats.PathLike) -> None:
     """Fail early (before hours of judging) when ``path`` clearly cannot be written."""
     p = Path(path)
     if p.is_dir():

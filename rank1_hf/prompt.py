@@ -74,7 +74,7 @@ def unpack_pair(pair: Pair, dataset_prompt: str | None = None) -> tuple[str, str
         raise Rank1Error(f"empty or non-string query in pair {tuple(pair)!r:.80}")
     text = passage_text(passage)
     body = passage["text"] if isinstance(passage, Mapping) else text
-    if not body.strip():  # a title alone is not a passage to judge (as in runs.read_corpus)
+    if not body.strip():  # a title alone is not a passage to judge (as in formats.read_corpus)
         raise Rank1Error(f"empty passage in pair {tuple(pair)!r:.80}")
     return query_text(query, instruction, dataset_prompt), text
 

@@ -37,7 +37,7 @@ from .generate import GenerateEngine
 from .head import prepack_head
 from .judgement import Judgement
 from .prompt import THINK_END, Pair, Passage, build_prompt, forced_prompt, unpack_pair
-from .scoring import readout_ids, score
+from .readout import readout_ids, score
 from .stopping import ThinkDetector, ThinkEnd, split_reasoning
 from .store import JudgementStore, pair_key
 

@@ -6,15 +6,15 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from rank1_hf import offline  # noqa: E402
+from rank1_hf import testing  # noqa: E402
 
 # family name -> (tokenizer builder, model family); "qwen-plain" has no <think>/</think> added tokens,
 # so its </think> spans three tokens, as in Llama 3 and Mistral.
 FAMILIES = {
-    "qwen": (lambda: offline.qwen_tokenizer(), "qwen2"),
-    "qwen-plain": (lambda: offline.qwen_tokenizer(think_tokens=False), "qwen2"),
-    "llama": (offline.llama3_tokenizer, "llama"),
-    "mistral": (offline.mistral_tokenizer, "mistral"),
+    "qwen": (lambda: testing.qwen_tokenizer(), "qwen2"),
+    "qwen-plain": (lambda: testing.qwen_tokenizer(think_tokens=False), "qwen2"),
+    "llama": (testing.llama3_tokenizer, "llama"),
+    "mistral": (testing.mistral_tokenizer, "mistral"),
 }
 # How much the first token of </think> is boosted per family, so rows close it at varied steps.
 PLANT_FACTOR = {"qwen": 3.0, "qwen-plain": 3.0, "llama": 2.0, "mistral": 3.0}

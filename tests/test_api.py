@@ -19,10 +19,10 @@ from conftest import make_pairs
 from rank1_hf import pipeline
 from rank1_hf.compat import rank1
 from rank1_hf.judgement import Judgement
-from rank1_hf.offline import qwen_tokenizer, tiny_model
+from rank1_hf.testing import qwen_tokenizer, tiny_model
 from rank1_hf.prompt import query_text
 from rank1_hf.ranker import Rank1
-from rank1_hf.scoring import score
+from rank1_hf.readout import score
 from rank1_hf.store import JudgementStore, pair_key, settings_key
 
 REPO = Path(__file__).resolve().parents[1]
@@ -194,7 +194,7 @@ def test_store_behind_the_dropin_and_the_mteb_adapter(tiny, tmp_path):
 CHILD = """
 import sys
 sys.path.insert(0, sys.argv[1])
-from rank1_hf.offline import qwen_tokenizer, tiny_model
+from rank1_hf.testing import qwen_tokenizer, tiny_model
 from rank1_hf.ranker import Rank1
 from conftest import make_pairs
 tok = qwen_tokenizer()
@@ -280,6 +280,6 @@ def test_logging_truncation_forced_store_engine_and_oom(tiny, tmp_path, caplog):
 
 
 def test_importing_rank1_hf_prints_nothing():
-    code = "import rank1_hf, rank1_hf.runs, rank1_hf.pipeline, rank1_hf.store, rank1_hf.evaluate, rank1_hf.cli"
+    code = "import rank1_hf, rank1_hf.formats, rank1_hf.pipeline, rank1_hf.store, rank1_hf.evaluate, rank1_hf.cli"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout == "" and out.stderr == ""

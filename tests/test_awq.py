@@ -22,7 +22,8 @@ import torch
 
 from rank1_hf import awq
 from rank1_hf.errors import Rank1Error
-from rank1_hf.loading import input_device, load_model
+from rank1_hf.devices import input_device
+from rank1_hf.loading import load_model
 
 sys.path.insert(0, str(Path(__file__).parent))
 from awq_fixture import (  # noqa: E402
@@ -49,7 +50,7 @@ PAIRS = [
 @pytest.fixture(scope="module")
 def tokenizer():
     # A missing offline extra or a broken tokenizer build is a failure here, not a skip.
-    from rank1_hf.offline import qwen_tokenizer
+    from rank1_hf.testing import qwen_tokenizer
 
     return qwen_tokenizer()
 

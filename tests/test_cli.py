@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from rank1_hf import cli
-from rank1_hf.runs import sample_paths
+from rank1_hf.formats import sample_paths
 
 SAMPLE = sample_paths()
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory) -> str:
     """A tiny random Qwen2 with the real Qwen2.5 tokenizer, saved as a local model directory."""
-    from rank1_hf.offline import qwen_tokenizer, tiny_model
+    from rank1_hf.testing import qwen_tokenizer, tiny_model
 
     path = tmp_path_factory.getbasetemp() / "tiny-qwen"
     if not path.exists():

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rank1_hf import compare, pipeline, runs
+from rank1_hf import compare, pipeline, formats
 from rank1_hf.errors import Rank1Error
 from rank1_hf.store import JudgementStore
 
@@ -64,7 +64,7 @@ def collection(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from rank1_hf.offline import qwen_tokenizer
+    from rank1_hf.testing import qwen_tokenizer
 
     return qwen_tokenizer()
 
@@ -304,7 +304,7 @@ def test_awq_vs_dequantized_twin_report_agrees_with_store(checkpoints, collectio
 @pytest.fixture(scope="module")
 def self_compare(tokenizer, collection, tmp_path_factory):
     """A tiny in-memory model compared with itself: B finds all of A's judgements in the store."""
-    from rank1_hf.offline import tiny_model
+    from rank1_hf.testing import tiny_model
     from rank1_hf.ranker import Rank1
 
     ranker = Rank1.from_model(tiny_model(tokenizer), tokenizer, max_new_tokens=8, context_size=512)
@@ -313,7 +313,7 @@ def self_compare(tokenizer, collection, tmp_path_factory):
     with JudgementStore(store_path) as store:
         a = compare.judge_variant("A", ranker, items, store, label="tiny")
         b = compare.judge_variant("B", lambda: ranker, items, store, label="tiny again")
-    return items, a, b, runs.read_qrels(collection["qrels"])
+    return items, a, b, formats.read_qrels(collection["qrels"])
 
 
 def test_model_against_itself_gives_zero_differences(self_compare, tmp_path):
@@ -365,7 +365,7 @@ def test_input_errors_come_before_any_model_load(collection, tmp_path):
 
 def test_pairs_judged_earlier_are_reused_and_left_out_of_the_cost(tokenizer, collection, tmp_path):
     """A rerank that stopped part-way (or judged a subset) leaves judgements the comparison picks up."""
-    from rank1_hf.offline import tiny_model
+    from rank1_hf.testing import tiny_model
     from rank1_hf.ranker import Rank1
 
     ranker = Rank1.from_model(tiny_model(tokenizer, seed=2), tokenizer, max_new_tokens=8, context_size=512)

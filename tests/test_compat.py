@@ -10,7 +10,7 @@ import torch
 
 from rank1_hf import Rank1, Rank1Error
 from rank1_hf.compat import FORCE_RETHINK_MESSAGE, MAX_BATCH_SIZE, placement, rank1
-from rank1_hf.offline import qwen_tokenizer, tiny_model
+from rank1_hf.testing import qwen_tokenizer, tiny_model
 from rank1_hf.prompt import build_prompt
 
 MAX_NEW = 8  # few reasoning tokens keep every call well under a second

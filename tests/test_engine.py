@@ -11,7 +11,7 @@ from plant import plant_lengths
 from reference import reference_judge
 
 from rank1_hf import Rank1
-from rank1_hf.offline import tiny_model
+from rank1_hf.testing import tiny_model
 from rank1_hf.prompt import build_prompt
 
 QWEN_EOS = {151643}  # Qwen2.5's <|endoftext|>, the tiny model's only end-of-sequence id

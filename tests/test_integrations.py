@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from rank1_hf.errors import Rank1Error
-from rank1_hf.offline import qwen_tokenizer, tiny_model
+from rank1_hf.testing import qwen_tokenizer, tiny_model
 from rank1_hf.ranker import Rank1
 
 QUERY = "how do cats purr"

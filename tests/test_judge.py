@@ -10,7 +10,7 @@ from plant import boost_rows, plant_lengths, plant_think
 from reference import reference_judge
 
 from rank1_hf import Rank1, Rank1Error
-from rank1_hf.offline import tiny_model
+from rank1_hf.testing import tiny_model
 from rank1_hf.prompt import THINK_END, build_prompt
 from rank1_hf.stopping import ThinkDetector
 
@@ -227,7 +227,7 @@ def test_bad_input_and_bad_tokenizer(tokenizers):
 
 @pytest.fixture(scope="module")
 def smollm2_ranker():
-    from rank1_hf.offline import smollm2
+    from rank1_hf.assets import smollm2
 
     return Rank1(str(smollm2()), max_new_tokens=12, context_size=600, batch_size=2)
 

@@ -10,7 +10,7 @@ from torch import nn
 from rank1_hf import Rank1
 from rank1_hf.head import ScreenedHead, _bf16_fast, fast_head
 from rank1_hf.kv_cache import SlotCache
-from rank1_hf.offline import tiny_model
+from rank1_hf.testing import tiny_model
 
 needs_bf16 = pytest.mark.skipif(not _bf16_fast(), reason="this CPU has no fast bfloat16 (avx512_bf16/AMX) for oneDNN")
 

@@ -15,13 +15,12 @@ import pytest
 import torch
 from torch import nn
 
+from rank1_hf.devices import input_device, output_device
 from rank1_hf.errors import Rank1Error
 from rank1_hf.loading import (
     Plan,
     format_plan,
-    input_device,
     load_model,
-    output_device,
     parse_max_memory,
     plan_device_map,
 )
@@ -47,7 +46,7 @@ PROMPTS = [
 @pytest.fixture(scope="module")
 def tokenizer():
     # A missing offline extra or a broken tokenizer build is a failure here, not a skip.
-    from rank1_hf.offline import qwen_tokenizer
+    from rank1_hf.testing import qwen_tokenizer
 
     return qwen_tokenizer()
 
@@ -187,7 +186,7 @@ def test_disk_map_without_folder_is_a_rank1_error(float_checkpoint):
 
 def test_pad_token_prefers_reserved_token():
     from rank1_hf.loading import _choose_pad_token
-    from rank1_hf.offline import llama3_tokenizer
+    from rank1_hf.testing import llama3_tokenizer
 
     llama = llama3_tokenizer()
     assert llama.pad_token is None

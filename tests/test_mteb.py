@@ -15,7 +15,7 @@ from mteb.mocks.mock_tasks.reranking import MockInstructionReranking, MockRerank
 from rank1_hf import Rank1, Rank1Error  # noqa: E402
 from rank1_hf.compat import rank1  # noqa: E402
 from rank1_hf.mteb import CHECKPOINTS, Rank1CrossEncoder, meta_for, model_meta, model_metas  # noqa: E402
-from rank1_hf.offline import qwen_tokenizer, tiny_model  # noqa: E402
+from rank1_hf.testing import qwen_tokenizer, tiny_model  # noqa: E402
 
 MAX_NEW = 8
 FAST = {"engine": "generate", "max_new_tokens": MAX_NEW}  # see tests/test_compat.py for why "generate"

@@ -8,7 +8,7 @@ import pytest
 
 from rank1_hf import pipeline
 from rank1_hf.errors import Rank1Error
-from rank1_hf.prompts import DATASET_PROMPTS, resolve_dataset_prompt
+from rank1_hf.dataset_prompts import DATASET_PROMPTS, resolve_dataset_prompt
 from rank1_hf.store import JudgementStore, settings_key
 
 QUERIES = {"q1": "how do cats purr", "q2": "how do cats purr", "q3": "best bread oven"}
@@ -27,7 +27,7 @@ RUN = {
 
 @pytest.fixture(scope="module")
 def ranker():
-    from rank1_hf.offline import qwen_tokenizer, tiny_model
+    from rank1_hf.testing import qwen_tokenizer, tiny_model
     from rank1_hf.ranker import Rank1
 
     tok = qwen_tokenizer()

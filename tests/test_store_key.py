@@ -10,7 +10,7 @@ import torch
 from transformers import BitsAndBytesConfig
 
 from rank1_hf import Rank1, fingerprint, ranker as ranker_module
-from rank1_hf.offline import llama3_tokenizer, qwen_tokenizer, tiny_model
+from rank1_hf.testing import llama3_tokenizer, qwen_tokenizer, tiny_model
 from rank1_hf.store import JudgementStore, settings_key
 
 # Every field of Rank1.settings(); a field added there must get a variant below.

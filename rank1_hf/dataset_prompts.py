@@ -2,7 +2,7 @@
 
 rank1 was evaluated on some BEIR sets and on BRIGHT with a data-specific prompt wrapped around the query:
 ``FILL_QUERY_HERE`` is replaced by the (query + instruction) text and the result is used as the query.
-The texts below are transcribed by hand from the official ``prompts.py`` (orionw/rank1 at commit 30585c2,
+The texts below are transcribed by hand from the official ``dataset_prompts.py`` (orionw/rank1 at commit 30585c2,
 ``PROMPT_DICT``), byte for byte: where they differ from the paper's appendix table (trailing blank lines,
 wording, emphasis, two entirely different prompts), the code is what produced the paper's numbers.
 

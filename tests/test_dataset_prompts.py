@@ -1,5 +1,5 @@
 """The strings rank1 reads, as a specification: every expected value here is written by hand from reading
-the official rank1 code (orionw/rank1 at commit 30585c2: ``prompts.py``, ``rank1.py`` ``predict()``,
+the official rank1 code (orionw/rank1 at commit 30585c2: ``dataset_prompts.py``, ``rank1.py`` ``predict()``,
 ``run_mteb.py``), never computed by rank1-hf.
 
 The official prompt texts are in tests/data/official_prompts.json, transcribed by hand from ``PROMPT_DICT``.
@@ -14,7 +14,7 @@ import pytest
 
 from rank1_hf import Rank1Error
 from rank1_hf.prompt import build_prompt, unpack_pair
-from rank1_hf.prompts import DATASET_PROMPTS, OFFICIAL_PROMPTS, official_prompt, resolve_dataset_prompt
+from rank1_hf.dataset_prompts import DATASET_PROMPTS, OFFICIAL_PROMPTS, official_prompt, resolve_dataset_prompt
 
 OFFICIAL = {k: v for k, v in json.loads((Path(__file__).parent / "data" / "official_prompts.json").read_text()).items()
             if not k.startswith("_")}
@@ -213,7 +213,7 @@ def test_model_input_is_the_official_string(pair, template, expected):
 def test_a_ranker_builds_the_same_strings_row_by_row(tokenizers):
     """Mixed forms in one call: each row's prompt is the one the table gives for it alone."""
     from rank1_hf import Rank1
-    from rank1_hf.offline import tiny_model
+    from rank1_hf.testing import tiny_model
 
     tok = tokenizers["qwen"]
     ranker = Rank1.from_model(tiny_model(tok), tok, max_new_tokens=2, engine="generate")

@@ -1,4 +1,4 @@
-"""Readers and writers for reranking inputs and outputs (rank1_hf.runs)."""
+"""Readers and writers for reranking inputs and outputs (rank1_hf.formats)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from rank1_hf.errors import Rank1Error
-from rank1_hf.runs import (
+from rank1_hf.formats import (
     check_run,
     read_corpus,
     read_instructions,

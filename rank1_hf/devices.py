@@ -1,0 +1,40 @@
+"""Where a model computes: the device its inputs go to and the one its logits come out on.
+
+With an accelerate device map a module may keep its weights offloaded (on the meta device or the CPU) and
+run on its hook's execution device, so the hook is asked first.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    """Where a module computes: its accelerate hook's execution device, else its weights' device.
+
+    Offloaded (cpu/disk) modules keep their weights on the meta device or on cpu and run on the
+    hook's execution device, so the hook has to be asked first.
+    """
+    hook = getattr(module, "_hf_hook", None)
+    hooks = list(getattr(hook, "hooks", ())) or ([hook] if hook is not None else [])
+    for h in hooks:
+        device = getattr(h, "execution_device", None)
+        if device is not None:
+            return torch.device(f"cuda:{device}" if isinstance(device, int) else device)
+    for tensor in module.parameters():
+        if tensor.device.type != "meta":
+            return tensor.device
+    return torch.device("cpu")
+
+
+def input_device(model: PreTrainedModel) -> torch.device:
+    """The device input ids must be on: the one the token embeddings compute on."""
+    return _module_device(model.get_input_embeddings())
+
+
+def output_device(model: PreTrainedModel) -> torch.device:
+    """The device logits come out on: the one ``lm_head`` computes on."""
+    head = model.get_output_embeddings()
+    return _module_device(head) if head is not None else input_device(model)
