@@ -314,9 +314,9 @@ def _torch_device(device: Any) -> torch.device:
 
 
 def _place(module_name: str, device_map: Mapping[str, Any]) -> torch.device:
-    from rank1_hf.loading import _device_of
+    from rank1_hf.devices import mapped_device
 
-    device = _device_of(module_name, device_map)
+    device = mapped_device(module_name, device_map)
     if device is None:
         raise Rank1Error(f"the device_map places no device for '{module_name}'")
     return _torch_device(device)

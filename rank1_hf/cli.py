@@ -352,7 +352,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from .loading import format_plan, plan_device_map
+    from .planning import format_plan, plan_device_map
 
     path = _resolve_model(args.model)
     plan = plan_device_map(path, max_memory=args.max_memory, dtype=args.dtype, quantization=args.quantization,

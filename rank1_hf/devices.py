@@ -1,10 +1,14 @@
-"""Where a model computes: the device its inputs go to and the one its logits come out on.
+"""Where a model computes: the device its inputs go to, the one its logits come out on, and where a
+device map puts a module.
 
 With an accelerate device map a module may keep its weights offloaded (on the meta device or the CPU) and
 run on its hook's execution device, so the hook is asked first.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Union
 
 import torch
 from torch import nn
@@ -38,3 +42,13 @@ def output_device(model: PreTrainedModel) -> torch.device:
     """The device logits come out on: the one ``lm_head`` computes on."""
     head = model.get_output_embeddings()
     return _module_device(head) if head is not None else input_device(model)
+
+
+def mapped_device(module_name: str, device_map: Mapping[str, Union[int, str]]) -> Union[int, str, None]:
+    """The device a module lands on: the entry of its longest prefix in the map."""
+    best, best_len = None, -1
+    for prefix, device in device_map.items():
+        if prefix == "" or module_name == prefix or module_name.startswith(prefix + "."):
+            if len(prefix) > best_len:
+                best, best_len = device, len(prefix)
+    return best

@@ -17,13 +17,8 @@ from torch import nn
 
 from rank1_hf.devices import input_device, output_device
 from rank1_hf.errors import Rank1Error
-from rank1_hf.loading import (
-    Plan,
-    format_plan,
-    load_model,
-    parse_max_memory,
-    plan_device_map,
-)
+from rank1_hf.loading import load_model, parse_max_memory
+from rank1_hf.planning import Plan, format_plan, plan_device_map
 
 sys.path.insert(0, str(Path(__file__).parent))
 from awq_fixture import (  # noqa: E402
