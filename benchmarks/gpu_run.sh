@@ -12,6 +12,10 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" RANK1_HF_CACHE=/tmp/rank1-hf
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 # Engine v2 at rank1's lengths first (the figure that matters most), then the loading/quantization checks.
-timeout "${LONG_TIMEOUT:-270}" python3 benchmarks/gpu_throughput.py --long --batches 1 16 64 128 --repeats 1 \
+timeout "${LONG_TIMEOUT:-210}" python3 benchmarks/gpu_throughput.py --long --batches 1 16 64 128 --repeats 1 \
+  --engines continuous continuous-eager \
   --skip-workload ${LONG_ARGS:-} 2>&1 | tee "$OUT/gpu_long.log"
-timeout "${CHECK_TIMEOUT:-200}" python3 benchmarks/gpu_check.py ${CHECK_ARGS:-} 2>&1 | tee "$OUT/gpu_check.log"
+# Graphed v2 against eager v2 on workload 1: pairs/s and the share of rows reasoning identically (bf16).
+timeout "${WORKLOAD_TIMEOUT:-90}" python3 benchmarks/gpu_throughput.py --pairs 64 --skip-steps --engines continuous \
+  2>&1 | tee "$OUT/gpu_workload.log"
+timeout "${CHECK_TIMEOUT:-150}" python3 benchmarks/gpu_check.py ${CHECK_ARGS:-} 2>&1 | tee "$OUT/gpu_check.log"

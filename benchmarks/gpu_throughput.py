@@ -9,10 +9,16 @@ Prints, as markdown to paste into benchmarks/RESULTS.md with the card's name and
 2. with --long (rank1's real lengths: prompts of about 500 tokens, reasoning from 1,000 to 1,256 tokens):
    ms per decode step at batch 1, 16, 64 and 128, beside a floor that adds the key/value bytes each step
    must read (batch x tokens in the cache x bytes per token) to the weight bytes;
-3. pairs/s of each engine on workload 1 of benchmarks/throughput.py (heavy-tailed planted lengths).
+3. pairs/s of each engine on workload 1 of benchmarks/throughput.py (heavy-tailed planted lengths), and
+   how many rows reason exactly as the eager continuous engine does (bfloat16: different GEMM shapes can
+   flip near-ties), with the largest score difference.
 Reasoning lengths are planted (tests/plant.py) so each step count is known in advance.
 
+Engines: "generate" (model.generate), "continuous" (engine v2; on one GPU its decode steps are CUDA graphs,
+rank1_hf/decode_step.py) and "continuous-eager" (the same engine with graphs turned off).
+
     python benchmarks/gpu_throughput.py --long --batches 1 16 64 128 --repeats 1 --skip-workload
+    python benchmarks/gpu_throughput.py --pairs 64 --skip-steps
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import argparse
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -32,6 +39,7 @@ from plant import plant_lengths  # noqa: E402
 from throughput import workload  # noqa: E402
 
 from rank1_hf import Rank1  # noqa: E402
+from rank1_hf import engine as engine_module  # noqa: E402
 from rank1_hf.testing import qwen_tokenizer, tiny_model  # noqa: E402
 from rank1_hf.prompt import build_prompt  # noqa: E402
 
@@ -44,6 +52,10 @@ SHAPES = {
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+def capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def copy_bandwidth(device: torch.device) -> float:
@@ -59,18 +71,31 @@ def copy_bandwidth(device: torch.device) -> float:
     return 2 * 10 * x.numel() / (time.perf_counter() - start)
 
 
+@contextmanager
+def engine_named(ranker: Rank1, name: str, batch: int):
+    """Set the ranker up as engine ``name``; "continuous-eager" turns the captured decode step off."""
+    ranker.engine, ranker.batch_size = name.removesuffix("-eager"), batch
+    saved = engine_module.graphable
+    if name.endswith("-eager"):
+        engine_module.graphable = lambda model: False
+    try:
+        yield
+    finally:
+        engine_module.graphable = saved
+
+
 def step_ms(ranker: Rank1, tok, engine: str, batch: int, steps: int, first: int = 1, words: int = 40) -> float:
     """ms per decode step: judge ``batch`` pairs planted to reason ``steps`` tokens, minus a ``first``-step run
     (so the figure is the cost of a step with ``first``..``steps`` reasoning tokens in the cache)."""
     pairs = [("a query", "passage " * words)] * batch  # one prompt length, so every row gets the planted length
     n = len(tok(build_prompt(*pairs[0]))["input_ids"])
-    ranker.engine, ranker.batch_size = engine, batch
     times = []
-    for length in (1, first, steps):  # the first run only warms up (allocator, kernels, lazy init)
+    for length in (1, first, steps):  # the first run only warms up (allocator, kernels, lazy init, capture)
         handle = plant_lengths(ranker.model, tok, {n: length})
         sync()
         start = time.perf_counter()
-        ranker.judge(pairs)
+        with engine_named(ranker, engine, batch):
+            ranker.judge(pairs)
         sync()
         times.append(time.perf_counter() - start)
         handle.remove()
@@ -78,7 +103,11 @@ def step_ms(ranker: Rank1, tok, engine: str, batch: int, steps: int, first: int 
 
 
 class ForwardClock:
-    """Wall time spent inside ``model.forward`` (synchronized), to split engine overhead from model time."""
+    """Wall time spent inside ``model.forward`` (synchronized), to split engine overhead from model time.
+
+    A replayed CUDA graph calls no forward, so for "continuous" on a GPU this counts only its eager calls
+    (prefill, closing passes); it stays out of a capture, where a synchronize is not allowed.
+    """
 
     def __init__(self, model):
         self.total = 0.0
@@ -86,12 +115,14 @@ class ForwardClock:
         self.handles = [model.register_forward_pre_hook(self._pre), model.register_forward_hook(self._post)]
 
     def _pre(self, module, args):
-        sync()
-        self._start = time.perf_counter()
+        if not capturing():
+            sync()
+            self._start = time.perf_counter()
 
     def _post(self, module, args, output):
-        sync()
-        self.total += time.perf_counter() - self._start
+        if not capturing():
+            sync()
+            self.total += time.perf_counter() - self._start
 
     def remove(self):
         for handle in self.handles:
@@ -107,7 +138,8 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--long", action="store_true", help="rank1's lengths: ~500-token prompts, 1000-1256 reasoning tokens")
     ap.add_argument("--skip-workload", action="store_true")
-    ap.add_argument("--engines", nargs="+", default=["generate", "continuous"])
+    ap.add_argument("--skip-steps", action="store_true", help="only the workload-1 run")
+    ap.add_argument("--engines", nargs="+", default=["generate", "continuous-eager", "continuous"])
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -130,7 +162,7 @@ def main() -> None:
     # Engines alternate and each figure is the median of --repeats measurements, so a machine that
     # warms up (clocks, lazily loaded kernels, host memory growing) does not favour the engine run last.
     measured: dict[tuple[str, int], list[float]] = {}
-    for _ in range(args.repeats):
+    for _ in range(0 if args.skip_steps else args.repeats):
         for batch in args.batches:
             for engine in args.engines:
                 measured.setdefault((engine, batch), []).append(
@@ -149,21 +181,26 @@ def main() -> None:
         return
     pairs, planted, never = workload(1, tok, args.pairs)
     handle = plant_lengths(model, tok, planted, never)
-    print("\n| engine (workload 1) | pairs | s | pairs/s | generated tokens/s | steps | s in forward | slot eff |")
-    print("|---|---|---|---|---|---|---|---|")
-    for engine in ("generate", "continuous", "continuous"):
-        ranker.engine, ranker.batch_size = engine, 64
+    print("\n| engine (workload 1) | pairs | s | pairs/s | generated tokens/s | steps | s in forward | slot eff "
+          "| same reasoning as eager | max score diff |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    eager = None
+    for engine in ("continuous-eager", *args.engines, "continuous"):  # eager first: the others compare to it
         clock = ForwardClock(model)
         sync()
         start = time.perf_counter()
-        ranker.judge(pairs)
+        with engine_named(ranker, engine, 64):
+            judged = ranker.judge(pairs)
         sync()
         elapsed = time.perf_counter() - start
         clock.remove()
         st = ranker.last_stats
+        eager = eager or judged
+        same = sum(a.reasoning == b.reasoning for a, b in zip(judged, eager)) / len(pairs)
+        diff = max(abs(a.score - b.score) for a, b in zip(judged, eager))
         print(f"| {engine} | {len(pairs)} | {elapsed:.1f} | {len(pairs) / elapsed:.2f} | "
               f"{st.generated_tokens / elapsed:.0f} | {st.steps} | {clock.total:.1f} | "
-              f"{st.generated_tokens / max(st.decode_slots, 1):.3f} |")
+              f"{st.generated_tokens / max(st.decode_slots, 1):.3f} | {same:.3f} | {diff:.2e} |")
         sys.stdout.flush()
     handle.remove()
 

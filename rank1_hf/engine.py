@@ -27,10 +27,11 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
+from .decode_step import StaticDecode, graphable
+from .devices import input_device
 from .errors import Rank1Error
 from .head import fast_head, greedy_tokens
 from .kv_cache import Placement, SlotCache
-from .devices import input_device
 from .readout import forced_readout
 from .stopping import ThinkDetector, ThinkEnd
 
@@ -145,6 +146,10 @@ class ContinuousEngine:
         self.stats = EngineStats()
         self.cache: SlotCache | None = None
         self._sdpa = getattr(model.config, "_attn_implementation", "sdpa") == "sdpa"
+        # On one GPU with plain weights, decode steps are CUDA graphs (decode_step.py); its boolean mask
+        # is taken as is by sdpa attention only.
+        self._static_step = graphable(model) and self._sdpa
+        self._static: StaticDecode | None = None  # bound to the current cache and mask
 
     @staticmethod
     def supports(model: PreTrainedModel) -> bool:
@@ -223,6 +228,7 @@ class ContinuousEngine:
         if self.cache is None:
             self.cache = SlotCache(self.model, s.batch_size, capacity)
             self._visible = torch.zeros((s.batch_size, capacity + 1), dtype=torch.bool, device=input_device(self.model))
+            self._bind_static()
             return
         capacity = max(capacity, self.cache.capacity * 5 // 4)
         logger.info("growing the KV cache from %d to %d tokens per row", self.cache.capacity, capacity)
@@ -230,6 +236,12 @@ class ContinuousEngine:
         visible = self._visible.new_zeros((s.batch_size, capacity + 1))
         visible[:, : self._visible.shape[1] - 1] = self._visible[:, :-1]
         self._visible = visible
+        self._bind_static()
+
+    def _bind_static(self) -> None:
+        if self._static_step:
+            s = self.settings
+            self._static = StaticDecode(self.model, self.cache, self._visible, s.readout, s.pad_id)
 
     # ---- forward calls -------------------------------------------------------------------------------
 
@@ -281,34 +293,42 @@ class ContinuousEngine:
             self.stats.prefill_tokens += len(rows) * max(len(r.request.ids) for r in rows)
             for row in rows:
                 row.cached = len(row.request.ids)
-            self._apply(rows, logits)
+            self._apply(rows, self._pick(logits))
 
     @torch.inference_mode()
     def _decode(self, rows: list[_Row]) -> None:
         """One token for every row, over slots 0..n-1: inputs, mask and cache reads are views or O(rows)."""
-        cache, device = self.cache, input_device(self.model)
         n = len(rows)
-        last = torch.tensor([[r.tokens[-1] if r.tokens else self.settings.pad_id] for r in rows], dtype=torch.long)
-        cached = torch.tensor([[r.cached] for r in rows], dtype=torch.long)
-        width = int(cached.max()) + 1
-        cache.place(Placement(torch.arange(n), cached, width, 0))
-        self._visible[torch.arange(n), cached[:, 0]] = True
-        mask = self._visible[:n, None, None, :width]
-        logits = self._logits(last, cached, mask, device)
+        last = [r.tokens[-1] if r.tokens else self.settings.pad_id for r in rows]
+        cached = [r.cached for r in rows]
+        if self._static is not None:
+            picked = self._static.run(last, cached)
+        else:
+            positions = torch.tensor(cached, dtype=torch.long)[:, None]
+            width = max(cached) + 1
+            self.cache.place(Placement(torch.arange(n), positions, width, 0))
+            self._visible[torch.arange(n), positions[:, 0]] = True
+            mask = self._visible[:n, None, None, :width]
+            ids = torch.tensor(last, dtype=torch.long)[:, None]
+            picked = self._pick(self._logits(ids, positions, mask, input_device(self.model)))
         for row in rows:
             row.cached += 1
         self.stats.steps += 1
         self.stats.decode_slots += n
         self.stats.peak_rows = max(self.stats.peak_rows, n)
-        self._apply(rows, logits)
+        self._apply(rows, picked)
 
-    def _apply(self, rows: list[_Row], logits: torch.Tensor) -> None:
-        """One step's next-token logits (rows x vocab) applied to the rows: one device-to-host copy."""
-        s = self.settings
-        picked = torch.empty((len(rows), 3), dtype=torch.float64, device=logits.device)
+    def _pick(self, logits: torch.Tensor) -> list[tuple[float, float, float]]:
+        """(greedy token, true logit, false logit) per row of (rows, vocab) logits: one device-to-host copy."""
+        picked = torch.empty((len(logits), 3), dtype=torch.float64, device=logits.device)
         picked[:, 0] = greedy_tokens(logits)
-        picked[:, 1:] = logits[:, list(s.readout)]
-        for row, (token, t, f) in zip(rows, picked.tolist()):
+        picked[:, 1:] = logits[:, list(self.settings.readout)]
+        return picked.tolist()
+
+    def _apply(self, rows: list[_Row], picked: list[tuple[float, float, float]]) -> None:
+        """One step's (token, true, false) per row applied to the rows."""
+        s = self.settings
+        for row, (token, t, f) in zip(rows, picked):
             if row.state == READING:  # this step ran on the token that closed </think>
                 row.readout = (t, f)
                 row.state = DONE
@@ -403,7 +423,7 @@ class ContinuousEngine:
         self.settings.batch_size = max(1, len(in_flight) // 2)
         logger.warning("out of memory: retrying with at most %d rows in flight", self.settings.batch_size)
         pending.extendleft(reversed(in_flight))
-        self.cache = None
+        self.cache = self._static = None
         return []
 
 

@@ -91,6 +91,14 @@ def plant_lengths(model, tokenizer, lengths: dict[int, int], never: set[int] = f
     for n in never:
         entry[n - 1] = loop
 
+    copies: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def on_device(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        # Made on the first (uncaptured) call: a host-to-device copy cannot happen inside a capture.
+        if device not in copies:
+            copies[device] = (table.to(device), entry.to(device))
+        return copies[device]
+
     def hook(module, args, kwargs, output):
         ids = kwargs.get("input_ids", args[0] if args else None)
         logits = output.logits
@@ -104,14 +112,15 @@ def plant_lengths(model, tokenizer, lengths: dict[int, int], never: set[int] = f
             else:
                 positions = torch.arange(width - k, width).expand(ids.shape[0], -1)  # no cache, no padding
         positions = positions[:, -k:].to(ids.device)
-        target = table.to(ids.device)[ids]
-        at_entry = (ids == last_prompt_token) & (positions < entry.numel())
-        target = torch.where(at_entry, entry.to(ids.device)[positions.clamp(0, entry.numel() - 1)], target)
-        if (target >= 0).any():
-            b, p = (target >= 0).nonzero(as_tuple=True)
-            # In place: the logits are this forward's own fresh tensor, and a copy of a (rows x 151k)
-            # tensor per step would charge the harness's cost to the batched engines.
-            logits[b, p, target[b, p]] += 100.0
+        table_on, entry_on = on_device(ids.device)
+        target = table_on[ids]
+        at_entry = (ids == last_prompt_token) & (positions < entry_on.numel())
+        target = torch.where(at_entry, entry_on[positions.clamp(0, entry_on.numel() - 1)], target)
+        # In place, with fixed shapes and no host sync: the logits are this forward's own fresh tensor (a
+        # copy of a rows x 151k tensor per step would charge the harness's cost to the batched engines),
+        # and the hook also runs inside a captured CUDA graph (decode_step.py).
+        bonus = (target >= 0).to(logits.dtype) * 100.0
+        logits.scatter_add_(-1, target.clamp(min=0)[..., None], bonus[..., None])
         return output
 
     return model.register_forward_hook(hook, with_kwargs=True)
