@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from rank1_hf import compare, pipeline, formats
+from rank1_hf.cli import compare as compare_command
 from rank1_hf.errors import Rank1Error
 from rank1_hf.store import JudgementStore
 
@@ -85,9 +86,9 @@ def checkpoints(tokenizer, tmp_path_factory) -> dict[str, Path]:
 
 
 def _main(argv: list[str]) -> int:
-    """Run ``compare`` through its own parser (independent of how cli.py wires it)."""
+    """Run ``compare`` through its own parser (independent of how the cli package wires it)."""
     parser = argparse.ArgumentParser()
-    compare.add_parser(parser.add_subparsers(dest="command"))
+    compare_command.add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["compare", *argv])
     return args.func(args)
 
