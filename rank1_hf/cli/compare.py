@@ -1,5 +1,5 @@
 """``rank1-hf compare``: judge the same pairs with two variants A and B and write the report
-(:mod:`rank1_hf.compare` holds the statistics, the judging and the report)."""
+(:mod:`rank1_hf.comparison` holds the statistics, the judging and the report)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import pipeline
-from ..compare import (FIGURE_FILES, PERMUTATIONS, SEED, TEST_MEASURE, VariantRun, build_report, judge_variant,
+from ..comparison import (FIGURE_FILES, PERMUTATIONS, SEED, TEST_MEASURE, VariantRun, build_report, judge_variant,
                        release_memory, summary_lines, write_report)
 from ..errors import Rank1Error
 from ..options import LoadOptions
