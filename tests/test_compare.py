@@ -320,22 +320,22 @@ def self_compare(tokenizer, collection, tmp_path_factory):
 def test_model_against_itself_gives_zero_differences(self_compare, tmp_path):
     items, a, b, qrels = self_compare
     report = comparison.write_report(comparison.build_report(items, a, b, qrels, inputs={"top_k": 4}), tmp_path)
-    assert report["same_settings"] and b.cost["judged_now"] == 0 and a.cost["judged_now"] == 12
-    s = report["pairs"]["score"]
+    assert report.same_settings and b.cost["judged_now"] == 0 and a.cost["judged_now"] == 12
+    s = report.pairs["score"]
     assert s["mean_diff"] == s["mean_abs_diff"] == s["max_abs_diff"] == 0.0
-    assert report["pairs"]["identical_reasoning"]["fraction"] == 1.0
-    assert report["pairs"]["outcome"]["agree_fraction"] == 1.0
-    assert report["pairs"]["reasoning_tokens"]["mean_diff"] == 0.0
-    q = report["queries"]
+    assert report.pairs["identical_reasoning"]["fraction"] == 1.0
+    assert report.pairs["outcome"]["agree_fraction"] == 1.0
+    assert report.pairs["reasoning_tokens"]["mean_diff"] == 0.0
+    q = report.queries
     assert [row["kendall_tau_b"] for row in q["per_query"]] == [pytest.approx(1.0)] * 3
     assert q["kendall_tau_b"]["mean"] == pytest.approx(1.0) and q["spearman"]["mean"] == pytest.approx(1.0)
     assert q["top10_overlap"]["mean"] == 1.0
-    test = report["evaluation"]["paired_test"]
+    test = report.evaluation["paired_test"]
     assert test["p_value"] == 1.0 and test["mean_diff"] == 0.0
-    assert report["figures"]["score_diff_histogram"]["counts"][10] == 12  # all in the middle bin, at 0
+    assert report.figures["score_diff_histogram"]["counts"][10] == 12  # all in the middle bin, at 0
     on_disk = json.loads((tmp_path / "report.json").read_text())
-    assert on_disk["pairs"] == report["pairs"]
-    _check_figures(tmp_path, report)
+    assert on_disk["pairs"] == report.pairs
+    _check_figures(tmp_path, on_disk)  # the report as written
     assert "B reuses A's judgements" in "\n".join(comparison.summary_lines(report))
 
 
@@ -345,7 +345,7 @@ def test_without_matplotlib_the_text_report_still_works(self_compare, tmp_path, 
         monkeypatch.setitem(sys.modules, name, None)
     items, a, b, qrels = self_compare
     report = comparison.write_report(comparison.build_report(items, a, b, qrels), tmp_path)
-    assert "rank1-hf[plot]" in report["figures_skipped"]
+    assert "rank1-hf[plot]" in report.figures_skipped
     assert not list(tmp_path.glob("*.png"))
     md = (tmp_path / "report.md").read_text()
     assert "Figures were skipped" in md and "rank1-hf[plot]" in md

@@ -116,10 +116,10 @@ def run(args: argparse.Namespace) -> int:
     for line in summary_lines(report):
         print(line)
     print()
-    files = [FIGURE_FILES[k] for k, d in report["figures"].items() if d.get("file")]
+    files = [FIGURE_FILES[k] for k, d in report.figures.items() if d.get("file")]
     print(f"report: {report_dir / 'report.md'}, {report_dir / 'report.json'}"
           + (f", figures: {', '.join(files)}" if files else ""))
-    if report["figures_skipped"]:
-        print(f"figures skipped: {report['figures_skipped']}")
+    if report.figures_skipped:
+        print(f"figures skipped: {report.figures_skipped}")
     print(f"store: {store_path}")
     return 0

@@ -35,11 +35,11 @@ The modules: :mod:`.statistics` (rank correlations, the paired test), :mod:`.pro
 
 from .profiling import PeakMemory, release_memory
 from .render import FIGURE_FILES, markdown, summary_lines
-from .report import TEST_MEASURE, build_report, write_report
+from .report import TEST_MEASURE, Report, build_report, write_report
 from .statistics import (PERMUTATIONS, SEED, average_ranks, kendall_tau_b, paired_randomization_test, spearman_rho,
                          top_overlap)
 from .variants import VariantRun, judge_variant
 
-__all__ = ["FIGURE_FILES", "PERMUTATIONS", "SEED", "TEST_MEASURE", "PeakMemory", "VariantRun", "average_ranks",
+__all__ = ["FIGURE_FILES", "PERMUTATIONS", "SEED", "TEST_MEASURE", "PeakMemory", "Report", "VariantRun", "average_ranks",
            "build_report", "judge_variant", "kendall_tau_b", "markdown", "paired_randomization_test",
            "release_memory", "spearman_rho", "summary_lines", "top_overlap", "write_report"]

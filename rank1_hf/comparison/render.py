@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .report import Report
 
 FIGURE_FILES = {
     "score_scatter": "score_scatter.png",
@@ -14,9 +17,9 @@ FIGURE_FILES = {
 }
 
 
-def figure_data(report: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+def figure_data(report: Report) -> dict[str, dict[str, Any]]:
     """The exact data each figure draws (also stored in report.json)."""
-    rows = report["per_pair"]
+    rows = report.per_pair
     diffs = np.array([r["score_diff"] for r in rows], dtype=float)
     # Symmetric bins around 0 (an odd count puts 0 in the middle of a bin), wide enough for the largest
     # difference; a fixed [-1, 1] range would squash the small differences quantization usually gives.
@@ -32,7 +35,7 @@ def figure_data(report: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
             "x_label": "score B - A", "bin_edges": edges.tolist(), "counts": counts.astype(int).tolist(),
         },
     }
-    ev = report.get("evaluation")
+    ev = report.evaluation
     if ev and ev.get("queries"):
         data["per_query_ndcg"] = {
             "measure": ev["test_measure"], "qids": ev["per_query"]["qids"],
@@ -53,12 +56,12 @@ def _import_matplotlib() -> Any:
     return Figure
 
 
-def draw_figures(data: Mapping[str, Mapping[str, Any]], report: Mapping[str, Any], directory: Path) -> list[str]:
+def draw_figures(data: Mapping[str, Mapping[str, Any]], report: Report, directory: Path) -> list[str]:
     """Write one PNG per figure in ``data``; returns the file names. Raises ImportError without matplotlib."""
     from matplotlib.ticker import MaxNLocator
 
     Figure = _import_matplotlib()
-    label_a, label_b = (_short(report["variants"][k]["label"]) for k in ("A", "B"))
+    label_a, label_b = (_short(report.variants[k]["label"]) for k in ("A", "B"))
     written = []
 
     def save(fig: Any, name: str) -> None:
@@ -118,18 +121,29 @@ def _rate(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.2f}"
 
 
-def summary_lines(report: Mapping[str, Any]) -> list[str]:
+def _worst_pair(score: Mapping[str, Any]) -> str:
+    """The pair with the largest score difference, as qid/docid ("" without pairs)."""
+    return "/".join(score["max_abs_diff_pair"]) if score["max_abs_diff_pair"] else ""
+
+
+def _run_names(report: Report) -> dict[str, str]:
+    """The evaluated runs' names as shown in the summary and report.md."""
+    top_k = report.inputs.get("top_k")
+    return {"first_stage": f"first stage (top {top_k})" if top_k else "first stage", "A": "A", "B": "B"}
+
+
+def summary_lines(report: Report) -> list[str]:
     """The printed summary: the headline numbers of the report."""
-    va, vb = report["variants"]["A"], report["variants"]["B"]
-    p, q = report["pairs"], report["queries"]
+    va, vb = report.variants["A"], report.variants["B"]
+    p, q = report.pairs, report.queries
     s, o, r = p["score"], p["outcome"], p["reasoning_tokens"]
-    worst = "/".join(s["max_abs_diff_pair"]) if s["max_abs_diff_pair"] else ""
+    worst = _worst_pair(s)
     top = f"top{q['top_n']}_overlap"
     lines = [
         f"A: {va['label']}  (settings {va['settings_key']})",
         f"B: {vb['label']}  (settings {vb['settings_key']})",
     ]
-    if report["same_settings"]:
+    if report.same_settings:
         lines.append("note: A and B have the same settings, so B reuses A's judgements (differences are 0)")
     lines += [
         f"pairs: {p['pairs']} over {q['queries']} queries",
@@ -146,7 +160,7 @@ def summary_lines(report: Mapping[str, Any]) -> list[str]:
         f"Spearman mean {_num(q['spearman']['mean'], 3)} ({q['kendall_tau_b']['undefined']} undefined), "
         f"top-{q['top_n']} overlap mean {_num(q[top]['mean'], 3)}",
     ]
-    ev = report.get("evaluation")
+    ev = report.evaluation
     if ev is not None:
         lines.append("")
         if not ev.get("queries"):
@@ -154,8 +168,7 @@ def summary_lines(report: Mapping[str, Any]) -> list[str]:
         else:
             from ..evaluate import format_table
 
-            top_k = report["inputs"].get("top_k")
-            names = {"first_stage": f"first stage (top {top_k})" if top_k else "first stage", "A": "A", "B": "B"}
+            names = _run_names(report)
             lines.append(f"evaluation over the {ev['queries']} queries with qrels:")
             lines += format_table({names[k]: v for k, v in ev["measures"].items()}).splitlines()
             t = ev["paired_test"]
@@ -172,18 +185,18 @@ def summary_lines(report: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def markdown(report: Mapping[str, Any]) -> str:
+def markdown(report: Report) -> str:
     """report.md: the summary as tables, the figures, and how each number was computed."""
-    va, vb = report["variants"]["A"], report["variants"]["B"]
-    p, q = report["pairs"], report["queries"]
+    va, vb = report.variants["A"], report.variants["B"]
+    p, q = report.pairs, report.queries
     s, r = p["score"], p["reasoning_tokens"]
-    out = ["# rank1 variant comparison", "", f"Created {report['created']}.", ""]
+    out = ["# rank1 variant comparison", "", f"Created {report.created}.", ""]
     out += ["| | model | settings key | pairs judged now | reused from store |", "|---|---|---|---:|---:|"]
     for name, v in (("A", va), ("B", vb)):
         out.append(f"| {name} | {v['label']} | `{v['settings_key']}` | {v['judged_now']} | {v['reused']} |")
-    if report["same_settings"]:
+    if report.same_settings:
         out += ["", "A and B have the same settings: B reuses A's judgements, so every difference is 0."]
-    worst = "/".join(s["max_abs_diff_pair"]) if s["max_abs_diff_pair"] else ""
+    worst = _worst_pair(s)
     out += [
         "", f"## Pairs ({p['pairs']})", "",
         "| | value |", "|---|---:|",
@@ -220,15 +233,14 @@ def markdown(report: Mapping[str, Any]) -> str:
         out.append(f"| {row['qid']} | {row['candidates']} | {_num(row['kendall_tau_b'], 3)} | "
                    f"{_num(row['spearman'], 3)} | {_num(row[top], 2)} |")
 
-    ev = report.get("evaluation")
+    ev = report.evaluation
     if ev is not None:
         out += ["", "## Evaluation", ""]
         if not ev.get("queries"):
             out.append(ev["note"] + ".")
         else:
             names = list(next(iter(ev["measures"].values())))
-            top_k = report["inputs"].get("top_k")
-            rows = {"first_stage": f"first stage (top {top_k})" if top_k else "first stage", "A": "A", "B": "B"}
+            rows = _run_names(report)
             out += [f"Over the {ev['queries']} queries of the run that have qrels.", "",
                     "| run | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
             for run_name, values in ev["measures"].items():
@@ -254,9 +266,9 @@ def markdown(report: Mapping[str, Any]) -> str:
                    f"{_bytes(c['peak_memory_bytes'])} | {_bytes(c['weights_bytes'])} | {_num(c['load_s'], 1)} | "
                    f"{c['memory_measure']} |")
     out += ["", "## Figures", ""]
-    figures = report.get("figures", {})
-    if report.get("figures_skipped"):
-        out.append(f"Figures were skipped: {report['figures_skipped']}. Their data is in report.json.")
+    figures = report.figures or {}
+    if report.figures_skipped:
+        out.append(f"Figures were skipped: {report.figures_skipped}. Their data is in report.json.")
     else:
         for name, d in figures.items():
             if d.get("file"):

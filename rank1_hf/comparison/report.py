@@ -7,6 +7,7 @@ import json
 import os
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -21,6 +22,35 @@ from .variants import VariantRun
 TEST_MEASURE = "nDCG@10"
 REPORT_VERSION = 1
 _PLOT_HINT = "matplotlib is not installed: pip install 'rank1-hf[plot]'"
+
+
+@dataclass
+class Report:
+    """Every number of a comparison as plain JSON values; report.json is :meth:`to_json`.
+
+    ``figures`` (the data and file of each figure) and ``figures_skipped`` (None, or why there are none)
+    are filled in by :func:`write_report`.
+    """
+
+    version: int
+    created: str
+    inputs: dict[str, Any]
+    same_settings: bool
+    variants: dict[str, Any]
+    pairs: dict[str, Any]
+    queries: dict[str, Any]
+    evaluation: dict[str, Any] | None
+    per_pair: list[dict[str, Any]]
+    figures: dict[str, Any] | None = None
+    figures_skipped: str | None = None
+
+    def to_json(self) -> str:
+        """report.json's text (the fields in order; figures only once written)."""
+        data = {f: getattr(self, f) for f in self.__dataclass_fields__}
+        if self.figures is None:
+            del data["figures"], data["figures_skipped"]
+        # allow_nan=False: a NaN would make report.json unreadable to strict JSON parsers; None is used instead.
+        return json.dumps(data, indent=1, ensure_ascii=False, allow_nan=False) + "\n"
 
 
 def _describe(values: Sequence[float | None]) -> dict[str, Any]:
@@ -203,28 +233,28 @@ def build_report(
     permutations: int = PERMUTATIONS,
     seed: int = SEED,
     inputs: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Every number of the comparison as plain JSON values (figure data is added by :func:`write_report`).
+) -> Report:
+    """Every number of the comparison (figure data is added by :func:`write_report`).
 
     Pairs are the job's items (a pair repeated under another id counts each time, as in the run).
     """
     if not items:
         raise Rank1Error("nothing to compare: no pairs")
     rows = pair_rows(items, a, b)
-    return {
-        "version": REPORT_VERSION,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "inputs": dict(inputs or {}),
-        "same_settings": a.settings_key == b.settings_key,
-        "variants": {"A": _variant_info(a), "B": _variant_info(b)},
-        "pairs": pair_statistics(rows),
-        "queries": query_statistics(items, a, b),
-        "evaluation": evaluation(items, a, b, qrels, measures, test_measure, permutations, seed) if qrels else None,
-        "per_pair": rows,
-    }
+    return Report(
+        version=REPORT_VERSION,
+        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        inputs=dict(inputs or {}),
+        same_settings=a.settings_key == b.settings_key,
+        variants={"A": _variant_info(a), "B": _variant_info(b)},
+        pairs=pair_statistics(rows),
+        queries=query_statistics(items, a, b),
+        evaluation=evaluation(items, a, b, qrels, measures, test_measure, permutations, seed) if qrels else None,
+        per_pair=rows,
+    )
 
 
-def write_report(report: dict[str, Any], directory: str | os.PathLike[str], figures: bool = True) -> dict[str, Any]:
+def write_report(report: Report, directory: str | os.PathLike[str], figures: bool = True) -> Report:
     """Write report.json, report.md and the PNG figures into ``directory``; returns ``report`` completed
     with ``figures`` (data and file of each) and ``figures_skipped`` (None, or why there are none)."""
     target = Path(directory)
@@ -241,10 +271,8 @@ def write_report(report: dict[str, Any], directory: str | os.PathLike[str], figu
         d["file"] = FIGURE_FILES[name] if FIGURE_FILES[name] in written else None
     if "per_query_ndcg" not in data:
         data["per_query_ndcg"] = {"file": None, "note": "no evaluation (needs --qrels)"}
-    report["figures"] = data
-    report["figures_skipped"] = skipped
-    # allow_nan=False: a NaN would make report.json unreadable to strict JSON parsers; None is used instead.
-    text = json.dumps(report, indent=1, ensure_ascii=False, allow_nan=False) + "\n"
-    formats._write_atomic(target / "report.json", [text])
+    report.figures = data
+    report.figures_skipped = skipped
+    formats._write_atomic(target / "report.json", [report.to_json()])
     formats._write_atomic(target / "report.md", [markdown(report)])
     return report
