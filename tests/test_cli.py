@@ -339,3 +339,10 @@ def test_late_error_keeps_finished_judgements(model_dir, files, capsys, monkeypa
     monkeypatch.undo()
     assert cli.main([*args, "--max-new-tokens", "4"]) == 0
     assert _count(capsys.readouterr().out, "reused from store") == 3
+
+
+def test_the_quantization_choices_are_loadings():
+    from rank1_hf import loading
+    from rank1_hf.cli import common
+
+    assert common.QUANTIZATIONS == loading.QUANTIZATIONS

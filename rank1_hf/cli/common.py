@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import Rank1Error
-from ..loading import QUANTIZATIONS
 from ..options import ENGINES, JudgeOptions, LoadOptions
 
+# loading.QUANTIZATIONS, retyped so that parsing a command line does not import torch (loading does);
+# tests/test_cli.py keeps the two equal.
+QUANTIZATIONS = ("bnb-4bit", "bnb-8bit")
 PROG = "rank1-hf"
 DEMO_NAMES = ("demo", "demo:smollm2")
 DEMO_NOTE = (

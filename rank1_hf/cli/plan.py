@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..loading import QUANTIZATIONS
-from .common import resolve_model
+from .common import QUANTIZATIONS, resolve_model
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
