@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from awq_fixture import build_awq_checkpoint, save_float_checkpoint  # noqa: E402
 
-from rank1_hf.compare import PeakMemory  # noqa: E402
+from rank1_hf.comparison import PeakMemory  # noqa: E402
 from rank1_hf.loading import load_model  # noqa: E402
 
 WORDS = "cat dog bread oven yeast river mountain law court judge software python compiler vitamin protein".split()

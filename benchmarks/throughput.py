@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from plant import plant_lengths  # noqa: E402
 
 from rank1_hf import Rank1  # noqa: E402
-from rank1_hf.compare import PeakMemory  # noqa: E402
+from rank1_hf.comparison import PeakMemory  # noqa: E402
 from rank1_hf.prompt import build_prompt  # noqa: E402
 from rank1_hf.readout import readout_ids, score  # noqa: E402
 

@@ -39,9 +39,9 @@ from transformers import (
 )
 
 from rank1_hf.errors import Rank1Error
+from rank1_hf.options import QUANTIZATIONS
 
 __all__ = [
-    "QUANTIZATIONS",
     "is_awq_config",
     "load_model",
     "parse_max_memory",
@@ -52,8 +52,6 @@ DeviceKey = Union[int, str]
 MaxMemory = dict[DeviceKey, Union[int, str]]
 DtypeLike = Union[str, torch.dtype, None]
 
-#: The quantization names ``load_model(quantization=...)`` accepts (besides a BitsAndBytesConfig).
-QUANTIZATIONS = ("bnb-4bit", "bnb-8bit")
 
 #: device_map strategies that accelerate computes from ``max_memory``.
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")

@@ -13,6 +13,8 @@ from typing import Any
 from .errors import Rank1Error
 
 ENGINES = ("auto", "continuous", "generate")
+#: The quantization names ``load_model(quantization=...)`` accepts (besides a BitsAndBytesConfig).
+QUANTIZATIONS = ("bnb-4bit", "bnb-8bit")
 
 
 @dataclass(frozen=True)

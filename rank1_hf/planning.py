@@ -19,7 +19,6 @@ from rank1_hf.devices import mapped_device
 from rank1_hf.errors import Rank1Error
 from rank1_hf.loading import (
     DEVICE_MAP_STRATEGIES,
-    QUANTIZATIONS,
     DeviceKey,
     DtypeLike,
     MaxMemory,
@@ -32,6 +31,7 @@ from rank1_hf.loading import (
     parse_max_memory,
     resolve_dtype,
 )
+from rank1_hf.options import QUANTIZATIONS
 
 __all__ = ["Plan", "format_plan", "plan_device_map"]
 

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rank1_hf import compare, pipeline, formats
+from rank1_hf import comparison, pipeline, formats
+from rank1_hf.cli import compare as compare_command
 from rank1_hf.errors import Rank1Error
 from rank1_hf.store import JudgementStore
 
@@ -85,9 +86,9 @@ def checkpoints(tokenizer, tmp_path_factory) -> dict[str, Path]:
 
 
 def _main(argv: list[str]) -> int:
-    """Run ``compare`` through its own parser (independent of how cli.py wires it)."""
+    """Run ``compare`` through its own parser (independent of how the cli package wires it)."""
     parser = argparse.ArgumentParser()
-    compare.add_parser(parser.add_subparsers(dest="command"))
+    compare_command.add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["compare", *argv])
     return args.func(args)
 
@@ -134,7 +135,7 @@ def _stored(store: Path, key: str) -> dict[tuple[str, str], dict]:
 
 def _check_figures(report_dir: Path, report: dict) -> None:
     """Valid PNGs that matplotlib reads back, or (without matplotlib) none and the reason said."""
-    for name in compare.FIGURE_FILES.values():
+    for name in comparison.FIGURE_FILES.values():
         if HAVE_MATPLOTLIB:
             _check_png(report_dir / name)
         else:
@@ -211,33 +212,33 @@ def test_kendall_and_spearman_match_brute_force_and_scipy():
         n = int(rng.integers(2, 12))
         # Few distinct values, so there are ties in both lists.
         x, y = rng.integers(0, 4, n).astype(float), rng.integers(0, 4, n).astype(float)
-        tau = compare.kendall_tau_b(x, y)
+        tau = comparison.kendall_tau_b(x, y)
         if len(set(x)) > 1 and len(set(y)) > 1:
             assert tau == pytest.approx(_brute_tau_b(x, y), abs=1e-12)
         else:
             assert tau is None
     x = [0.1, 0.5, 0.5, 0.9, 0.3]
-    assert compare.kendall_tau_b(x, x) == pytest.approx(1.0) and compare.spearman_rho(x, x) == pytest.approx(1.0)
-    assert compare.kendall_tau_b(x, [-v for v in x]) == pytest.approx(-1.0)
-    assert compare.kendall_tau_b([0.2], [0.3]) is None and compare.spearman_rho([0.4, 0.4], [0.1, 0.2]) is None
-    assert compare.average_ranks([3.0, 1.0, 3.0, 2.0]).tolist() == [3.5, 1.0, 3.5, 2.0]
+    assert comparison.kendall_tau_b(x, x) == pytest.approx(1.0) and comparison.spearman_rho(x, x) == pytest.approx(1.0)
+    assert comparison.kendall_tau_b(x, [-v for v in x]) == pytest.approx(-1.0)
+    assert comparison.kendall_tau_b([0.2], [0.3]) is None and comparison.spearman_rho([0.4, 0.4], [0.1, 0.2]) is None
+    assert comparison.average_ranks([3.0, 1.0, 3.0, 2.0]).tolist() == [3.5, 1.0, 3.5, 2.0]
     stats = pytest.importorskip("scipy.stats", reason="the cross-check against scipy needs scipy")
     for _ in range(10):
         x, y = rng.integers(0, 5, 9).astype(float), rng.normal(size=9)
-        assert compare.kendall_tau_b(x, y) == pytest.approx(stats.kendalltau(x, y).statistic, abs=1e-12)
-        assert compare.spearman_rho(x, y) == pytest.approx(stats.spearmanr(x, y).statistic, abs=1e-12)
+        assert comparison.kendall_tau_b(x, y) == pytest.approx(stats.kendalltau(x, y).statistic, abs=1e-12)
+        assert comparison.spearman_rho(x, y) == pytest.approx(stats.spearmanr(x, y).statistic, abs=1e-12)
 
 
 def test_top_overlap():
-    assert compare.top_overlap(list("abcdefghijkl"), list("lkjihgfedcba")) == pytest.approx(0.8)
-    assert compare.top_overlap(["a", "b"], ["b", "a"]) == 1.0
-    assert compare.top_overlap(["a", "b"], ["b", "c"], n=1) == 0.0
+    assert comparison.top_overlap(list("abcdefghijkl"), list("lkjihgfedcba")) == pytest.approx(0.8)
+    assert comparison.top_overlap(["a", "b"], ["b", "a"]) == 1.0
+    assert comparison.top_overlap(["a", "b"], ["b", "c"], n=1) == 0.0
 
 
 def test_paired_test_exact_monte_carlo_and_degenerate():
     a = [0.2, 0.5, 0.4, 0.9, 0.3, 0.6]
     b = [0.3, 0.7, 0.4, 0.8, 0.6, 0.9]
-    exact = compare.paired_randomization_test(a, b)
+    exact = comparison.paired_randomization_test(a, b)
     d = np.subtract(b, a)
     hits = sum(abs(np.mean(np.multiply(s, d))) >= abs(d.mean()) - 1e-12
                for s in itertools.product((1, -1), repeat=len(d)))
@@ -246,13 +247,13 @@ def test_paired_test_exact_monte_carlo_and_degenerate():
 
     rng = np.random.default_rng(1)
     a16, b16 = rng.random(16), rng.random(16)
-    sampled = compare.paired_randomization_test(a16, b16, permutations=10_000, seed=5)
+    sampled = comparison.paired_randomization_test(a16, b16, permutations=10_000, seed=5)
     assert sampled["method"] == "Monte Carlo: 10000 random sign assignments, seed 5"
-    assert compare.paired_randomization_test(a16, b16, permutations=10_000, seed=5) == sampled  # seeded
-    full = compare.paired_randomization_test(a16, b16, permutations=2**16)  # exact over 65536
+    assert comparison.paired_randomization_test(a16, b16, permutations=10_000, seed=5) == sampled  # seeded
+    full = comparison.paired_randomization_test(a16, b16, permutations=2**16)  # exact over 65536
     assert abs(sampled["p_value"] - full["p_value"]) < 0.02
 
-    same = compare.paired_randomization_test(a, a)
+    same = comparison.paired_randomization_test(a, a)
     assert same["p_value"] == 1.0 and same["mean_diff"] == 0.0 and same["method"].startswith("degenerate")
 
 
@@ -311,31 +312,31 @@ def self_compare(tokenizer, collection, tmp_path_factory):
     items = pipeline.load_items(collection["run"], collection["queries"], collection["corpus"])
     store_path = tmp_path_factory.mktemp("self") / "s.sqlite"
     with JudgementStore(store_path) as store:
-        a = compare.judge_variant("A", ranker, items, store, label="tiny")
-        b = compare.judge_variant("B", lambda: ranker, items, store, label="tiny again")
+        a = comparison.judge_variant("A", ranker, items, store, label="tiny")
+        b = comparison.judge_variant("B", lambda: ranker, items, store, label="tiny again")
     return items, a, b, formats.read_qrels(collection["qrels"])
 
 
 def test_model_against_itself_gives_zero_differences(self_compare, tmp_path):
     items, a, b, qrels = self_compare
-    report = compare.write_report(compare.build_report(items, a, b, qrels, inputs={"top_k": 4}), tmp_path)
-    assert report["same_settings"] and b.cost["judged_now"] == 0 and a.cost["judged_now"] == 12
-    s = report["pairs"]["score"]
+    report = comparison.write_report(comparison.build_report(items, a, b, qrels, inputs={"top_k": 4}), tmp_path)
+    assert report.same_settings and b.cost["judged_now"] == 0 and a.cost["judged_now"] == 12
+    s = report.pairs["score"]
     assert s["mean_diff"] == s["mean_abs_diff"] == s["max_abs_diff"] == 0.0
-    assert report["pairs"]["identical_reasoning"]["fraction"] == 1.0
-    assert report["pairs"]["outcome"]["agree_fraction"] == 1.0
-    assert report["pairs"]["reasoning_tokens"]["mean_diff"] == 0.0
-    q = report["queries"]
+    assert report.pairs["identical_reasoning"]["fraction"] == 1.0
+    assert report.pairs["outcome"]["agree_fraction"] == 1.0
+    assert report.pairs["reasoning_tokens"]["mean_diff"] == 0.0
+    q = report.queries
     assert [row["kendall_tau_b"] for row in q["per_query"]] == [pytest.approx(1.0)] * 3
     assert q["kendall_tau_b"]["mean"] == pytest.approx(1.0) and q["spearman"]["mean"] == pytest.approx(1.0)
     assert q["top10_overlap"]["mean"] == 1.0
-    test = report["evaluation"]["paired_test"]
+    test = report.evaluation["paired_test"]
     assert test["p_value"] == 1.0 and test["mean_diff"] == 0.0
-    assert report["figures"]["score_diff_histogram"]["counts"][10] == 12  # all in the middle bin, at 0
+    assert report.figures["score_diff_histogram"]["counts"][10] == 12  # all in the middle bin, at 0
     on_disk = json.loads((tmp_path / "report.json").read_text())
-    assert on_disk["pairs"] == report["pairs"]
-    _check_figures(tmp_path, report)
-    assert "B reuses A's judgements" in "\n".join(compare.summary_lines(report))
+    assert on_disk["pairs"] == report.pairs
+    _check_figures(tmp_path, on_disk)  # the report as written
+    assert "B reuses A's judgements" in "\n".join(comparison.summary_lines(report))
 
 
 def test_without_matplotlib_the_text_report_still_works(self_compare, tmp_path, monkeypatch):
@@ -343,8 +344,8 @@ def test_without_matplotlib_the_text_report_still_works(self_compare, tmp_path, 
     for name in ("matplotlib", "matplotlib.figure"):
         monkeypatch.setitem(sys.modules, name, None)
     items, a, b, qrels = self_compare
-    report = compare.write_report(compare.build_report(items, a, b, qrels), tmp_path)
-    assert "rank1-hf[plot]" in report["figures_skipped"]
+    report = comparison.write_report(comparison.build_report(items, a, b, qrels), tmp_path)
+    assert "rank1-hf[plot]" in report.figures_skipped
     assert not list(tmp_path.glob("*.png"))
     md = (tmp_path / "report.md").read_text()
     assert "Figures were skipped" in md and "rank1-hf[plot]" in md
@@ -372,7 +373,7 @@ def test_pairs_judged_earlier_are_reused_and_left_out_of_the_cost(tokenizer, col
     items = pipeline.load_items(collection["run"], collection["queries"], collection["corpus"])
     with JudgementStore(tmp_path / "s.sqlite") as store:
         earlier = pipeline.judge_items(ranker, items[:5], store, shard=pipeline.Shard())
-        variant = compare.judge_variant("A", ranker, items, store)
+        variant = comparison.judge_variant("A", ranker, items, store)
     assert variant.cost["reused"] == 5 and variant.cost["judged_now"] == 7
     assert "7 pairs judged now; 5 were reused" in variant.cost["note"]
     assert variant.cost["pairs_per_s"] > 0 and variant.cost["load_s"] is None  # a loaded ranker: no load time

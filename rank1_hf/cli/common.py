@@ -1,0 +1,220 @@
+"""What the commands share: the demo model, making a Rank1 from parsed arguments (the loading options
+from :class:`~rank1_hf.options.LoadOptions`, the judging ones mapping to
+:class:`~rank1_hf.options.JudgeOptions`), the number checks, the input pre-flight and the progress bar."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..errors import Rank1Error
+from ..options import ENGINES, QUANTIZATIONS, JudgeOptions, LoadOptions
+
+PROG = "rank1-hf"
+DEMO_NAMES = ("demo", "demo:smollm2")
+DEMO_NOTE = (
+    "--model demo is SmolLM2-135M-Instruct, a small general chat model, NOT a rank1 model: it shows the "
+    "pipeline working offline; its scores say nothing about rank1's quality"
+)
+
+
+def is_demo(name: str) -> bool:
+    """Whether ``--model`` names the offline demo model (SmolLM2, not a rank1 model)."""
+    return name.lower() in DEMO_NAMES
+
+
+def resolve_model(name: str) -> str:
+    """The path or hub id to load: the demo model's local path, or ``name`` as given."""
+    if is_demo(name):
+        from ..assets import smollm2
+
+        return str(smollm2())
+    return name
+
+
+def positive(name: str, value: int | float | None) -> None:
+    """``--name`` must be positive when given."""
+    if value is not None and value <= 0:
+        raise Rank1Error(f"--{name} must be positive, got {value}")
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+# The help of each LoadOptions field's flag; a prefixed (compare variant) side words a few more briefly.
+_LOAD_HELP = {
+    "dtype": "auto (default), float16, bfloat16 or float32",
+    "device_map": "cpu, cuda:0, auto, balanced, sequential, ... (default: one device)",
+    "max_memory": "per-device budget, e.g. 0=40GiB,1=40GiB,cpu=100GiB",
+    "offload_folder": "folder for weights offloaded to disk",
+    "quantization": "quantize on load (AWQ checkpoints need no flag)",
+    "trust_remote_code": "run code shipped with the checkpoint",
+    "revision": "hub branch, tag or commit",
+}
+_PREFIXED_LOAD_HELP = {
+    **_LOAD_HELP,
+    "device_map": "cpu, cuda:0, auto, balanced, sequential, ...",
+    "max_memory": "per-device budget, e.g. 0=40GiB,cpu=100GiB",
+    "trust_remote_code": None,
+}
+
+
+def _flag(prefix: str, name: str) -> str:
+    return f"--{prefix}{name.replace('_', '-')}"
+
+
+def add_load_arguments(parser: Any, prefix: str = "") -> None:
+    """One flag per :class:`LoadOptions` field (``--dtype``, ...; ``--a-dtype`` with ``prefix="a-"``)."""
+    help_of = _PREFIXED_LOAD_HELP if prefix else _LOAD_HELP
+    for f in dataclasses.fields(LoadOptions):
+        kwargs: dict[str, Any] = {}
+        if f.name == "trust_remote_code":
+            kwargs["action"] = "store_true"
+        if f.name == "quantization":
+            kwargs["choices"] = QUANTIZATIONS
+        if help_of[f.name] is not None:
+            kwargs["help"] = help_of[f.name]
+        parser.add_argument(_flag(prefix, f.name), **kwargs)
+
+
+def load_options(args: argparse.Namespace, prefix: str = "") -> LoadOptions:
+    """The :class:`LoadOptions` given by the flags of :func:`add_load_arguments`."""
+    dest = prefix.replace("-", "_")
+    return LoadOptions(**{f.name: getattr(args, dest + f.name) for f in dataclasses.fields(LoadOptions)})
+
+
+# ---------------------------------------------------------------------------------------------- judging
+
+
+def add_judge_arguments(parser: argparse.ArgumentParser) -> None:
+    """The judging flags (the fields of :class:`JudgeOptions` the CLI offers) and ``--threads``."""
+    g = parser.add_argument_group("judging")
+    g.add_argument("--max-new-tokens", type=int, default=8192, help="reasoning cap (default 8192, as the reference)")
+    g.add_argument("--context-size", type=int, default=16000,
+                   help="prompt + max-new-tokens must fit; longer passages are cut, passage only (default 16000)")
+    g.add_argument("--batch-size", type=int, help="pairs decoded together (default 32 on GPU, 16 on CPU)")
+    g.add_argument("--engine", choices=ENGINES, default="auto")
+    g.add_argument("--threads", type=int,
+                   help="CPU threads for torch (default: torch's choice; 1 is much faster on a busy shared CPU)")
+    g.add_argument("--dataset-prompt", metavar="TEMPLATE_OR_NAME",
+                   help="a template containing FILL_QUERY_HERE, or the name of an official rank1 prompt (e.g. "
+                        "SciFact, touche2020, bright-pony; a BRIGHT subset without its own, e.g. bright-biology, "
+                        "gets BrightRetrieval's)")
+
+
+def judge_options(args: argparse.Namespace) -> JudgeOptions:
+    """The :class:`JudgeOptions` given by the flags of :func:`add_judge_arguments` (a named dataset prompt
+    resolved to its template)."""
+    from ..dataset_prompts import resolve_dataset_prompt
+
+    return JudgeOptions(max_new_tokens=args.max_new_tokens, context_size=args.context_size,
+                        batch_size=args.batch_size, dataset_prompt=resolve_dataset_prompt(args.dataset_prompt),
+                        engine=args.engine)
+
+
+def set_threads(threads: int | None) -> None:
+    """``--threads``: torch's CPU thread count, when given."""
+    if threads is None:
+        return
+    import torch
+
+    positive("threads", threads)
+    # With other busy processes on the same cores, OpenMP threads wait on each other and a forward
+    # pass can get 10x slower (seen with 2 threads on 2 shared cores); one thread avoids that.
+    torch.set_num_threads(threads)
+
+
+def make_ranker(model: str, load: LoadOptions, judge: JudgeOptions, threads: int | None, *,
+                show_progress_bar: bool | None = None):
+    """Load ``model`` into a Rank1 (imports torch/transformers on first use)."""
+    from ..ranker import Rank1
+
+    set_threads(threads)
+    return Rank1(resolve_model(model), **load.as_kwargs(), **dataclasses.asdict(judge),
+                 show_progress_bar=show_progress_bar)
+
+
+# ---------------------------------------------------------------------------------------------- pre-flight
+
+
+def fill_inputs(args: argparse.Namespace, command: str) -> None:
+    """``--sample`` fills the input files not given; then --run, --queries and --corpus must be there."""
+    from .. import formats
+
+    if args.sample:
+        for name, path in formats.sample_paths().items():
+            if getattr(args, name) is None:
+                setattr(args, name, str(path))
+    missing = [f"--{n}" for n in ("run", "queries", "corpus") if getattr(args, n) is None]
+    if missing:
+        raise Rank1Error(f"{command} needs {', '.join(missing)} (or --sample for the bundled sample)")
+
+
+def check_arguments(args: argparse.Namespace, command: str, *, positives: tuple[str, ...],
+                    models: tuple[str, ...]) -> None:
+    """The first checks rerank and compare make, in order: fill the inputs, the positive numbers, the
+    demo note, the dataset prompt's name (a bad name fails now, not after loading the model)."""
+    from ..dataset_prompts import resolve_dataset_prompt
+
+    fill_inputs(args, command)
+    for name in positives:
+        positive(name.replace("_", "-"), getattr(args, name))
+    for model in models:
+        if is_demo(model):
+            print(f"note: {DEMO_NOTE}", file=sys.stderr)
+    resolve_dataset_prompt(args.dataset_prompt)
+
+
+def read_inputs(args: argparse.Namespace, *, with_qrels: bool = True,
+                measures: list[str] | None = None) -> tuple[list, dict | None]:
+    """The pairs to judge and the qrels (None without ``--qrels`` or ``with_qrels``), read before the
+    (slow) model load so that everything wrong with the inputs is found first; with qrels the evaluation's
+    optional dependency (and ``measures``, when given) must be there."""
+    from .. import formats, pipeline
+
+    items = pipeline.load_items(args.run, args.queries, args.corpus, args.instructions, args.top_k)
+    if not items:
+        raise Rank1Error(f"{args.run}: the run has no pairs")
+    qrels = formats.read_qrels(args.qrels) if args.qrels and with_qrels else None
+    if qrels is not None:
+        from ..evaluate import _ir_measures, _parse
+
+        if measures is None:
+            _ir_measures()  # a missing optional dependency fails now, not after the judging
+        else:
+            _parse(_ir_measures(), measures)  # missing package or bad name: now
+    return items, qrels
+
+
+def distinct_paths(paths: list[Path]) -> list[Path]:
+    """The --store paths in order, each file once (the same file given twice is read once)."""
+    seen: dict[Path, Path] = {}
+    for p in paths:
+        seen.setdefault(p.resolve(), p)
+    return list(seen.values())
+
+
+class ProgressBar:
+    """A tqdm bar over the pairs this process judges (pairs/s and ETA), or nothing."""
+
+    def __init__(self, enabled: bool, shard: Any) -> None:
+        self.enabled, self.shard, self.bar = enabled, shard, None
+
+    def start(self, todo: int, reused: int) -> None:
+        if not self.enabled or todo == 0:
+            return
+        from tqdm.auto import tqdm
+
+        desc = "rank1" if self.shard.world_size == 1 else f"rank1 [{self.shard.rank}/{self.shard.world_size}]"
+        self.bar = tqdm(total=todo, unit="pair", desc=desc, dynamic_ncols=True, position=self.shard.rank)
+
+    def update(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

@@ -1,0 +1,47 @@
+"""``rank1-hf score``: judge one (query, passage) pair and print the reasoning."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+from ..errors import Rank1Error
+from .common import (DEMO_NOTE, add_judge_arguments, add_load_arguments, is_demo, judge_options, load_options,
+                     make_ranker)
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Define the ``score`` subcommand; returns its parser."""
+    p = subparsers.add_parser("score", help="judge one (query, passage) pair and print the reasoning")
+    p.add_argument("--model", required=True)
+    p.add_argument("--query", required=True)
+    p.add_argument("--passage", required=True)
+    p.add_argument("--instruction")
+    add_judge_arguments(p)
+    add_load_arguments(p.add_argument_group("model loading"))
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """The ``score`` subcommand."""
+    for text, name in ((args.query, "--query"), (args.passage, "--passage")):
+        if not text.strip():
+            raise Rank1Error(f"{name} is empty")
+    if is_demo(args.model):
+        print(f"note: {DEMO_NOTE}", file=sys.stderr)
+    ranker = make_ranker(args.model, load_options(args), judge_options(args), args.threads, show_progress_bar=False)
+    started = time.monotonic()
+    (j,) = ranker.judge([(args.query, args.passage, args.instruction)], show_progress_bar=False)
+    print("reasoning:")
+    print(j.reasoning)
+    print()
+    print(f"outcome: {j.outcome}")
+    print(f"score: {j.score:.6f}")
+    print(f"reasoning tokens: {j.reasoning_tokens}, prompt tokens: {j.prompt_tokens}, "
+          f"{time.monotonic() - started:.1f} s")
+    if j.truncated:
+        print("note: the passage was cut to fit --context-size")
+    return 0
