@@ -156,11 +156,10 @@ def main() -> None:
         clock = ForwardClock(model)
         sync()
         start = time.perf_counter()
-        ranker.judge(pairs)
+        st = ranker.judge_with_stats(pairs).stats
         sync()
         elapsed = time.perf_counter() - start
         clock.remove()
-        st = ranker.last_stats
         print(f"| {engine} | {len(pairs)} | {elapsed:.1f} | {len(pairs) / elapsed:.2f} | "
               f"{st.generated_tokens / elapsed:.0f} | {st.steps} | {clock.total:.1f} | "
               f"{st.generated_tokens / max(st.decode_slots, 1):.3f} |")
