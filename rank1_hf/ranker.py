@@ -19,6 +19,7 @@ to fit the context, unfinished reasoning, out-of-memory retries.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -36,7 +37,7 @@ from .fingerprint import files_fingerprint, hub_fingerprint, tensors_fingerprint
 from .generate import GenerateEngine
 from .head import prepack_head
 from .judgement import Judgement
-from .options import ENGINES
+from .options import JudgeOptions, LoadOptions
 from .prompt import THINK_END, Pair, Passage, build_prompt, forced_prompt, unpack_pair
 from .readout import readout_ids, score
 from .stopping import ThinkDetector, ThinkEnd, split_reasoning
@@ -91,45 +92,44 @@ class Rank1:
     >>> js[0].score, js[0].outcome
     (0.97..., 'answered')
 
-    Loading options (``dtype``, ``device_map``, ``max_memory``, ``offload_folder``, ``quantization``,
-    ``trust_remote_code``, ``revision``) go to :func:`rank1_hf.loading.load_model`; the others are the
-    judging options of :meth:`from_model`.
+    Options come as :class:`~rank1_hf.options.LoadOptions` (``load=``) and
+    :class:`~rank1_hf.options.JudgeOptions` (``judge=``), or as their fields given as keywords
+    (``dtype=..., max_new_tokens=...``), not both; see those classes and :meth:`from_model`.
     """
 
     def __init__(
         self,
         model_name_or_path: str,
         *,
-        dtype: Any = None,
-        device_map: Any = None,
-        max_memory: dict | None = None,
-        offload_folder: str | None = None,
-        quantization: Any = None,
-        trust_remote_code: bool = False,
-        revision: str | None = None,
+        load: LoadOptions | None = None,
+        judge: JudgeOptions | None = None,
+        show_progress_bar: bool | None = None,
+        store: str | os.PathLike | JudgementStore | None = None,
         **options: Any,
     ):
         from .loading import load_model
 
-        model, tokenizer = load_model(
-            model_name_or_path,
-            dtype=dtype,
-            device_map=device_map,
-            max_memory=max_memory,
-            offload_folder=offload_folder,
-            quantization=quantization,
-            trust_remote_code=trust_remote_code,
-            revision=revision,
-        )
-        if quantization is None:  # AWQ is recognised from the checkpoint, not asked for
-            quantization = getattr(model.config, "quantization_config", None)
-        load = {"model": model_name_or_path, "revision": revision, "quantization": _describe(quantization)}
-        self._setup(model, tokenizer, load, **options)
+        load_fields = {f.name for f in dataclasses.fields(LoadOptions)}
+        load = _options(LoadOptions, load, {k: v for k, v in options.items() if k in load_fields}, "load")
+        judge = _options(JudgeOptions, judge, {k: v for k, v in options.items() if k not in load_fields}, "judge")
+        model, tokenizer = load_model(model_name_or_path, **load.as_kwargs())
+        # AWQ is recognised from the checkpoint, not asked for
+        quantization = load.quantization or getattr(model.config, "quantization_config", None)
+        record = {"model": model_name_or_path, "revision": load.revision, "quantization": _describe(quantization)}
+        self._setup(model, tokenizer, record, judge, show_progress_bar, store)
         self._weights = _loaded_fingerprint(model_name_or_path, model)
 
     @classmethod
     def from_model(
-        cls, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str | None = None, **options: Any
+        cls,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        name: str | None = None,
+        *,
+        judge: JudgeOptions | None = None,
+        show_progress_bar: bool | None = None,
+        store: str | os.PathLike | JudgementStore | None = None,
+        **options: Any,
     ) -> "Rank1":
         """Wrap an already-loaded causal LM and its tokenizer.
 
@@ -138,7 +138,8 @@ class Rank1:
             (:mod:`rank1_hf.fingerprint`, computed on first use), so different weights never share
             judgements, whatever their names.
 
-        Options:
+        judge: the judging options as one :class:`~rank1_hf.options.JudgeOptions` (checked there), or
+            its fields as keywords:
             max_new_tokens: reasoning cap, 8192 as the reference.
             context_size: prompt + max_new_tokens must fit in it (16000 as the reference); longer passages
                 are cut (only the passage, never the template's tail) and flagged ``truncated``.
@@ -155,8 +156,9 @@ class Rank1:
         """
         self = cls.__new__(cls)
         name = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
-        load = {"model": name, "revision": None, "quantization": _describe(getattr(model.config, "quantization_config", None))}
-        self._setup(model, tokenizer, load, **options)
+        record = {"model": name, "revision": None,
+                  "quantization": _describe(getattr(model.config, "quantization_config", None))}
+        self._setup(model, tokenizer, record, _options(JudgeOptions, judge, options, "judge"), show_progress_bar, store)
         return self
 
     def _setup(
@@ -164,31 +166,22 @@ class Rank1:
         model: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
         load: dict,
-        *,
-        max_new_tokens: int = 8192,
-        context_size: int = 16000,
-        batch_size: int | None = None,
-        token_budget: int | None = None,
-        dataset_prompt: str | None = None,
-        engine: str = "auto",
-        show_progress_bar: bool | None = None,
-        store: str | os.PathLike | JudgementStore | None = None,
+        judge: JudgeOptions,
+        show_progress_bar: bool | None,
+        store: str | os.PathLike | JudgementStore | None,
     ) -> None:
-        if engine not in ENGINES:
-            raise Rank1Error(f"unknown engine {engine!r}: choose one of {', '.join(ENGINES)}")
-        if max_new_tokens < 1 or context_size <= max_new_tokens:
-            raise Rank1Error(f"need 1 <= max_new_tokens < context_size, got {max_new_tokens} and {context_size}")
+        """The one set-up of a ranker, from a loaded model and checked options (both constructors end here)."""
         self.model = model.eval()
         prepack_head(model)
         self.tokenizer = tokenizer
         self.readout = readout_ids(tokenizer)
         self.detector = ThinkDetector(tokenizer)
-        self.max_new_tokens = max_new_tokens
-        self.context_size = context_size
-        self.batch_size = batch_size or (32 if torch.cuda.is_available() else 16)
-        self.token_budget = token_budget
-        self.dataset_prompt = dataset_prompt
-        self.engine = engine
+        self.max_new_tokens = judge.max_new_tokens
+        self.context_size = judge.context_size
+        self.batch_size = judge.batch_size or (32 if torch.cuda.is_available() else 16)
+        self.token_budget = judge.token_budget
+        self.dataset_prompt = judge.dataset_prompt
+        self.engine = judge.engine
         self.show_progress_bar = show_progress_bar
         self.load_options = load
         self.store = store if isinstance(store, JudgementStore) or store is None else JudgementStore(store)
@@ -539,6 +532,18 @@ class Rank1:
             return prepared.ids + tokens[: end - 1] + self.tokenizer(piece, add_special_tokens=False)["input_ids"]
         reasoning = self.tokenizer.decode(tokens, skip_special_tokens=False)
         return self.tokenizer(forced_prompt(prepared.prompt, reasoning))["input_ids"]
+
+
+def _options(kind: type, given: Any, fields: dict[str, Any], name: str) -> Any:
+    """``given`` (a LoadOptions or JudgeOptions), or one made from its fields given as keywords (not both)."""
+    if given is None:
+        try:
+            return kind(**fields)
+        except TypeError as error:  # an unknown keyword
+            raise TypeError(f"Rank1: {error}") from None
+    if fields:
+        raise Rank1Error(f"give {name}= or its fields ({', '.join(sorted(fields))}) as keywords, not both")
+    return given
 
 
 def best_first(scores: Sequence[float]) -> list[int]:
