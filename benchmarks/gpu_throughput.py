@@ -190,11 +190,11 @@ def main() -> None:
         sync()
         start = time.perf_counter()
         with engine_named(ranker, engine, 64):
-            judged = ranker.judge(pairs)
+            result = ranker.judge_with_stats(pairs)
         sync()
         elapsed = time.perf_counter() - start
         clock.remove()
-        st = ranker.last_stats
+        judged, st = result.judgements, result.stats
         eager = eager or judged
         same = sum(a.reasoning == b.reasoning for a, b in zip(judged, eager)) / len(pairs)
         diff = max(abs(a.score - b.score) for a, b in zip(judged, eager))

@@ -87,8 +87,8 @@ def one_at_a_time(model, tokenizer, pairs, max_new_tokens):
 
 def run_engine(ranker: Rank1, pairs, engine: str):
     ranker.engine = engine
-    judgements = ranker.judge(pairs)
-    s = ranker.last_stats
+    judged = ranker.judge_with_stats(pairs)
+    judgements, s = judged.judgements, judged.stats
     return judgements, {
         "generated": s.generated_tokens,
         "slots": s.decode_slots,

@@ -107,8 +107,8 @@ def make_pairs(n: int) -> list[tuple[str, str]]:
 def run_rank1_hf(directory: Path, pairs, max_new_tokens: int, batch_size: int):
     ranker = Rank1(str(directory), max_new_tokens=max_new_tokens, batch_size=batch_size, show_progress_bar=False)
     start = time.perf_counter()
-    js = ranker.judge(pairs)
-    return time.perf_counter() - start, js, ranker.last_stats
+    judged = ranker.judge_with_stats(pairs)
+    return time.perf_counter() - start, judged.judgements, judged.stats
 
 
 def run_vllm(python: str, directory: Path, pairs, max_new_tokens: int, tok, readout) -> dict:

@@ -72,6 +72,7 @@ class EngineStats:
     steps: int = 0
     oom_retries: int = 0
     peak_rows: int = 0
+    rows_limit: int = 0  # most rows in flight at the end: the asked batch_size, halved by each OOM retry
 
 
 # The full token sequence after which an unfinished or inside-a-token row is read:
@@ -79,7 +80,7 @@ class EngineStats:
 Closer = Callable[[Request, list[int], "ThinkEnd | None"], list[int]]
 
 
-@dataclass
+@dataclass(frozen=True)
 class DecodeSettings:
     """What the engines need to know besides the prompts."""
 
@@ -98,9 +99,9 @@ def is_oom(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
-def fits(lengths: Sequence[int], settings: DecodeSettings) -> bool:
+def fits(lengths: Sequence[int], rows_limit: int, settings: DecodeSettings) -> bool:
     """Whether rows with these prompt lengths may decode together under the row and token budgets."""
-    if len(lengths) > settings.batch_size:
+    if len(lengths) > rows_limit:
         return False
     if settings.token_budget is None:
         return True
@@ -143,7 +144,7 @@ class ContinuousEngine:
         self.model = model
         self.settings = settings
         self.prefill_tokens = prefill_tokens
-        self.stats = EngineStats()
+        self.stats = EngineStats(rows_limit=settings.batch_size)  # rows_limit shrinks on out-of-memory
         self.cache: SlotCache | None = None
         self._sdpa = getattr(model.config, "_attn_implementation", "sdpa") == "sdpa"
         # On one GPU with plain weights, decode steps are CUDA graphs (decode_step.py); its boolean mask
@@ -205,7 +206,7 @@ class ContinuousEngine:
                     break
                 pending.append(request)
             n = len(pending[0].ids)
-            if (lengths or admitted) and not fits(lengths + [n], self.settings):
+            if (lengths or admitted) and not fits(lengths + [n], self.stats.rows_limit, self.settings):
                 break
             if admitted and max(widest, n) * (len(admitted) + 1) > self.prefill_tokens:
                 break
@@ -226,14 +227,14 @@ class ContinuousEngine:
         planned = max(prompt_len, s.longest_prompt or 0) + s.max_new_tokens + _CLOSE_MARGIN
         capacity = -(-planned // 64) * 64
         if self.cache is None:
-            self.cache = SlotCache(self.model, s.batch_size, capacity)
-            self._visible = torch.zeros((s.batch_size, capacity + 1), dtype=torch.bool, device=input_device(self.model))
+            self.cache = SlotCache(self.model, self.stats.rows_limit, capacity)
+            self._visible = torch.zeros((self.stats.rows_limit, capacity + 1), dtype=torch.bool, device=input_device(self.model))
             self._bind_static()
             return
         capacity = max(capacity, self.cache.capacity * 5 // 4)
         logger.info("growing the KV cache from %d to %d tokens per row", self.cache.capacity, capacity)
         self.cache = self.cache.grown(capacity, [r.cached for r in rows])
-        visible = self._visible.new_zeros((s.batch_size, capacity + 1))
+        visible = self._visible.new_zeros((self.stats.rows_limit, capacity + 1))
         visible[:, : self._visible.shape[1] - 1] = self._visible[:, :-1]
         self._visible = visible
         self._bind_static()
@@ -420,8 +421,8 @@ class ContinuousEngine:
         if len(in_flight) <= 1:
             raise Rank1Error("out of memory on a single pair: lower max_new_tokens or context_size") from error
         self.stats.oom_retries += 1
-        self.settings.batch_size = max(1, len(in_flight) // 2)
-        logger.warning("out of memory: retrying with at most %d rows in flight", self.settings.batch_size)
+        self.stats.rows_limit = max(1, len(in_flight) // 2)
+        logger.warning("out of memory: retrying with at most %d rows in flight", self.stats.rows_limit)
         pending.extendleft(reversed(in_flight))
         self.cache = self._static = None
         return []

@@ -27,7 +27,7 @@ class GenerateEngine:
     def __init__(self, model: PreTrainedModel, settings: DecodeSettings):
         self.model = model
         self.settings = settings
-        self.stats = EngineStats()
+        self.stats = EngineStats(rows_limit=settings.batch_size)  # rows_limit shrinks on out-of-memory
 
     def generation_config(self) -> GenerationConfig:
         # A fresh config, so nothing from the checkpoint's generation_config (sampling, top-k/top-p,
@@ -51,7 +51,7 @@ class GenerateEngine:
         requests = sorted(requests, key=lambda r: (len(r.ids), r.index))
         batch: list[Request] = []
         for request in requests:
-            if batch and not fits([len(r.ids) for r in batch + [request]], self.settings):
+            if batch and not fits([len(r.ids) for r in batch + [request]], self.stats.rows_limit, self.settings):
                 yield from self._run_batch(batch)
                 batch = []
             batch.append(request)
@@ -69,7 +69,7 @@ class GenerateEngine:
                 raise Rank1Error("out of memory on a single pair: lower max_new_tokens or context_size") from error
             # Nothing of this batch was yielded yet, so halving and retrying neither loses nor repeats a row.
             self.stats.oom_retries += 1
-            self.settings.batch_size = max(1, len(batch) // 2)
+            self.stats.rows_limit = max(1, len(batch) // 2)
             half = len(batch) // 2
             yield from self._run_batch(batch[:half])
             yield from self._run_batch(batch[half:])

@@ -37,7 +37,7 @@ import numpy as np
 
 from .errors import Rank1Error
 from .judgement import Judgement
-from .prompt import Pair, query_text
+from .prompt import Pair
 from .dataset_prompts import official_prompt, resolve_dataset_prompt
 
 if TYPE_CHECKING:
@@ -211,11 +211,11 @@ class Rank1CrossEncoder:
     ) -> np.ndarray:
         """Scores for the pairs (inputs1[i], inputs2[i]), float32 in [0, 1]; judgements in ``last_judgements``."""
         pairs = pairs_from_loaders(inputs1, inputs2)
-        if self.ranker.dataset_prompt is None:  # else the ranker applies its own prompt to every task
+        template = None  # a ranker with its own prompt applies it to every task
+        if self.ranker.dataset_prompt is None:
             template = self.prompt_for(getattr(task_metadata, "name", None), hf_subset)
-            # The query is joined and templated here, so the shared ranker is never reconfigured per task.
-            pairs = [(query_text(q, i, template), p) for q, p, i in pairs]
-        self.last_judgements = self.ranker.judge(pairs, show_progress_bar=kwargs.get("show_progress_bar"))
+        self.last_judgements = self.ranker.judge(pairs, show_progress_bar=kwargs.get("show_progress_bar"),
+                                                 dataset_prompt=template)
         return scores_of(self.last_judgements)
 
     def prompt_for(self, task: str | None, subset: str | None) -> str | None:

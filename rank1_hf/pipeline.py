@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 from . import formats
+from .engine import EngineStats
 from .errors import Rank1Error
 from .judgement import Judgement
 from .prompt import query_text
@@ -176,6 +177,7 @@ class Result:
     judgements: dict[tuple[str, str], Judgement]
     summary: Summary
     fingerprint: str = ""  # names the job: its settings and every pair (see Plan)
+    stats: EngineStats = field(default_factory=EngineStats)  # this process's engine work (zero: none judged)
 
 
 # ---------------------------------------------------------------------------------------------- items
@@ -355,18 +357,21 @@ def judge_items(
 
     writer = _Writer(store, plan.settings_key, flush_every or batch_size or ranker.batch_size, flush_seconds)
     made: dict[str, Judgement] = {}
+    stats = EngineStats()
     try:
         if mine:
             judging = time.monotonic()
             first = plan.first
             todo = [(first[pk].query, first[pk].passage, first[pk].instruction) for pk in mine]
-            for i, judgement in ranker.judge_iter_logged(todo, batch_size=batch_size, show_progress_bar=False):
+            judged = ranker.judge_iter_logged(todo, batch_size=batch_size, show_progress_bar=False)
+            for i, judgement in judged:
                 pk = mine[i]
                 made[pk] = judgement
                 writer.add(pk, judgement, first[pk].qid, first[pk].docid)
                 if progress is not None:
                     progress(1)
             summary.judging_s = time.monotonic() - judging
+            stats = judged.stats
     finally:
         writer.flush()  # also on KeyboardInterrupt and errors: finished work is never thrown away
 
@@ -374,7 +379,7 @@ def judge_items(
     judgements = {(it.qid, it.docid): stored[pk] for pk, it in zip(plan.keys, items) if pk in stored}
     _count_outcomes(summary, items, judgements)
     summary.elapsed_s = time.monotonic() - started
-    return Result(judgements, summary, plan.fingerprint)
+    return Result(judgements, summary, plan.fingerprint, stats)
 
 
 def _fetch(stores: Sequence[JudgementStore], skey: str, keys: Iterable[str]) -> dict[str, Judgement]:
@@ -517,7 +522,7 @@ def _collect(ranker: "Rank1", items: Sequence[Item], stores: Sequence[JudgementS
                       judged_here=own.summary.judged_here, judging_s=own.summary.judging_s)
     _count_outcomes(summary, items, judgements)
     summary.elapsed_s = own.summary.elapsed_s + time.monotonic() - started
-    return Result(judgements, summary, own.fingerprint)
+    return Result(judgements, summary, own.fingerprint, own.stats)
 
 
 # ---------------------------------------------------------------------------------------------- outputs

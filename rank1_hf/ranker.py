@@ -19,6 +19,7 @@ to fit the context, unfinished reasoning, out-of-memory retries.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -36,12 +37,11 @@ from .fingerprint import files_fingerprint, hub_fingerprint, tensors_fingerprint
 from .generate import GenerateEngine
 from .head import prepack_head
 from .judgement import Judgement
+from .options import JudgeOptions, LoadOptions
 from .prompt import THINK_END, Pair, Passage, build_prompt, forced_prompt, unpack_pair
 from .readout import readout_ids, score
 from .stopping import ThinkDetector, ThinkEnd, split_reasoning
 from .store import JudgementStore, pair_key
-
-ENGINES = ("auto", "continuous", "generate")
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,35 @@ class Prepared:
     truncated: bool
 
 
+class Judging:
+    """What :meth:`Rank1.judge_iter` returns: an iterator of (input index, :class:`Judgement`) pairs, in
+    the order they finish, and ``stats``, the :class:`~rank1_hf.engine.EngineStats` of this call's work
+    (complete once the iterator is exhausted; all zero when the call judged nothing).
+    """
+
+    def __init__(self, run: Callable[["Judging"], Iterator[tuple[int, Judgement]]]):
+        self.stats = EngineStats()
+        self._pairs = run(self)
+
+    def __iter__(self) -> "Judging":
+        return self
+
+    def __next__(self) -> tuple[int, Judgement]:
+        return next(self._pairs)
+
+    def close(self) -> None:
+        self._pairs.close()
+
+
+@dataclass(frozen=True)
+class Judged:
+    """What :meth:`Rank1.judge_with_stats` returns: one judgement per pair, in input order, and the
+    :class:`~rank1_hf.engine.EngineStats` of the pairs this call judged (stored ones cost nothing)."""
+
+    judgements: list[Judgement]
+    stats: EngineStats
+
+
 class Rank1:
     """A rank1 reranker on plain transformers.
 
@@ -63,45 +92,44 @@ class Rank1:
     >>> js[0].score, js[0].outcome
     (0.97..., 'answered')
 
-    Loading options (``dtype``, ``device_map``, ``max_memory``, ``offload_folder``, ``quantization``,
-    ``trust_remote_code``, ``revision``) go to :func:`rank1_hf.loading.load_model`; the others are the
-    judging options of :meth:`from_model`.
+    Options come as :class:`~rank1_hf.options.LoadOptions` (``load=``) and
+    :class:`~rank1_hf.options.JudgeOptions` (``judge=``), or as their fields given as keywords
+    (``dtype=..., max_new_tokens=...``), not both; see those classes and :meth:`from_model`.
     """
 
     def __init__(
         self,
         model_name_or_path: str,
         *,
-        dtype: Any = None,
-        device_map: Any = None,
-        max_memory: dict | None = None,
-        offload_folder: str | None = None,
-        quantization: Any = None,
-        trust_remote_code: bool = False,
-        revision: str | None = None,
+        load: LoadOptions | None = None,
+        judge: JudgeOptions | None = None,
+        show_progress_bar: bool | None = None,
+        store: str | os.PathLike | JudgementStore | None = None,
         **options: Any,
     ):
         from .loading import load_model
 
-        model, tokenizer = load_model(
-            model_name_or_path,
-            dtype=dtype,
-            device_map=device_map,
-            max_memory=max_memory,
-            offload_folder=offload_folder,
-            quantization=quantization,
-            trust_remote_code=trust_remote_code,
-            revision=revision,
-        )
-        if quantization is None:  # AWQ is recognised from the checkpoint, not asked for
-            quantization = getattr(model.config, "quantization_config", None)
-        load = {"model": model_name_or_path, "revision": revision, "quantization": _describe(quantization)}
-        self._setup(model, tokenizer, load, **options)
+        load_fields = {f.name for f in dataclasses.fields(LoadOptions)}
+        load = _options(LoadOptions, load, {k: v for k, v in options.items() if k in load_fields}, "load")
+        judge = _options(JudgeOptions, judge, {k: v for k, v in options.items() if k not in load_fields}, "judge")
+        model, tokenizer = load_model(model_name_or_path, **load.as_kwargs())
+        # AWQ is recognised from the checkpoint, not asked for
+        quantization = load.quantization or getattr(model.config, "quantization_config", None)
+        record = {"model": model_name_or_path, "revision": load.revision, "quantization": _describe(quantization)}
+        self._setup(model, tokenizer, record, judge, show_progress_bar, store)
         self._weights = _loaded_fingerprint(model_name_or_path, model)
 
     @classmethod
     def from_model(
-        cls, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str | None = None, **options: Any
+        cls,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        name: str | None = None,
+        *,
+        judge: JudgeOptions | None = None,
+        show_progress_bar: bool | None = None,
+        store: str | os.PathLike | JudgementStore | None = None,
+        **options: Any,
     ) -> "Rank1":
         """Wrap an already-loaded causal LM and its tokenizer.
 
@@ -110,7 +138,8 @@ class Rank1:
             (:mod:`rank1_hf.fingerprint`, computed on first use), so different weights never share
             judgements, whatever their names.
 
-        Options:
+        judge: the judging options as one :class:`~rank1_hf.options.JudgeOptions` (checked there), or
+            its fields as keywords:
             max_new_tokens: reasoning cap, 8192 as the reference.
             context_size: prompt + max_new_tokens must fit in it (16000 as the reference); longer passages
                 are cut (only the passage, never the template's tail) and flagged ``truncated``.
@@ -127,8 +156,9 @@ class Rank1:
         """
         self = cls.__new__(cls)
         name = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
-        load = {"model": name, "revision": None, "quantization": _describe(getattr(model.config, "quantization_config", None))}
-        self._setup(model, tokenizer, load, **options)
+        record = {"model": name, "revision": None,
+                  "quantization": _describe(getattr(model.config, "quantization_config", None))}
+        self._setup(model, tokenizer, record, _options(JudgeOptions, judge, options, "judge"), show_progress_bar, store)
         return self
 
     def _setup(
@@ -136,34 +166,24 @@ class Rank1:
         model: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
         load: dict,
-        *,
-        max_new_tokens: int = 8192,
-        context_size: int = 16000,
-        batch_size: int | None = None,
-        token_budget: int | None = None,
-        dataset_prompt: str | None = None,
-        engine: str = "auto",
-        show_progress_bar: bool | None = None,
-        store: str | os.PathLike | JudgementStore | None = None,
+        judge: JudgeOptions,
+        show_progress_bar: bool | None,
+        store: str | os.PathLike | JudgementStore | None,
     ) -> None:
-        if engine not in ENGINES:
-            raise Rank1Error(f"unknown engine {engine!r}: choose one of {', '.join(ENGINES)}")
-        if max_new_tokens < 1 or context_size <= max_new_tokens:
-            raise Rank1Error(f"need 1 <= max_new_tokens < context_size, got {max_new_tokens} and {context_size}")
+        """The one set-up of a ranker, from a loaded model and checked options (both constructors end here)."""
         self.model = model.eval()
         prepack_head(model)
         self.tokenizer = tokenizer
         self.readout = readout_ids(tokenizer)
         self.detector = ThinkDetector(tokenizer)
-        self.max_new_tokens = max_new_tokens
-        self.context_size = context_size
-        self.batch_size = batch_size or (32 if torch.cuda.is_available() else 16)
-        self.token_budget = token_budget
-        self.dataset_prompt = dataset_prompt
-        self.engine = engine
+        self.max_new_tokens = judge.max_new_tokens
+        self.context_size = judge.context_size
+        self.batch_size = judge.batch_size or (32 if torch.cuda.is_available() else 16)
+        self.token_budget = judge.token_budget
+        self.dataset_prompt = judge.dataset_prompt
+        self.engine = judge.engine
         self.show_progress_bar = show_progress_bar
         self.load_options = load
-        self.last_stats = EngineStats()
         self.store = store if isinstance(store, JudgementStore) or store is None else JudgementStore(store)
         self._weights: str | None = None  # the weights' fingerprint, computed on first use (settings())
         self._engine_logged: str | None = None  # the engine last logged as chosen
@@ -195,12 +215,12 @@ class Rank1:
             f"= {budget} tokens (query starts {query[:60]!r})"
         )
 
-    def settings(self) -> dict[str, Any]:
+    def settings(self, dataset_prompt: str | None = None) -> dict[str, Any]:
         """Everything that determines a judgement besides the pair: the key of the judgement store.
 
         ``weights`` is the fingerprint of the weights (:mod:`rank1_hf.fingerprint`): the resolved commit
         of a hub checkpoint, a hash of a local directory's weight files, or of an in-memory model's
-        tensors (computed once, on the first call).
+        tensors (computed once, on the first call). ``dataset_prompt``: a call's own (default: the ranker's).
         """
         if self._weights is None:
             self._weights = tensors_fingerprint(self.model)
@@ -210,7 +230,7 @@ class Rank1:
             "dtype": str(self.model.dtype),
             "max_new_tokens": self.max_new_tokens,
             "context_size": self.context_size,
-            "dataset_prompt": self.dataset_prompt,
+            "dataset_prompt": self.dataset_prompt if dataset_prompt is None else dataset_prompt,
             "prompt": build_prompt("{query}", "{passage}"),
             "readout": list(self.readout),
         }
@@ -218,28 +238,47 @@ class Rank1:
     # ---- judging -------------------------------------------------------------------------------------
 
     def judge(
-        self, pairs: Sequence[Pair], batch_size: int | None = None, show_progress_bar: bool | None = None
+        self, pairs: Sequence[Pair], batch_size: int | None = None, show_progress_bar: bool | None = None,
+        *, dataset_prompt: str | None = None,
     ) -> list[Judgement]:
         """Judge pairs; results in input order (reusing the store, when there is one).
 
         pairs: (query, passage) or (query, passage, instruction) tuples; a passage is a string or a
             ``{"title", "text"}`` dict.
+        dataset_prompt: this call's template with ``FILL_QUERY_HERE`` (default: the ranker's own).
         Returns: one :class:`Judgement` per pair.
         """
+        return self.judge_with_stats(pairs, batch_size, show_progress_bar, dataset_prompt=dataset_prompt).judgements
+
+    def judge_with_stats(
+        self, pairs: Sequence[Pair], batch_size: int | None = None, show_progress_bar: bool | None = None,
+        *, dataset_prompt: str | None = None,
+    ) -> Judged:
+        """:meth:`judge`, with the engine's counts of this call's work (see :class:`Judged`)."""
         out: list[Judgement | None] = [None] * len(pairs)
-        for i, judgement in self._judge_reusing(pairs, batch_size, show_progress_bar):
+        judging = self._judge_reusing(pairs, batch_size, show_progress_bar, self.dataset_prompt if dataset_prompt is None else dataset_prompt)
+        for i, judgement in judging:
             out[i] = judgement
-        return out  # type: ignore[return-value]
+        return Judged(out, judging.stats)  # type: ignore[arg-type]
 
     def judge_iter(
-        self, pairs: Iterable[Pair], batch_size: int | None = None, show_progress_bar: bool | None = None
-    ) -> Iterator[tuple[int, Judgement]]:
-        """Yield (input index, judgement) as each pair finishes, in whatever order they finish.
+        self, pairs: Iterable[Pair], batch_size: int | None = None, show_progress_bar: bool | None = None,
+        *, dataset_prompt: str | None = None,
+    ) -> Judging:
+        """(input index, judgement) as each pair finishes, in whatever order they finish (no store).
 
         ``pairs`` may be any iterable, also one that produces pairs while judging runs (a stream): pairs
         are prepared as the engine takes them, so memory follows the pairs in flight. A sized sequence is
-        fed shortest prompt first, which keeps prefill batches tight.
+        fed shortest prompt first, which keeps prefill batches tight. The returned :class:`Judging`
+        carries this call's engine counts in ``stats``.
         """
+        prompt = self.dataset_prompt if dataset_prompt is None else dataset_prompt
+        return Judging(lambda judging: self._judge_run(judging, pairs, batch_size, show_progress_bar, prompt))
+
+    def _judge_run(
+        self, judging: Judging, pairs: Iterable[Pair], batch_size: int | None, show_progress_bar: bool | None,
+        dataset_prompt: str | None,
+    ) -> Iterator[tuple[int, Judgement]]:
         show = self.show_progress_bar if show_progress_bar is None else show_progress_bar
         total = len(pairs) if isinstance(pairs, Sequence) else None
         if show is None:
@@ -247,7 +286,7 @@ class Rank1:
         prepared: dict[int, Prepared] = {}
         longest = None
         if isinstance(pairs, Sequence):  # prepared up front: bad input fails before any judging
-            ready = [self.prepare(*unpack_pair(pair, self.dataset_prompt)) for pair in pairs]
+            ready = [self.prepare(*unpack_pair(pair, dataset_prompt)) for pair in pairs]
             longest = max((len(p.ids) for p in ready), default=None)
 
         def requests() -> Iterator[Request]:
@@ -257,13 +296,13 @@ class Rank1:
                     yield Request(i, ready[i].ids)
                 return
             for i, pair in enumerate(pairs):
-                prepared[i] = self.prepare(*unpack_pair(pair, self.dataset_prompt))
+                prepared[i] = self.prepare(*unpack_pair(pair, dataset_prompt))
                 yield Request(i, prepared[i].ids)
 
         engine = self._engine(
             batch_size, lambda request, tokens, think: self._closing(prepared[request.index], tokens, think), longest
         )
-        self.last_stats = engine.stats
+        judging.stats = engine.stats  # the engine adds to it as it runs
         if engine.name != self._engine_logged:
             logger.info("engine: %s (asked for %r)", engine.name, self.engine)
             self._engine_logged = engine.name
@@ -284,6 +323,8 @@ class Rank1:
         apply_softmax: bool | None = False,
         convert_to_numpy: bool = True,
         convert_to_tensor: bool = False,
+        *,
+        dataset_prompt: str | None = None,
     ) -> Any:
         """Scores in input order, as sentence-transformers' ``CrossEncoder.predict`` returns them.
 
@@ -295,11 +336,14 @@ class Rank1:
         apply_softmax: accepted as in CrossEncoder; a no-op for rank1's single score per pair.
         convert_to_tensor: a float32 torch tensor; else ``convert_to_numpy`` a float32 numpy array (the
             default); else a list of 0-d tensors.
+        dataset_prompt: this call's template with ``FILL_QUERY_HERE`` (default: the ranker's own).
         """
         single = isinstance(sentences, (list, tuple)) and len(sentences) > 0 and isinstance(sentences[0], str)
         pairs: Sequence[Pair] = [sentences] if single else sentences  # type: ignore[list-item]
-        values = self._values(self.judge(pairs, batch_size=batch_size, show_progress_bar=show_progress_bar),
-                              activation_fn).float()
+        judgements = self.judge(
+            pairs, batch_size=batch_size, show_progress_bar=show_progress_bar, dataset_prompt=dataset_prompt
+        )
+        values = self._values(judgements, activation_fn).float()
         out: Any = values if convert_to_tensor else values.numpy() if convert_to_numpy else list(values)
         return out[0] if single else out
 
@@ -317,11 +361,12 @@ class Rank1:
         convert_to_tensor: bool = False,
         *,
         instruction: str | None = None,
+        dataset_prompt: str | None = None,
     ) -> list[dict[str, Any]]:
         """Rank documents for one query, best first, like sentence-transformers' ``CrossEncoder.rank``.
 
         The positional parameters are CrossEncoder's (sentence-transformers 5.x); ``instruction`` (joined
-        to the query the rank1 way) is keyword-only. ``activation_fn`` as in :meth:`predict`;
+        to the query the rank1 way) and ``dataset_prompt`` (as in :meth:`judge`) are keyword-only. ``activation_fn`` as in :meth:`predict`;
         ``apply_softmax``, ``convert_to_numpy`` and ``convert_to_tensor`` are accepted and change nothing.
 
         Returns: ``[{"corpus_id": i, "score": s}, ...]`` (plus ``"text"`` with return_documents), sorted
@@ -329,7 +374,9 @@ class Rank1:
         the float64 values the CLI ranks a run by, so both order the same documents the same way.
         """
         pairs = [(query, doc, instruction) for doc in documents]
-        judgements = self.judge(pairs, batch_size=batch_size, show_progress_bar=show_progress_bar)
+        judgements = self.judge(
+            pairs, batch_size=batch_size, show_progress_bar=show_progress_bar, dataset_prompt=dataset_prompt
+        )
         scores = self._values(judgements, activation_fn).tolist()
         hits = []
         for i in best_first(scores)[:top_k]:
@@ -351,19 +398,25 @@ class Rank1:
         return torch.as_tensor(activation_fn(torch.tensor(margins, dtype=torch.float64)), dtype=torch.float64)
 
     def _judge_reusing(
-        self, pairs: Sequence[Pair], batch_size: int | None, show_progress_bar: bool | None
-    ) -> Iterator[tuple[int, Judgement]]:
+        self, pairs: Sequence[Pair], batch_size: int | None, show_progress_bar: bool | None,
+        dataset_prompt: str | None,
+    ) -> Judging:
         """(input index, judgement): stored ones first, then new ones, each committed as it is yielded.
 
         Identical texts are judged once. The key is the CLI's (:func:`rank1_hf.pipeline.item_key`): the
-        final query text and the passage text, under :meth:`settings`, read at every call since the mteb
-        adapter changes ``dataset_prompt`` per task.
+        final query text and the passage text, under :meth:`settings` with this call's ``dataset_prompt``.
         """
         if self.store is None:
-            yield from self.judge_iter_logged(pairs, batch_size, show_progress_bar)
-            return
-        keys = [pair_key(*unpack_pair(pair, self.dataset_prompt)) for pair in pairs]
-        skey = self.store.register_settings(self.settings())
+            return self.judge_iter_logged(pairs, batch_size, show_progress_bar, dataset_prompt=dataset_prompt)
+        return Judging(lambda judging: self._reuse_run(judging, pairs, batch_size, show_progress_bar, dataset_prompt))
+
+    def _reuse_run(
+        self, judging: Judging, pairs: Sequence[Pair], batch_size: int | None, show_progress_bar: bool | None,
+        dataset_prompt: str | None,
+    ) -> Iterator[tuple[int, Judgement]]:
+        assert self.store is not None
+        keys = [pair_key(*unpack_pair(pair, dataset_prompt)) for pair in pairs]
+        skey = self.store.register_settings(self.settings(dataset_prompt))
         found = self.store.get_many(skey, keys)
         where: dict[str, list[int]] = {}
         for i, key in enumerate(keys):
@@ -376,13 +429,16 @@ class Rank1:
             if key in found:
                 yield i, found[key]
         first = [where[key][0] for key in todo]
-        for n, judgement in self.judge_iter_logged([pairs[i] for i in first], batch_size, show_progress_bar, first):
+        new = self.judge_iter_logged([pairs[i] for i in first], batch_size, show_progress_bar, first,
+                                     dataset_prompt=dataset_prompt)
+        for n, judgement in new:
             key = keys[n]
             # One commit per judgement (a few ms, next to seconds of judging): a kill -9 loses only the
             # pairs still in flight.
             self.store.put_many(skey, [(key, judgement)])
             for i in where[key]:
                 yield i, judgement
+        judging.stats = new.stats
 
     def judge_iter_logged(
         self,
@@ -390,13 +446,24 @@ class Rank1:
         batch_size: int | None = None,
         show_progress_bar: bool | None = None,
         index: Sequence[int] | None = None,
-    ) -> Iterator[tuple[int, Judgement]]:
+        *,
+        dataset_prompt: str | None = None,
+    ) -> Judging:
         """:meth:`judge_iter` (no store), with what happened logged; yields ``index[i]`` for pair i."""
+        prompt = self.dataset_prompt if dataset_prompt is None else dataset_prompt
+        return Judging(lambda judging: self._logged_run(judging, pairs, batch_size, show_progress_bar, index, prompt))
+
+    def _logged_run(
+        self, judging: Judging, pairs: Sequence[Pair], batch_size: int | None, show_progress_bar: bool | None,
+        index: Sequence[int] | None, dataset_prompt: str | None,
+    ) -> Iterator[tuple[int, Judgement]]:
         if not pairs:
             return
         index = range(len(pairs)) if index is None else index
         cut = unfinished = 0
-        for i, judgement in self.judge_iter(pairs, batch_size=batch_size, show_progress_bar=show_progress_bar):
+        inner = self.judge_iter(pairs, batch_size=batch_size, show_progress_bar=show_progress_bar,
+                                dataset_prompt=dataset_prompt)
+        for i, judgement in inner:
             if judgement.truncated:
                 cut += 1
                 logger.info("pair %d: passage cut to fit context_size=%d", index[i], self.context_size)
@@ -411,9 +478,9 @@ class Rank1:
         if unfinished:
             logger.info("%d of %d pairs did not close </think> within max_new_tokens=%d and were forced to "
                         "an answer", unfinished, len(pairs), self.max_new_tokens)
-        if self.last_stats.oom_retries:
-            logger.warning("%d out-of-memory retries (the batch was split and run again)",
-                           self.last_stats.oom_retries)
+        judging.stats = inner.stats
+        if inner.stats.oom_retries:
+            logger.warning("%d out-of-memory retries (the batch was split and run again)", inner.stats.oom_retries)
 
     # ---- internals -----------------------------------------------------------------------------------
 
@@ -465,6 +532,18 @@ class Rank1:
             return prepared.ids + tokens[: end - 1] + self.tokenizer(piece, add_special_tokens=False)["input_ids"]
         reasoning = self.tokenizer.decode(tokens, skip_special_tokens=False)
         return self.tokenizer(forced_prompt(prepared.prompt, reasoning))["input_ids"]
+
+
+def _options(kind: type, given: Any, fields: dict[str, Any], name: str) -> Any:
+    """``given`` (a LoadOptions or JudgeOptions), or one made from its fields given as keywords (not both)."""
+    if given is None:
+        try:
+            return kind(**fields)
+        except TypeError as error:  # an unknown keyword
+            raise TypeError(f"Rank1: {error}") from None
+    if fields:
+        raise Rank1Error(f"give {name}= or its fields ({', '.join(sorted(fields))}) as keywords, not both")
+    return given
 
 
 def best_first(scores: Sequence[float]) -> list[int]:

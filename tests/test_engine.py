@@ -70,14 +70,15 @@ class Calls:
 def test_planted_lengths_and_free_readout(planted):
     model, tok, pairs, reasoning, refs = planted
     ranker = Rank1.from_model(model, tok, max_new_tokens=MAX_NEW, engine="continuous", batch_size=4)
-    js = ranker.judge(pairs)
+    judged = ranker.judge_with_stats(pairs)
+    js = judged.judgements
     assert_same(js, refs)
     answered = [prompt_tokens(tok, q, p) for (q, p), j in zip(pairs, js) if j.outcome == "answered"]
     assert len(answered) >= 10 and len(answered) < len(pairs)
     for (q, p), j in zip(pairs, js):
         n = prompt_tokens(tok, q, p)
         assert j.reasoning_tokens == (reasoning[n] if n in reasoning else MAX_NEW)
-    stats = ranker.last_stats
+    stats = judged.stats
     # One decode step reads each answered row's readout: r reasoning tokens + </think> (the first of
     # them from the prefill) take r decode steps, the readout one more. A forced row decodes its
     # MAX_NEW tokens in MAX_NEW - 1 steps and is read by its closing pass.
@@ -92,10 +93,10 @@ def test_rows_join_while_others_are_decoding(planted):
     calls = Calls(model)
     try:
         ranker = Rank1.from_model(model, tok, max_new_tokens=MAX_NEW, engine="continuous", batch_size=4)
-        js = ranker.judge(pairs)
+        judged = ranker.judge_with_stats(pairs)
     finally:
         calls.handle.remove()
-    assert_same(js, refs)
+    assert_same(judged.judgements, refs)
     trace = calls.calls
     joins = [
         k for k in range(1, len(trace) - 1)
@@ -104,8 +105,8 @@ def test_rows_join_while_others_are_decoding(planted):
     # 16 pairs through 4 slots: after the first 4, each of the 12 later admissions fills a slot freed
     # while the other rows still decode (the planted lengths never end 4 rows in one step here).
     assert len(joins) >= 8, trace
-    assert ranker.last_stats.steps == calls.decode_steps()
-    assert ranker.last_stats.peak_rows == 4
+    assert judged.stats.steps == calls.decode_steps()
+    assert judged.stats.peak_rows == 4
 
 
 def judge_failing_once(planted, engine, fail):
@@ -116,13 +117,14 @@ def judge_failing_once(planted, engine, fail):
     try:
         ranker = Rank1.from_model(model, tok, max_new_tokens=MAX_NEW, engine=engine, batch_size=4)
         got = {}
-        for i, j in ranker.judge_iter(pairs):
+        judging = ranker.judge_iter(pairs)
+        for i, j in judging:
             calls.yielded.append(i)
             got[i] = j
     finally:
         calls.handle.remove()
     assert sorted(Counter(calls.yielded).items()) == [(i, 1) for i in range(len(pairs))]
-    assert ranker.last_stats.oom_retries == 1
+    assert judging.stats.oom_retries == 1
     assert_same([got[i] for i in range(len(pairs))], refs)
     return calls
 
@@ -152,10 +154,11 @@ def test_static_engine_pays_for_the_longest_row_continuous_does_not(planted):
     model, tok, pairs, _, refs = planted
     static = Rank1.from_model(model, tok, max_new_tokens=MAX_NEW, engine="generate", batch_size=8)
     cont = Rank1.from_model(model, tok, max_new_tokens=MAX_NEW, engine="continuous", batch_size=8)
-    assert_same(static.judge(pairs), refs)
-    assert_same(cont.judge(pairs), refs)
-    eff_static = static.last_stats.generated_tokens / static.last_stats.decode_slots
-    eff_cont = cont.last_stats.generated_tokens / cont.last_stats.decode_slots
+    judged_static, judged_cont = static.judge_with_stats(pairs), cont.judge_with_stats(pairs)
+    assert_same(judged_static.judgements, refs)
+    assert_same(judged_cont.judgements, refs)
+    eff_static = judged_static.stats.generated_tokens / judged_static.stats.decode_slots
+    eff_cont = judged_cont.stats.generated_tokens / judged_cont.stats.decode_slots
     assert eff_cont >= 0.9 and eff_static < 0.7
 
 
@@ -168,8 +171,9 @@ def test_token_budget_limits_rows_in_flight_to_exactly_three(planted, engine):
     # Any 3 of these rows fit the budget and no 4 do, so 3 rows in flight is the right peak.
     assert 4 * (min(lengths) + MAX_NEW) > budget
     ranker = Rank1.from_model(model, tok, max_new_tokens=MAX_NEW, batch_size=32, token_budget=budget, engine=engine)
-    assert_same(ranker.judge([pairs[i] for i in by_length]), [refs[i] for i in by_length])
-    assert ranker.last_stats.peak_rows == 3
+    judged = ranker.judge_with_stats([pairs[i] for i in by_length])
+    assert_same(judged.judgements, [refs[i] for i in by_length])
+    assert judged.stats.peak_rows == 3
 
 
 def test_greedy_tokens_is_argmax_exactly():

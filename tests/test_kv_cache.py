@@ -107,10 +107,10 @@ def test_cache_buffers_never_move_while_rows_join_and_leave(tokenizers, monkeypa
 
     monkeypatch.setattr(SlotCache, "update", spy)
     ranker = Rank1.from_model(model, tok, max_new_tokens=40, engine="continuous", batch_size=3)
-    ranker.judge(pairs)
+    stats = ranker.judge_with_stats(pairs).stats
     handle.remove()
     assert len(addresses) == model.config.num_hidden_layers  # one pair of buffers per layer, for the whole run
-    assert len(widths) == ranker.last_stats.steps and max(widths) > min(widths)
+    assert len(widths) == stats.steps and max(widths) > min(widths)
 
 
 def test_pairs_from_a_stream_are_pulled_as_slots_free_up(tokenizers):

@@ -55,9 +55,7 @@ def judge_variant(
                                       shard=pipeline.Shard(), progress=progress, on_start=on_start)
     summary = result.summary
     judged = summary.judged_now
-    # judge_items calls judge_iter once when it judges anything, and judge_iter replaces last_stats
-    # with that call's counts; with nothing judged, last_stats is from an older call and is ignored.
-    tokens = loaded.last_stats.generated_tokens if judged else 0
+    tokens = result.stats.generated_tokens  # zero when this call judged nothing
     seconds = summary.judging_s
     settings = loaded.settings()
     try:
