@@ -103,7 +103,7 @@ def load(name: str):
 
     if name == "tiny":
         tok = qwen_tokenizer()
-        # The tiny model of rank1-facts.md: 2 layers, hidden 64, the real 151k-token Qwen2.5 vocabulary.
+        # A tiny model: 2 layers, hidden 64, the real 151k-token Qwen2.5 vocabulary.
         return tiny_model(tok, "qwen2", layers=2, hidden=64, heads=4, kv_heads=2, intermediate=128, initializer_range=0.02), tok
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -10,7 +10,7 @@ saved once to a directory that both engines load. Two workloads of 40 pairs:
 - answered: </think>'s output row is scaled in the saved weights so that most rows close it within 100
   tokens; the rest are forced.
 
-vLLM runs rank1 the fast way (rank1-facts.md section 6): greedy with a stop on the </think> id, then a
+vLLM runs rank1 the fast way: greedy with a stop on the </think> id, then a
 one-token pass over prompt + reasoning (+ the reference's closing text for unfinished rows), restricted to
 " true"/" false", with processed log-probabilities and prefix caching so that pass reuses the cache. Its
 scores use the same cut-back rule for unfinished rows. Printed: seconds per engine (generation and

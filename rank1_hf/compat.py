@@ -78,55 +78,24 @@ class rank1:  # noqa: N801 - lower-case on purpose: the reference class is calle
         device: str = "cuda",
         dataset_prompt: str | None = None,
         force_rethink: int = 0,
+        *,
+        loaded: tuple[PreTrainedModel, PreTrainedTokenizerBase] | None = None,
         **kwargs: Any,
     ) -> None:
-        passed, ignored = _split_kwargs(kwargs)
-        options = _judging_options(batch_size, context_size, max_output_tokens, dataset_prompt, force_rethink, passed)
-        device_map, max_memory = placement(device, num_gpus)
-        loading = {k: passed[k] for k in ("quantization", "trust_remote_code", "revision") if k in passed}
-        _warn_ignored(ignored)
-        ranker = Rank1(
-            model_name_or_path, dtype=fp_options, device_map=device_map, max_memory=max_memory, **loading, **options
-        )
-        self._setup(ranker, model_name_or_path, batch_size, context_size, max_output_tokens, fp_options, num_gpus,
-                    device, dataset_prompt, force_rethink)
-
-    @classmethod
-    def from_model(
-        cls,
-        model: PreTrainedModel,
-        tokenizer: PreTrainedTokenizerBase,
-        model_name_or_path: str | None = None,
-        batch_size: int = REFERENCE_BATCH_SIZE,
-        context_size: int = 16000,
-        max_output_tokens: int = 8192,
-        fp_options: str = "float16",
-        num_gpus: int = 1,
-        device: str = "cuda",
-        dataset_prompt: str | None = None,
-        force_rethink: int = 0,
-        **kwargs: Any,
-    ) -> "rank1":
-        """Wrap an already-loaded model and tokenizer, with the constructor's parameters.
-
-        The loading parameters (``fp_options``, ``num_gpus``, ``device``, ``quantization``, ...) are kept as
-        attributes but change nothing: the model is used where and as it is.
-        """
+        """``loaded``: an already-loaded (model, tokenizer) to wrap instead of loading one (see :meth:`from_model`)."""
         passed, ignored = _split_kwargs(kwargs)
         options = _judging_options(batch_size, context_size, max_output_tokens, dataset_prompt, force_rethink, passed)
         _warn_ignored(ignored)
-        ranker = Rank1.from_model(model, tokenizer, **options)
-        self = cls.__new__(cls)
-        name = model_name_or_path or ranker.load_options["model"]
-        self._setup(ranker, name, batch_size, context_size, max_output_tokens, fp_options, num_gpus, device,
-                    dataset_prompt, force_rethink)
-        return self
-
-    def _setup(self, ranker: Rank1, model_name_or_path: str, batch_size: int, context_size: int,
-               max_output_tokens: int, fp_options: str, num_gpus: int, device: str,
-               dataset_prompt: str | None, force_rethink: int) -> None:
+        if loaded is None:
+            device_map, max_memory = placement(device, num_gpus)
+            loading = {k: passed[k] for k in ("quantization", "trust_remote_code", "revision") if k in passed}
+            ranker = Rank1(
+                model_name_or_path, dtype=fp_options, device_map=device_map, max_memory=max_memory, **loading, **options
+            )
+        else:
+            ranker = Rank1.from_model(*loaded, **options)
         self.ranker = ranker
-        self.model_name_or_path = model_name_or_path
+        self.model_name_or_path = model_name_or_path or ranker.load_options["model"]
         self.batch_size = batch_size
         self.context_size = context_size
         self.max_output_tokens = max_output_tokens
@@ -140,6 +109,21 @@ class rank1:  # noqa: N801 - lower-case on purpose: the reference class is calle
         self.true_token, self.false_token = ranker.readout
         self.last_judgements: list[Judgement] = []
         self._mteb_meta: Any = None
+
+    @classmethod
+    def from_model(
+        cls,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        model_name_or_path: str | None = None,
+        **params: Any,
+    ) -> "rank1":
+        """Wrap an already-loaded model and tokenizer, with the constructor's parameters.
+
+        The loading parameters (``fp_options``, ``num_gpus``, ``device``, ``quantization``, ...) are kept as
+        attributes but change nothing: the model is used where and as it is.
+        """
+        return cls(model_name_or_path, loaded=(model, tokenizer), **params)
 
     # ---- the reference's methods ---------------------------------------------------------------------
 

@@ -152,40 +152,28 @@ class Rank1CrossEncoder:
 
     def __init__(
         self,
-        model_name: str,
+        model_name: str | Rank1,
         revision: str | None = None,
         device: str | None = None,
         *,
         dataset_prompts: Mapping[str, str | None] | None = None,
         official_prompts: bool = True,
+        meta: Any = None,
         **options: Any,
     ) -> None:
         _mteb()
         from .ranker import Rank1
 
-        if device is not None:
-            if "device_map" in options:
-                raise Rank1Error("pass either device or device_map, not both")
-            options["device_map"] = device
-        self._init(Rank1(model_name, revision=revision, **options), dataset_prompts, official_prompts, None)
-
-    @classmethod
-    def from_ranker(
-        cls,
-        ranker: Rank1,
-        dataset_prompts: Mapping[str, str | None] | None = None,
-        meta: Any = None,
-        official_prompts: bool = True,
-    ) -> "Rank1CrossEncoder":
-        """Wrap a ready :class:`Rank1`; ``meta`` defaults to :func:`meta_for` of its model name."""
-        _mteb()
-        self = cls.__new__(cls)
-        self._init(ranker, dataset_prompts, official_prompts, meta)
-        return self
-
-    def _init(
-        self, ranker: Rank1, dataset_prompts: Mapping[str, str | None] | None, official_prompts: bool, meta: Any
-    ) -> None:
+        if isinstance(model_name, Rank1):  # a ready ranker (from_ranker): nothing to load
+            if revision is not None or device is not None or options:
+                raise Rank1Error("a ready Rank1 takes no loading or judging options; set them on the Rank1")
+            ranker = model_name
+        else:
+            if device is not None:
+                if "device_map" in options:
+                    raise Rank1Error("pass either device or device_map, not both")
+                options["device_map"] = device
+            ranker = Rank1(model_name, revision=revision, **options)
         if dataset_prompts and ranker.dataset_prompt is not None:
             raise Rank1Error(
                 "the ranker has its own dataset_prompt, used for every task: give per-task prompts in "
@@ -197,6 +185,17 @@ class Rank1CrossEncoder:
         self.official_prompts = official_prompts
         self.mteb_model_meta = meta if meta is not None else meta_for(ranker.load_options["model"])
         self.last_judgements: list[Judgement] = []
+
+    @classmethod
+    def from_ranker(
+        cls,
+        ranker: Rank1,
+        dataset_prompts: Mapping[str, str | None] | None = None,
+        meta: Any = None,
+        official_prompts: bool = True,
+    ) -> "Rank1CrossEncoder":
+        """Wrap a ready :class:`Rank1`; ``meta`` defaults to :func:`meta_for` of its model name."""
+        return cls(ranker, dataset_prompts=dataset_prompts, meta=meta, official_prompts=official_prompts)
 
     def predict(
         self,

@@ -1,6 +1,6 @@
 """The rank1 prompt: how a (query, passage, instruction) becomes the exact string the model reads.
 
-Everything here mirrors the reference implementation (see rank1-facts.md, section 1). The model input is a
+Everything here mirrors the official rank1 code (orionw/rank1, rank1.py: its prompt and predict()). The model input is a
 raw string, no chat template, ending in ``<think>`` so that the model starts reasoning at once.
 """
 

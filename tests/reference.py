@@ -1,7 +1,7 @@
 """An independent, deliberately slow rank1 reference for the tests.
 
 One pair at a time, no KV cache (every step re-reads the whole sequence), float32 logits, a plain argmax
-loop, and the rank1 rules written out again from rank1-facts.md rather than imported from the package.
+loop, and the rank1 rules written out again from the official code (orionw/rank1) rather than imported from the package.
 """
 
 from __future__ import annotations
