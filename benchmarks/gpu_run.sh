@@ -18,4 +18,4 @@ timeout "${LONG_TIMEOUT:-210}" python3 benchmarks/gpu_throughput.py --long --bat
 # Graphed v2 against eager v2 on workload 1: pairs/s and the share of rows reasoning identically (bf16).
 timeout "${WORKLOAD_TIMEOUT:-90}" python3 benchmarks/gpu_throughput.py --pairs 64 --skip-steps --engines continuous \
   2>&1 | tee "$OUT/gpu_workload.log"
-timeout "${CHECK_TIMEOUT:-150}" python3 benchmarks/gpu_check.py ${CHECK_ARGS:-} 2>&1 | tee "$OUT/gpu_check.log"
+timeout "${CHECK_TIMEOUT:-130}" python3 benchmarks/gpu_check.py ${CHECK_ARGS:-} 2>&1 | tee "$OUT/gpu_check.log"

@@ -44,6 +44,12 @@ def _parse(ir_measures: Any, measures: Iterable[str]) -> list[Any]:
     return parsed
 
 
+def check_measures(measures: Iterable[str] | None = None) -> None:
+    """Fail now, with a one-line :class:`Rank1Error`, if ir_measures is missing or a measure name is unknown
+    (a job checks this before judging, not after)."""
+    _parse(_ir_measures(), measures or ())
+
+
 def _as_scored(run: Mapping[str, Sequence[tuple[str, float]]]) -> dict[str, dict[str, float]]:
     """Rank each query by :func:`ranked` and score it by rank, so no backend's tie rule comes into play."""
     scored: dict[str, dict[str, float]] = {}

@@ -179,12 +179,9 @@ def read_inputs(args: argparse.Namespace, *, with_qrels: bool = True,
         raise Rank1Error(f"{args.run}: the run has no pairs")
     qrels = formats.read_qrels(args.qrels) if args.qrels and with_qrels else None
     if qrels is not None:
-        from ..evaluate import _ir_measures, _parse
+        from ..evaluate import check_measures
 
-        if measures is None:
-            _ir_measures()  # a missing optional dependency fails now, not after the judging
-        else:
-            _parse(_ir_measures(), measures)  # missing package or bad name: now
+        check_measures(measures)
     return items, qrels
 
 
