@@ -46,6 +46,13 @@ def graphable(model: PreTrainedModel) -> bool:
     return len(devices) == 1 and next(iter(devices)).type == "cuda" and all(p.is_floating_point() for p in model.parameters())
 
 
+def pick(logits: torch.Tensor, readout: torch.Tensor, out: torch.Tensor) -> None:
+    """Write (greedy token, true logit, false logit) for each row of (rows, vocab) logits into ``out``
+    (rows, 3); ``readout`` holds the two ids, on the logits' device."""
+    out[:, 0] = greedy_tokens(logits)
+    out[:, 1:] = logits.index_select(1, readout)
+
+
 def buckets(limit: int, first: int = 1) -> list[int]:
     """Powers of two from ``first`` below ``limit``, then ``limit`` itself."""
     out, k = [], first
@@ -144,6 +151,4 @@ class StaticDecode:
             use_cache=True,
             logits_to_keep=1,
         )
-        logits = out.logits[:, -1, :].float()
-        self.picked[:rows, 0] = greedy_tokens(logits)
-        self.picked[:rows, 1:] = logits.index_select(1, self.readout)
+        pick(out.logits[:, -1, :].float(), self.readout, self.picked[:rows])

@@ -27,10 +27,10 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
-from .decode_step import StaticDecode, graphable
+from .decode_step import StaticDecode, graphable, pick
 from .devices import input_device
 from .errors import Rank1Error
-from .head import fast_head, greedy_tokens
+from .head import fast_head
 from .kv_cache import Placement, SlotCache
 from .readout import forced_readout
 from .stopping import ThinkDetector, ThinkEnd
@@ -322,8 +322,7 @@ class ContinuousEngine:
     def _pick(self, logits: torch.Tensor) -> list[tuple[float, float, float]]:
         """(greedy token, true logit, false logit) per row of (rows, vocab) logits: one device-to-host copy."""
         picked = torch.empty((len(logits), 3), dtype=torch.float64, device=logits.device)
-        picked[:, 0] = greedy_tokens(logits)
-        picked[:, 1:] = logits[:, list(self.settings.readout)]
+        pick(logits, torch.tensor(self.settings.readout, device=logits.device), picked)
         return picked.tolist()
 
     def _apply(self, rows: list[_Row], picked: list[tuple[float, float, float]]) -> None:

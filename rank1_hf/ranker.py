@@ -230,7 +230,7 @@ class Rank1:
             "dtype": str(self.model.dtype),
             "max_new_tokens": self.max_new_tokens,
             "context_size": self.context_size,
-            "dataset_prompt": self.dataset_prompt if dataset_prompt is None else dataset_prompt,
+            "dataset_prompt": self._dataset_prompt(dataset_prompt),
             "prompt": build_prompt("{query}", "{passage}"),
             "readout": list(self.readout),
         }
@@ -256,7 +256,7 @@ class Rank1:
     ) -> Judged:
         """:meth:`judge`, with the engine's counts of this call's work (see :class:`Judged`)."""
         out: list[Judgement | None] = [None] * len(pairs)
-        judging = self._judge_reusing(pairs, batch_size, show_progress_bar, self.dataset_prompt if dataset_prompt is None else dataset_prompt)
+        judging = self._judge_reusing(pairs, batch_size, show_progress_bar, self._dataset_prompt(dataset_prompt))
         for i, judgement in judging:
             out[i] = judgement
         return Judged(out, judging.stats)  # type: ignore[arg-type]
@@ -272,7 +272,7 @@ class Rank1:
         fed shortest prompt first, which keeps prefill batches tight. The returned :class:`Judging`
         carries this call's engine counts in ``stats``.
         """
-        prompt = self.dataset_prompt if dataset_prompt is None else dataset_prompt
+        prompt = self._dataset_prompt(dataset_prompt)
         return Judging(lambda judging: self._judge_run(judging, pairs, batch_size, show_progress_bar, prompt))
 
     def _judge_run(
@@ -450,7 +450,7 @@ class Rank1:
         dataset_prompt: str | None = None,
     ) -> Judging:
         """:meth:`judge_iter` (no store), with what happened logged; yields ``index[i]`` for pair i."""
-        prompt = self.dataset_prompt if dataset_prompt is None else dataset_prompt
+        prompt = self._dataset_prompt(dataset_prompt)
         return Judging(lambda judging: self._logged_run(judging, pairs, batch_size, show_progress_bar, index, prompt))
 
     def _logged_run(
@@ -483,6 +483,10 @@ class Rank1:
             logger.warning("%d out-of-memory retries (the batch was split and run again)", inner.stats.oom_retries)
 
     # ---- internals -----------------------------------------------------------------------------------
+
+    def _dataset_prompt(self, given: str | None) -> str | None:
+        """A call's dataset prompt: its own when given, else the ranker's."""
+        return self.dataset_prompt if given is None else given
 
     def _engine(self, batch_size: int | None, close, longest_prompt: int | None = None) -> ContinuousEngine | GenerateEngine:
         tok, config = self.tokenizer, self.model.generation_config

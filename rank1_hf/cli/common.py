@@ -132,8 +132,7 @@ def make_ranker(model: str, load: LoadOptions, judge: JudgeOptions, threads: int
     from ..ranker import Rank1
 
     set_threads(threads)
-    return Rank1(resolve_model(model), **load.as_kwargs(), **dataclasses.asdict(judge),
-                 show_progress_bar=show_progress_bar)
+    return Rank1(resolve_model(model), load=load, judge=judge, show_progress_bar=show_progress_bar)
 
 
 # ---------------------------------------------------------------------------------------------- pre-flight
