@@ -22,7 +22,7 @@ from gpu_throughput import SHAPES, sync  # noqa: E402
 from plant import plant_lengths  # noqa: E402
 
 from rank1_hf import Rank1  # noqa: E402
-from rank1_hf.testing import qwen_tokenizer, tiny_model  # noqa: E402
+from rank1_hf.testing import qwen_tokenizer, same_length_pairs, tiny_model  # noqa: E402
 from rank1_hf.prompt import build_prompt  # noqa: E402
 
 
@@ -37,13 +37,13 @@ def main() -> None:
     tok = qwen_tokenizer()
     with torch.device(device):
         model = tiny_model(tok, "qwen2", initializer_range=0.02, **SHAPES[args.shape]).to(dtype=dtype)
-    ranker = Rank1.from_model(model, tok, max_new_tokens=args.steps + 8, batch_size=args.batch)
-    pairs = [("a query", "passage " * 40)] * args.batch
+    # one prompt length, so every row gets the planted length; distinct, as identical pairs are judged once
+    pairs = same_length_pairs(tok, args.batch, "passage " * 40)
     n = len(tok(build_prompt(*pairs[0]))["input_ids"])
     handle = plant_lengths(model, tok, {n: args.steps})
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     for engine in ("generate", "continuous"):
-        ranker.engine = engine
+        ranker = Rank1.from_model(model, tok, max_new_tokens=args.steps + 8, batch_size=args.batch, engine=engine)
         ranker.judge(pairs)  # warm-up
         sync()
         start = time.perf_counter()

@@ -40,7 +40,7 @@ from throughput import workload  # noqa: E402
 
 from rank1_hf import Rank1  # noqa: E402
 from rank1_hf import engine as engine_module  # noqa: E402
-from rank1_hf.testing import qwen_tokenizer, tiny_model  # noqa: E402
+from rank1_hf.testing import qwen_tokenizer, same_length_pairs, tiny_model  # noqa: E402
 from rank1_hf.prompt import build_prompt  # noqa: E402
 
 SHAPES = {
@@ -73,32 +73,36 @@ def copy_bandwidth(device: torch.device) -> float:
 
 @contextmanager
 def engine_named(ranker: Rank1, name: str, batch: int):
-    """Set the ranker up as engine ``name``; "continuous-eager" turns the captured decode step off."""
-    ranker.engine, ranker.batch_size = name.removesuffix("-eager"), batch
+    """A ranker over ``ranker``'s model as engine ``name`` with ``batch`` rows; "continuous-eager" turns the
+    captured decode step off. Its engine (cache, graphs) lives until the block ends."""
     saved = engine_module.graphable
     if name.endswith("-eager"):
         engine_module.graphable = lambda model: False
+    other = Rank1.from_model(ranker.model, ranker.tokenizer, max_new_tokens=ranker.max_new_tokens,
+                             context_size=ranker.context_size, engine=name.removesuffix("-eager"), batch_size=batch)
     try:
-        yield
+        yield other
     finally:
+        other.close()
         engine_module.graphable = saved
 
 
 def step_ms(ranker: Rank1, tok, engine: str, batch: int, steps: int, first: int = 1, words: int = 40) -> float:
     """ms per decode step: judge ``batch`` pairs planted to reason ``steps`` tokens, minus a ``first``-step run
     (so the figure is the cost of a step with ``first``..``steps`` reasoning tokens in the cache)."""
-    pairs = [("a query", "passage " * words)] * batch  # one prompt length, so every row gets the planted length
+    # one prompt length, so every row gets the planted length; distinct, as identical pairs are judged once
+    pairs = same_length_pairs(tok, batch, "passage " * words)
     n = len(tok(build_prompt(*pairs[0]))["input_ids"])
     times = []
-    for length in (1, first, steps):  # the first run only warms up (allocator, kernels, lazy init, capture)
-        handle = plant_lengths(ranker.model, tok, {n: length})
-        sync()
-        start = time.perf_counter()
-        with engine_named(ranker, engine, batch):
-            ranker.judge(pairs)
-        sync()
-        times.append(time.perf_counter() - start)
-        handle.remove()
+    with engine_named(ranker, engine, batch) as named:
+        for length in (1, first, steps):  # the first run only warms up (allocator, kernels, lazy init, capture)
+            handle = plant_lengths(ranker.model, tok, {n: length})
+            sync()
+            start = time.perf_counter()
+            named.judge(pairs)
+            sync()
+            times.append(time.perf_counter() - start)
+            handle.remove()
     return 1000 * (times[2] - times[1]) / (steps - first)
 
 
@@ -189,8 +193,8 @@ def main() -> None:
         clock = ForwardClock(model)
         sync()
         start = time.perf_counter()
-        with engine_named(ranker, engine, 64):
-            result = ranker.judge_with_stats(pairs)
+        with engine_named(ranker, engine, 64) as named:
+            result = named.judge_with_stats(pairs)
         sync()
         elapsed = time.perf_counter() - start
         clock.remove()

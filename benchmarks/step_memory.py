@@ -23,7 +23,7 @@ from plant import plant_lengths  # noqa: E402
 
 from rank1_hf import Rank1  # noqa: E402
 from rank1_hf.kv_cache import SlotCache  # noqa: E402
-from rank1_hf.testing import qwen_tokenizer, tiny_model  # noqa: E402
+from rank1_hf.testing import qwen_tokenizer, same_length_pairs, tiny_model  # noqa: E402
 from rank1_hf.prompt import build_prompt  # noqa: E402
 
 WINDOWS = {"early (~150 tokens cached)": (40, 60), "late (~700 tokens cached)": (570, 590)}
@@ -32,7 +32,8 @@ WINDOWS = {"early (~150 tokens cached)": (40, 60), "late (~700 tokens cached)": 
 def main() -> None:
     tok = qwen_tokenizer()
     model = tiny_model(tok, "qwen2", layers=2, hidden=64, heads=4, kv_heads=2, intermediate=128, initializer_range=0.02)
-    pairs = [("a query", "passage " * 100)] * 8
+    # one prompt length, so every row gets the planted length; distinct, as identical pairs are judged once
+    pairs = same_length_pairs(tok, 8, "passage " * 100)
     n = len(tok(build_prompt(*pairs[0]))["input_ids"])
     handle = plant_lengths(model, tok, {n: 600})
     ranker = Rank1.from_model(model, tok, max_new_tokens=640, engine="continuous", batch_size=8, show_progress_bar=False)

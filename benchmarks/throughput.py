@@ -86,8 +86,9 @@ def one_at_a_time(model, tokenizer, pairs, max_new_tokens):
 
 
 def run_engine(ranker: Rank1, pairs, engine: str):
-    ranker.engine = engine
-    judged = ranker.judge_with_stats(pairs)
+    with Rank1.from_model(ranker.model, ranker.tokenizer, max_new_tokens=ranker.max_new_tokens,
+                          context_size=ranker.context_size, batch_size=ranker.batch_size, engine=engine) as named:
+        judged = named.judge_with_stats(pairs)
     judgements, s = judged.judgements, judged.stats
     return judgements, {
         "generated": s.generated_tokens,

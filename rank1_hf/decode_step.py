@@ -107,6 +107,19 @@ class StaticDecode:
         self._replay(rows, width)
         return [tuple(r) for r in self.picked[:n].tolist()]
 
+    @torch.inference_mode()
+    def capture_all(self) -> None:
+        """Capture every (rows, width) bucket now, with padding rows only (on a GPU; else nothing)."""
+        for rows in self.rows:
+            for width in self.widths:
+                if not self.capture:
+                    return
+                if (rows, width) not in self._graphs:
+                    self.tokens[:rows] = self.pad_id
+                    self.positions[:rows] = self.cache.scratch
+                    self.visible[:rows, 0] = True
+                    self._replay(rows, width)
+
     def _replay(self, rows: int, width: int) -> None:
         if not self.capture:
             self._step(rows, width)

@@ -6,22 +6,23 @@ right after ``</think>``:
 
 - a row that closed ``</think>`` cleanly reads them from its next decode step (no second pass);
 - any other row (unfinished reasoning, or ``</think>`` ending inside a token) is closed by
-  ``settings.close``, which gives the full token sequence to read after; the engine runs only the part of
+  :func:`~rank1_hf.readout.closing_ids`, the full token sequence to read after; the engine runs only the part of
   it that is not already in the row's cache (usually ``"\\n</think>"``: the prompt and the reasoning kept
   are reused).
 
 A finished row leaves its slot at once and a waiting request takes it, so no row waits for another.
-Requests are pulled from an iterable while the engine runs, so memory is bounded by the rows in flight.
+The engine only steps: :class:`~rank1_hf.worker.EngineWorker` owns it, in a thread of its own, and feeds
+it the requests of every caller.
 Every forward call is a plain ``model(...)`` with a :class:`~rank1_hf.kv_cache.SlotCache` as ``cache=``
 and an explicit mask, so the model code stays transformers'.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
@@ -29,83 +30,18 @@ from transformers.cache_utils import DynamicLayer
 
 from .decode_step import StaticDecode, graphable, pick
 from .devices import input_device
+from .engine_types import DecodeSettings, EngineStats, Generation, Request, fits
 from .errors import Rank1Error
 from .head import fast_head
 from .kv_cache import Placement, SlotCache
-from .readout import forced_readout
-from .stopping import ThinkDetector, ThinkEnd
+from .readout import closing_ids, forced_readout
+from .stopping import ThinkEnd
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Request:
-    """One prompt to reason on: ``index`` is the caller's, ``ids`` the prompt's token ids."""
-
-    index: int
-    ids: list[int]
-
-
-@dataclass
-class Generation:
-    """What one row produced: its generated tokens, how it ended, and its readout.
-
-    tokens: generated ids, an end-of-sequence token excluded.
-    think: where ``</think>`` closed, or None when the reasoning is unfinished.
-    readout: (true, false) logits right after ``</think>`` (None only inside an engine, before reading).
-    """
-
-    tokens: list[int]
-    think: ThinkEnd | None
-    readout: tuple[float, float] | None = None
-
-
-@dataclass
-class EngineStats:
-    """Counts of the work an engine did, for benchmarks and logs (tokens pushed through the model)."""
-
-    prefill_tokens: int = 0  # prompt tokens run, padding included
-    decode_slots: int = 0  # rows x decode steps computed
-    generated_tokens: int = 0  # tokens kept as reasoning
-    readout_tokens: int = 0  # tokens run only to read a readout (the step after </think>, closing suffixes)
-    reused_tokens: int = 0  # tokens of closing sequences served from the cache instead of being run again
-    steps: int = 0
-    oom_retries: int = 0
-    peak_rows: int = 0
-    rows_limit: int = 0  # most rows in flight at the end: the asked batch_size, halved by each OOM retry
-
-
-# The full token sequence after which an unfinished or inside-a-token row is read:
-# close(request, generated tokens, think) -> prompt ids + closing ids.
-Closer = Callable[[Request, list[int], "ThinkEnd | None"], list[int]]
-
-
-@dataclass(frozen=True)
-class DecodeSettings:
-    """What the engines need to know besides the prompts."""
-
-    max_new_tokens: int
-    eos_ids: set[int]
-    pad_id: int
-    readout: tuple[int, int]
-    detector: ThinkDetector
-    close: Closer
-    batch_size: int = 32  # most rows decoded together
-    token_budget: int | None = None  # most (prompt + max_new_tokens) tokens reserved by the rows in flight
-    longest_prompt: int | None = None  # when known, the cache is sized for it once (a stream may grow it)
-
-
 def is_oom(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
-
-
-def fits(lengths: Sequence[int], rows_limit: int, settings: DecodeSettings) -> bool:
-    """Whether rows with these prompt lengths may decode together under the row and token budgets."""
-    if len(lengths) > rows_limit:
-        return False
-    if settings.token_budget is None:
-        return True
-    return sum(n + settings.max_new_tokens for n in lengths) <= settings.token_budget
 
 
 # Row states. A READING row closed </think> cleanly: its next decode step's logits are its readout.
@@ -129,13 +65,14 @@ class _Row:
 class ContinuousEngine:
     """Continuous batching over a :class:`SlotCache`: row ``k`` of every decode step lives in slot ``k``.
 
-    Each step:
+    The engine lives as long as its ranker: the cache (and, on a GPU, the captured decode steps) are made
+    once and serve every call. Each :meth:`step`:
 
     1. admit waiting requests into the free slots (``len(rows)..``) while the row and token budgets
        allow, and prefill them (their last logits give their first token);
     2. one decode step for every row, a view of slots ``0..n-1``; a READING row takes its readout;
     3. close the rows that need it (one batched pass over only the tokens their cache lacks);
-    4. yield the finished rows and compact: the last row moves into each freed slot.
+    4. return the finished rows and compact: the last row moves into each freed slot.
     """
 
     name = "continuous"
@@ -145,12 +82,16 @@ class ContinuousEngine:
         self.settings = settings
         self.prefill_tokens = prefill_tokens
         self.stats = EngineStats(rows_limit=settings.batch_size)  # rows_limit shrinks on out-of-memory
+        self.rows: list[_Row] = []  # rows[k] lives in slot k
+        self.rows_stepped = 0  # rows in the last step's decode
         self.cache: SlotCache | None = None
+        self.longest_prompt = 0  # the cache is sized for prompts this long when it is (re)allocated
         self._sdpa = getattr(model.config, "_attn_implementation", "sdpa") == "sdpa"
         # On one GPU with plain weights, decode steps are CUDA graphs (decode_step.py); its boolean mask
         # is taken as is by sdpa attention only.
         self._static_step = graphable(model) and self._sdpa
         self._static: StaticDecode | None = None  # bound to the current cache and mask
+        self._head = contextlib.ExitStack()  # the fast output head, in place while rows are in flight
 
     @staticmethod
     def supports(model: PreTrainedModel) -> bool:
@@ -165,56 +106,84 @@ class ContinuousEngine:
 
     # ---- the loop ------------------------------------------------------------------------------------
 
-    def run(self, requests: Iterable[Request]) -> Iterator[tuple[int, Generation]]:
-        """Yield (request index, generation with its readout) as rows finish, in any order."""
-        source = iter(requests)
-        pending: deque[Request] = deque()  # pulled from the source (or restarted), not yet admitted
-        rows: list[_Row] = []  # rows[k] lives in slot k
-        with fast_head(self.model, self.settings.readout):
-            while True:
-                finished: list[_Row] = []
-                try:
-                    admitted = self._admit(source, pending, rows)
-                    if admitted:
-                        rows.extend(admitted)
-                        self._prefill(admitted, start=len(rows) - len(admitted))
-                    if not rows:
-                        return
-                    self._close(rows)  # rows whose first token already ended them
-                    rows = self._release(rows, finished)
-                    if rows:
-                        self._decode(rows)
-                        self._close(rows)
-                        rows = self._release(rows, finished)
-                except (torch.OutOfMemoryError, RuntimeError) as error:
-                    if not is_oom(error):
-                        raise
-                    rows = self._restart_smaller(rows, pending, error)
-                for row in finished:
-                    self.stats.generated_tokens += len(row.tokens)
-                    yield row.request.index, Generation(row.tokens, row.think, row.readout)
+    def wants(self) -> int:
+        """How many waiting requests the next step could take (its free slots)."""
+        return max(0, self.stats.rows_limit - len(self.rows))
 
-    def _admit(self, source: Iterator[Request], pending: deque[Request], rows: list[_Row]) -> list[_Row]:
+    def expect(self, prompt_tokens: int) -> None:
+        """Prompts this long are coming: size the cache for them when it is next (re)allocated."""
+        self.longest_prompt = max(self.longest_prompt, prompt_tokens)
+
+    def step(self, waiting: deque[Request]) -> list[tuple[Request, Generation]]:
+        """Admit from the left of ``waiting``, decode one token for every row, and return the rows that
+        finished, each with its readout. After out of memory the rows in flight go back to the left of
+        ``waiting`` (nothing was returned for them) and the engine continues with half as many slots."""
+        finished: list[_Row] = []
+        self.rows_stepped = 0
+        try:
+            admitted = self._admit(waiting)
+            if admitted:
+                self._enter_head()
+                self.rows.extend(admitted)
+                self._prefill(admitted, start=len(self.rows) - len(admitted))
+            self._close(self.rows)  # rows whose first token already ended them
+            self.rows = self._release(self.rows, finished)
+            if self.rows:
+                self._decode(self.rows)
+                self._close(self.rows)
+                self.rows = self._release(self.rows, finished)
+        except (torch.OutOfMemoryError, RuntimeError) as error:
+            if not is_oom(error):
+                raise
+            self.rows = self._restart_smaller(self.rows, waiting, error)
+        if not self.rows:
+            self._head.close()
+        out = []
+        for row in finished:
+            self.stats.generated_tokens += len(row.tokens)
+            out.append((row.request, Generation(row.tokens, row.think, row.readout)))
+        return out
+
+    def drop(self, ids: set[int]) -> None:
+        """Rows whose requests nobody waits for any more leave their slots now."""
+        for row in self.rows:
+            if row.request.id in ids:
+                row.state = DONE
+        self.rows = self._release(self.rows, [])
+        if not self.rows:
+            self._head.close()
+
+    def warmup(self, prompt_tokens: int) -> None:
+        """Allocate the cache for prompts of ``prompt_tokens`` and, on a GPU, capture every decode bucket."""
+        self.expect(prompt_tokens)
+        self._ensure_cache(prompt_tokens, self.rows)
+        if self._static is not None and not self.rows:  # capturing writes every slot's scratch column
+            self._static.capture_all()
+
+    def _enter_head(self) -> None:
+        if not self._head._exit_callbacks:  # type: ignore[attr-defined]
+            self._head.enter_context(fast_head(self.model, self.settings.readout))
+
+    def _admit(self, waiting: deque[Request]) -> list[_Row]:
         """Take requests into free slots while the budgets allow (a prefill batch stays under prefill_tokens)."""
-        lengths = [len(r.request.ids) for r in rows]
+        lengths = [len(r.request.ids) for r in self.rows]
         admitted: list[_Row] = []
         widest = 0
-        while True:
-            if not pending:
-                request = next(source, None)
-                if request is None:
-                    break
-                pending.append(request)
-            n = len(pending[0].ids)
+        while waiting:
+            n = len(waiting[0].ids)
             if (lengths or admitted) and not fits(lengths + [n], self.stats.rows_limit, self.settings):
                 break
             if admitted and max(widest, n) * (len(admitted) + 1) > self.prefill_tokens:
                 break
             lengths.append(n)
             widest = max(widest, n)
-            admitted.append(_Row(pending.popleft()))
+            admitted.append(_Row(waiting.popleft()))
         if admitted:
-            self._ensure_cache(max(len(r.request.ids) for r in admitted), rows)
+            try:
+                self._ensure_cache(max(len(r.request.ids) for r in admitted), self.rows)
+            except BaseException:
+                waiting.extendleft(reversed([r.request for r in admitted]))  # none is lost
+                raise
         return sorted(admitted, key=lambda r: len(r.request.ids))
 
     @torch.inference_mode()
@@ -224,7 +193,7 @@ class ContinuousEngine:
         needed = prompt_len + s.max_new_tokens + _CLOSE_MARGIN
         if self.cache is not None and self.cache.capacity >= needed:
             return
-        planned = max(prompt_len, s.longest_prompt or 0) + s.max_new_tokens + _CLOSE_MARGIN
+        planned = max(prompt_len, self.longest_prompt) + s.max_new_tokens + _CLOSE_MARGIN
         capacity = -(-planned // 64) * 64
         if self.cache is None:
             self.cache = SlotCache(self.model, self.stats.rows_limit, capacity)
@@ -299,7 +268,7 @@ class ContinuousEngine:
     @torch.inference_mode()
     def _decode(self, rows: list[_Row]) -> None:
         """One token for every row, over slots 0..n-1: inputs, mask and cache reads are views or O(rows)."""
-        n = len(rows)
+        n = self.rows_stepped = len(rows)
         last = [r.tokens[-1] if r.tokens else self.settings.pad_id for r in rows]
         cached = [r.cached for r in rows]
         if self._static is not None:
@@ -357,7 +326,7 @@ class ContinuousEngine:
         slot = {id(r): k for k, r in enumerate(rows)}
         runs, too_long = [], []
         for row in closing:
-            sequence = s.close(row.request, row.tokens, row.think)
+            sequence = closing_ids(s.tokenizer, row.request, row.tokens, row.think)
             if len(sequence) > capacity:
                 too_long.append((row, sequence))
                 continue
@@ -411,18 +380,19 @@ class ContinuousEngine:
             self._visible[slot, :length] = True
             self._visible[slot, length:] = False
 
-    def _restart_smaller(self, rows: list[_Row], pending: deque[Request], error: BaseException) -> list[_Row]:
+    def _restart_smaller(self, rows: list[_Row], waiting: deque[Request], error: BaseException) -> list[_Row]:
         """After an out-of-memory error: restart every row in flight with half as many slots.
 
         Nothing was yielded for them, so no row is lost or judged twice; only their partial work is redone.
         """
         in_flight = [r.request for r in rows]
-        if len(in_flight) <= 1:
+        tried = len(in_flight) or self.stats.rows_limit  # no rows yet: allocating the cache failed
+        if tried <= 1:
             raise Rank1Error("out of memory on a single pair: lower max_new_tokens or context_size") from error
         self.stats.oom_retries += 1
-        self.stats.rows_limit = max(1, len(in_flight) // 2)
+        self.stats.rows_limit = max(1, tried // 2)
         logger.warning("out of memory: retrying with at most %d rows in flight", self.stats.rows_limit)
-        pending.extendleft(reversed(in_flight))
+        waiting.extendleft(reversed(in_flight))
         self.cache = self._static = None
         return []
 

@@ -7,15 +7,16 @@ but a batch runs until its slowest row is done, and unfinished rows are read in 
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from collections import deque
 
 import torch
 from transformers import GenerationConfig, LogitsProcessorList, PreTrainedModel, StoppingCriteriaList
 
-from .engine import DecodeSettings, EngineStats, Generation, Request, fits, is_oom
-from .errors import Rank1Error
 from .devices import input_device
-from .readout import forced_readout, left_pad
+from .engine import is_oom
+from .engine_types import DecodeSettings, EngineStats, Generation, Request, fits
+from .errors import Rank1Error
+from .readout import closing_ids, forced_readout, left_pad
 from .stopping import ReadoutCapture, ThinkStoppingCriteria
 
 
@@ -28,6 +29,7 @@ class GenerateEngine:
         self.model = model
         self.settings = settings
         self.stats = EngineStats(rows_limit=settings.batch_size)  # rows_limit shrinks on out-of-memory
+        self.rows_stepped = 0  # rows in the last step's batch
 
     def generation_config(self) -> GenerationConfig:
         # A fresh config, so nothing from the checkpoint's generation_config (sampling, top-k/top-p,
@@ -46,35 +48,48 @@ class GenerateEngine:
             pad_token_id=self.settings.pad_id,
         )
 
-    def run(self, requests: Iterable[Request]) -> Iterator[tuple[int, Generation]]:
-        """Yield (request index, generation with its readout) batch by batch."""
-        requests = sorted(requests, key=lambda r: (len(r.ids), r.index))
-        batch: list[Request] = []
-        for request in requests:
-            if batch and not fits([len(r.ids) for r in batch + [request]], self.stats.rows_limit, self.settings):
-                yield from self._run_batch(batch)
-                batch = []
-            batch.append(request)
-        if batch:
-            yield from self._run_batch(batch)
+    def wants(self) -> int:
+        """Every waiting request: a step picks the shortest ones, so a batch holds similar lengths."""
+        return 1 << 30
 
-    def _run_batch(self, batch: list[Request]) -> Iterator[tuple[int, Generation]]:
+    def expect(self, prompt_tokens: int) -> None:
+        """Nothing to plan: ``generate`` allocates its cache per batch."""
+
+    def warmup(self, prompt_tokens: int) -> None:
+        """Nothing to prepare ahead."""
+
+    def drop(self, ids: set[int]) -> None:
+        """No row outlives a step here."""
+
+    def step(self, waiting: deque[Request]) -> list[tuple[Request, Generation]]:
+        """One ``generate`` batch of the shortest waiting prompts, under the row and token budgets; the rest
+        stay in ``waiting``."""
+        ordered = sorted(waiting, key=lambda r: len(r.ids))
+        batch: list[Request] = []
+        for request in ordered:
+            if batch and not fits([len(r.ids) for r in batch + [request]], self.stats.rows_limit, self.settings):
+                break
+            batch.append(request)
+        taken = {id(r) for r in batch}
+        rest = [r for r in waiting if id(r) not in taken]
+        waiting.clear()
+        waiting.extend(rest)
+        self.rows_stepped = len(batch)
+        return self._run_batch(batch) if batch else []
+
+    def _run_batch(self, batch: list[Request]) -> list[tuple[Request, Generation]]:
         try:
-            results = self._generate(batch)
-            results = self._read_unfinished(results)
+            return self._read_unfinished(self._generate(batch))
         except (torch.OutOfMemoryError, RuntimeError) as error:
             if not is_oom(error):
                 raise
             if len(batch) == 1:
                 raise Rank1Error("out of memory on a single pair: lower max_new_tokens or context_size") from error
-            # Nothing of this batch was yielded yet, so halving and retrying neither loses nor repeats a row.
+            # Nothing of this batch was returned yet, so halving and retrying neither loses nor repeats a row.
             self.stats.oom_retries += 1
             self.stats.rows_limit = max(1, len(batch) // 2)
             half = len(batch) // 2
-            yield from self._run_batch(batch[:half])
-            yield from self._run_batch(batch[half:])
-            return
-        yield from results
+            return self._run_batch(batch[:half]) + self._run_batch(batch[half:])
 
     @torch.inference_mode()
     def _generate(self, batch: list[Request]) -> list[tuple[Request, Generation]]:
@@ -111,13 +126,13 @@ class GenerateEngine:
             results.append((request, Generation(tokens, think, readout)))
         return results
 
-    def _read_unfinished(self, results: list[tuple[Request, Generation]]) -> list[tuple[int, Generation]]:
-        """A full forward pass over each row without a free readout, on the sequence ``settings.close`` gives."""
+    def _read_unfinished(self, results: list[tuple[Request, Generation]]) -> list[tuple[Request, Generation]]:
+        """A full forward pass over each row without a free readout, on its :func:`closing_ids` sequence."""
         missing = [(r, g) for r, g in results if g.readout is None]
         if missing:
-            sequences = [self.settings.close(r, g.tokens, g.think) for r, g in missing]
+            sequences = [closing_ids(self.settings.tokenizer, r, g.tokens, g.think) for r, g in missing]
             logits = forced_readout(self.model, sequences, self.settings.pad_id, self.settings.readout)
             for (_, gen), seq, pair in zip(missing, sequences, logits):
                 gen.readout = pair
                 self.stats.readout_tokens += len(seq)
-        return [(r.index, g) for r, g in results]
+        return results

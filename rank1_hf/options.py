@@ -67,10 +67,21 @@ class JudgeOptions:
         if self.engine not in ENGINES:
             raise Rank1Error(f"unknown engine {self.engine!r}: choose one of {', '.join(ENGINES)}")
         for name in ("max_new_tokens", "context_size", "batch_size", "token_budget"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise Rank1Error(f"{name} must be a whole number >= 1, got {value!r}")
+            check_count(name, getattr(self, name))
+        check_dataset_prompt(self.dataset_prompt)
         if self.context_size <= self.max_new_tokens:
             raise Rank1Error(
                 f"need max_new_tokens < context_size, got {self.max_new_tokens} and {self.context_size}"
             )
+
+
+def check_count(name: str, value: Any) -> None:
+    """A count option (None allowed): a whole number >= 1."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise Rank1Error(f"{name} must be a whole number >= 1, got {value!r}")
+
+
+def check_dataset_prompt(value: Any) -> None:
+    """A dataset prompt (None allowed): a string."""
+    if value is not None and not isinstance(value, str):
+        raise Rank1Error(f"dataset_prompt must be a string with FILL_QUERY_HERE, got {type(value).__name__}")

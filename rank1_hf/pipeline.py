@@ -52,10 +52,10 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
-from . import formats
-from .engine import EngineStats
+from . import formats, reuse
+from .engine_types import EngineStats
 from .errors import Rank1Error
 from .judgement import Judgement
 from .prompt import query_text
@@ -248,37 +248,6 @@ def item_key(ranker: "Rank1", item: Item) -> str:
 # ---------------------------------------------------------------------------------------------- judging
 
 
-class _Writer:
-    """Buffers finished judgements and commits them in small transactions.
-
-    A commit happens once ``every`` judgements are waiting, or when a judgement arrives ``seconds`` or
-    more after the oldest waiting one, and always in :func:`judge_items`' ``finally``. So a SIGKILL (which
-    skips ``finally``) loses at most ``every - 1`` finished judgements plus the ones in flight; a commit
-    per judgement (``every=1``) costs a few milliseconds, nothing next to a judgement's seconds.
-    """
-
-    def __init__(self, store: JudgementStore, key: str, every: int, seconds: float) -> None:
-        self.store, self.key, self.every, self.seconds = store, key, max(1, every), seconds
-        self.buffer: list[tuple[str, Judgement]] = []
-        self.meta: dict[str, dict[str, Any]] = {}
-        self.since = time.monotonic()
-        self.written = 0
-
-    def add(self, pk: str, judgement: Judgement, qid: str, docid: str) -> None:
-        if not self.buffer:
-            self.since = time.monotonic()
-        self.buffer.append((pk, judgement))
-        self.meta[pk] = {"qid": qid, "docid": docid}
-        if len(self.buffer) >= self.every or time.monotonic() - self.since >= self.seconds:
-            self.flush()
-
-    def flush(self) -> None:
-        if self.buffer:
-            self.store.put_many(self.key, self.buffer, self.meta)
-            self.written += len(self.buffer)
-            self.buffer, self.meta = [], {}
-
-
 @dataclass
 class Plan:
     """What one shard of a job has to do, worked out from the stores (nothing judged)."""
@@ -302,16 +271,11 @@ def plan_job(ranker: "Rank1", items: Sequence[Item], stores: Sequence[JudgementS
     skey = settings_key(ranker.settings())
     keys = [item_key(ranker, it) for it in items]
     job = hashlib.sha256(skey.encode("ascii"))
-    first: dict[str, Item] = {}
-    for pk, it in zip(keys, items):
+    for pk in keys:
         job.update(pk.encode("ascii"))
-        if pk not in first and shard.owns(pk):
-            first[pk] = it
-    found: set[str] = set()
-    for store in stores:
-        found |= store.has_many(skey, (pk for pk in first if pk not in found))
-    todo = [pk for pk in first if pk not in found]
-    return Plan(skey, keys, first, found, todo, job.hexdigest()[:16])
+    planned = reuse.plan(keys, stores, skey, wanted=shard.owns)
+    first = {pk: items[i] for pk, i in planned.first.items()}
+    return Plan(skey, keys, first, planned.found, planned.todo, job.hexdigest()[:16])
 
 
 def judge_items(
@@ -320,7 +284,6 @@ def judge_items(
     store: JudgementStore,
     *,
     sources: Sequence[JudgementStore] = (),
-    batch_size: int | None = None,
     flush_every: int | None = None,
     flush_seconds: float = 5.0,
     shard: Shard | None = None,
@@ -334,8 +297,7 @@ def judge_items(
 
     Args:
         sources: more stores to reuse judgements from (only read; the first store holding a pair wins).
-        batch_size: pairs decoded together (the ranker's default when None).
-        flush_every: judgements per store transaction (default: the batch size).
+        flush_every: judgements per store transaction (default: the ranker's batch size).
         flush_seconds: commit at least this often while judgements keep coming.
         shard: this process's slice (default: from the RANK/WORLD_SIZE environment).
         progress: called with 1 per judgement made by this process (e.g. a tqdm bar's ``update``).
@@ -355,7 +317,7 @@ def judge_items(
     if on_start is not None:
         on_start(len(mine), len(plan.found))
 
-    writer = _Writer(store, plan.settings_key, flush_every or batch_size or ranker.batch_size, flush_seconds)
+    writer = reuse.Writer(store, plan.settings_key, flush_every or ranker.batch_size, flush_seconds)
     made: dict[str, Judgement] = {}
     stats = EngineStats()
     try:
@@ -363,11 +325,11 @@ def judge_items(
             judging = time.monotonic()
             first = plan.first
             todo = [(first[pk].query, first[pk].passage, first[pk].instruction) for pk in mine]
-            judged = ranker.judge_iter_logged(todo, batch_size=batch_size, show_progress_bar=False)
+            judged = ranker.judge_iter(todo, show_progress_bar=False)
             for i, judgement in judged:
                 pk = mine[i]
                 made[pk] = judgement
-                writer.add(pk, judgement, first[pk].qid, first[pk].docid)
+                writer.add(pk, judgement, {"qid": first[pk].qid, "docid": first[pk].docid})
                 if progress is not None:
                     progress(1)
             summary.judging_s = time.monotonic() - judging
@@ -375,24 +337,11 @@ def judge_items(
     finally:
         writer.flush()  # also on KeyboardInterrupt and errors: finished work is never thrown away
 
-    stored = {**_fetch(stores, plan.settings_key, plan.found), **made}
+    stored = {**reuse.fetch(stores, plan.settings_key, plan.found), **made}
     judgements = {(it.qid, it.docid): stored[pk] for pk, it in zip(plan.keys, items) if pk in stored}
     _count_outcomes(summary, items, judgements)
     summary.elapsed_s = time.monotonic() - started
     return Result(judgements, summary, plan.fingerprint, stats)
-
-
-def _fetch(stores: Sequence[JudgementStore], skey: str, keys: Iterable[str]) -> dict[str, Judgement]:
-    """The judgements of ``keys``, each from the first store that holds it."""
-    wanted = set(keys)
-    got: dict[str, Judgement] = {}
-    for store in stores:
-        if not wanted:
-            break
-        found = store.get_many(skey, wanted)
-        got.update(found)
-        wanted -= found.keys()
-    return got
 
 
 def _count_outcomes(summary: Summary, items: Sequence[Item], judgements: Mapping[tuple[str, str], Judgement]) -> None:
@@ -511,7 +460,7 @@ def _collect(ranker: "Rank1", items: Sequence[Item], stores: Sequence[JudgementS
     started = time.monotonic()
     keys = [item_key(ranker, it) for it in items]
     skey = settings_key(ranker.settings())
-    stored = _fetch(stores, skey, keys)
+    stored = reuse.fetch(stores, skey, keys)
     missing = len(set(keys) - stored.keys())
     if missing:
         raise Rank1Error(f"{missing} judgements are in none of the rank stores although every rank is done; "

@@ -13,72 +13,45 @@ With ``store=``, :meth:`Rank1.judge` (and so :meth:`~Rank1.predict`, :meth:`~Ran
 adapter and the drop-in ``rank1`` class) looks every pair up in a :class:`~rank1_hf.store.JudgementStore`
 first, keyed as the CLI keys it, and commits each new judgement as soon as it is made.
 
+The judging itself (prompts, the shared engine, judgements) is :mod:`rank1_hf.judging`'s; this module is
+the public face: constructors, the store key, and the CrossEncoder-style calls with their async twins.
+
 What happens is logged to ``logging.getLogger("rank1_hf")``: the engine used, store reuse, passages cut
 to fit the context, unfinished reasoning, out-of-memory retries.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
-import math
 import os
-import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .engine import ContinuousEngine, DecodeSettings, EngineStats, Generation, Request
+from . import reuse
+from .engine_types import EngineStats
 from .errors import Rank1Error
 from .fingerprint import files_fingerprint, hub_fingerprint, tensors_fingerprint
-from .generate import GenerateEngine
 from .head import prepack_head
 from .judgement import Judgement
-from .options import JudgeOptions, LoadOptions
-from .prompt import THINK_END, Pair, Passage, build_prompt, forced_prompt, unpack_pair
-from .readout import readout_ids, score
-from .stopping import ThinkDetector, ThinkEnd, split_reasoning
-from .store import JudgementStore, pair_key
+from .judging import Judge, Judging, Prepared
+from .options import JudgeOptions, LoadOptions, check_count, check_dataset_prompt
+from .prompt import Pair, Passage, build_prompt
+from .store import JudgementStore
 
 logger = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class Prepared:
-    """One pair ready for the model: its prompt string, token ids, and whether the passage was cut."""
-
-    prompt: str
-    ids: list[int]
-    truncated: bool
-
-
-class Judging:
-    """What :meth:`Rank1.judge_iter` returns: an iterator of (input index, :class:`Judgement`) pairs, in
-    the order they finish, and ``stats``, the :class:`~rank1_hf.engine.EngineStats` of this call's work
-    (complete once the iterator is exhausted; all zero when the call judged nothing).
-    """
-
-    def __init__(self, run: Callable[["Judging"], Iterator[tuple[int, Judgement]]]):
-        self.stats = EngineStats()
-        self._pairs = run(self)
-
-    def __iter__(self) -> "Judging":
-        return self
-
-    def __next__(self) -> tuple[int, Judgement]:
-        return next(self._pairs)
-
-    def close(self) -> None:
-        self._pairs.close()
+__all__ = ["Rank1", "Judged", "Judging", "Prepared", "best_first"]
 
 
 @dataclass(frozen=True)
 class Judged:
     """What :meth:`Rank1.judge_with_stats` returns: one judgement per pair, in input order, and the
-    :class:`~rank1_hf.engine.EngineStats` of the pairs this call judged (stored ones cost nothing)."""
+    :class:`~rank1_hf.engine_types.EngineStats` of the pairs this call judged (stored ones cost nothing)."""
 
     judgements: list[Judgement]
     stats: EngineStats
@@ -95,6 +68,12 @@ class Rank1:
     Options come as :class:`~rank1_hf.options.LoadOptions` (``load=``) and
     :class:`~rank1_hf.options.JudgeOptions` (``judge=``), or as their fields given as keywords
     (``dtype=..., max_new_tokens=...``), not both; see those classes and :meth:`from_model`.
+
+    One ranker serves any number of callers at once: threads calling :meth:`judge`, :meth:`predict` or
+    :meth:`rank`, and asyncio tasks awaiting :meth:`ajudge`, :meth:`apredict` or :meth:`arank`. Their
+    pairs share the decode steps of one long-lived engine (its cache, and on a GPU its captured steps,
+    are made once), and each caller gets exactly the judgements of its own pairs. :meth:`close` (or
+    ``with Rank1(...) as ranker:``) frees the engine.
     """
 
     def __init__(
@@ -143,7 +122,7 @@ class Rank1:
             max_new_tokens: reasoning cap, 8192 as the reference.
             context_size: prompt + max_new_tokens must fit in it (16000 as the reference); longer passages
                 are cut (only the passage, never the template's tail) and flagged ``truncated``.
-            batch_size: most pairs decoded together (default 32 on GPU, 16 on CPU).
+            batch_size: most pairs decoded together, all callers together (default 32 on GPU, 16 on CPU).
             token_budget: most (prompt + max_new_tokens) tokens reserved by the pairs in flight.
             dataset_prompt: a template with ``FILL_QUERY_HERE`` applied to every query.
             engine: "continuous" (rows leave and join the batch as they finish), "generate"
@@ -153,6 +132,8 @@ class Rank1:
             store: a :class:`~rank1_hf.store.JudgementStore` or the path of one (created if missing):
                 :meth:`judge` reuses the judgements stored for these settings and stores new ones as
                 they finish, so a restarted job or service judges only what is missing.
+
+        Several rankers may wrap the same model (another engine, other options): each has its own engine.
         """
         self = cls.__new__(cls)
         name = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
@@ -174,46 +155,30 @@ class Rank1:
         self.model = model.eval()
         prepack_head(model)
         self.tokenizer = tokenizer
-        self.readout = readout_ids(tokenizer)
-        self.detector = ThinkDetector(tokenizer)
-        self.max_new_tokens = judge.max_new_tokens
-        self.context_size = judge.context_size
-        self.batch_size = judge.batch_size or (32 if torch.cuda.is_available() else 16)
-        self.token_budget = judge.token_budget
-        self.dataset_prompt = judge.dataset_prompt
-        self.engine = judge.engine
+        self.core = Judge(model, tokenizer, judge)
         self.show_progress_bar = show_progress_bar
         self.load_options = load
         self.store = store if isinstance(store, JudgementStore) or store is None else JudgementStore(store)
         self._weights: str | None = None  # the weights' fingerprint, computed on first use (settings())
-        self._engine_logged: str | None = None  # the engine last logged as chosen
 
-    # ---- prompts -------------------------------------------------------------------------------------
+    # ---- options, read-only: they shape the engine, which lives as long as the ranker -----------------
+
+    @property
+    def options(self) -> JudgeOptions:
+        """The judging options, ``batch_size`` resolved."""
+        return self.core.options
+
+    max_new_tokens = property(lambda self: self.options.max_new_tokens)
+    context_size = property(lambda self: self.options.context_size)
+    batch_size = property(lambda self: self.options.batch_size)
+    token_budget = property(lambda self: self.options.token_budget)
+    dataset_prompt = property(lambda self: self.options.dataset_prompt)
+    engine = property(lambda self: self.options.engine, doc="The engine asked for (see ``core.kind``).")
+    readout = property(lambda self: self.core.readout, doc='The ids of " true" and " false".')
 
     def prepare(self, query: str, passage: str) -> Prepared:
-        """Prompt and token ids for one (joined query, passage text), cutting the passage if it must.
-
-        The prompt may use at most ``context_size - max_new_tokens`` tokens. Only the passage is cut, at a
-        token boundary, and the template around it stays whole.
-        """
-        budget = self.context_size - self.max_new_tokens
-        prompt = build_prompt(query, passage)
-        ids = self.tokenizer(prompt)["input_ids"]
-        if len(ids) <= budget:
-            return Prepared(prompt, ids, False)
-        pieces = self.tokenizer(passage, add_special_tokens=False, return_offsets_mapping=True)
-        ends = [end for _, end in pieces["offset_mapping"]]
-        keep = len(ends) - (len(ids) - budget)
-        while keep > 0:
-            prompt = build_prompt(query, passage[: ends[keep - 1]].rstrip())
-            ids = self.tokenizer(prompt)["input_ids"]
-            if len(ids) <= budget:
-                return Prepared(prompt, ids, True)
-            keep -= max(1, len(ids) - budget)
-        raise Rank1Error(
-            f"query too long: the prompt without its passage exceeds context_size - max_new_tokens "
-            f"= {budget} tokens (query starts {query[:60]!r})"
-        )
+        """Prompt and token ids for one (joined query, passage text); see :meth:`Judge.prepare`."""
+        return self.core.prepare(query, passage)
 
     def settings(self, dataset_prompt: str | None = None) -> dict[str, Any]:
         """Everything that determines a judgement besides the pair: the key of the judgement store.
@@ -235,6 +200,25 @@ class Rank1:
             "readout": list(self.readout),
         }
 
+    # ---- the engine's life -----------------------------------------------------------------------------
+
+    def warmup(self, prompt_tokens: int = 1024) -> "Rank1":
+        """Make the engine now rather than on the first call: its KV cache, sized for prompts of up to
+        ``prompt_tokens`` (it grows if a longer one comes), and on a GPU every captured decode step."""
+        check_count("prompt_tokens", prompt_tokens)
+        self.core.warmup(prompt_tokens)
+        return self
+
+    def close(self) -> None:
+        """Stop the engine's thread and free its cache (and captured steps); a later call makes a new one."""
+        self.core.close()
+
+    def __enter__(self) -> "Rank1":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     # ---- judging -------------------------------------------------------------------------------------
 
     def judge(
@@ -245,6 +229,8 @@ class Rank1:
 
         pairs: (query, passage) or (query, passage, instruction) tuples; a passage is a string or a
             ``{"title", "text"}`` dict.
+        batch_size: accepted as in CrossEncoder; the rows decoded together are the ranker's
+            ``batch_size``, shared by every caller.
         dataset_prompt: this call's template with ``FILL_QUERY_HERE`` (default: the ranker's own).
         Returns: one :class:`Judgement` per pair.
         """
@@ -255,11 +241,47 @@ class Rank1:
         *, dataset_prompt: str | None = None,
     ) -> Judged:
         """:meth:`judge`, with the engine's counts of this call's work (see :class:`Judged`)."""
+        pairs = _check_call(pairs, batch_size, dataset_prompt)
+        prompt = self._dataset_prompt(dataset_prompt)
         out: list[Judgement | None] = [None] * len(pairs)
-        judging = self._judge_reusing(pairs, batch_size, show_progress_bar, self._dataset_prompt(dataset_prompt))
-        for i, judgement in judging:
+        if self.store is None:
+            judging = self.judge_iter(pairs, show_progress_bar=show_progress_bar, dataset_prompt=prompt)
+            for i, judgement in judging:
+                out[i] = judgement
+            return Judged(out, judging.stats)  # type: ignore[arg-type]
+        planned, skey = self._plan(pairs, prompt)
+        for key, judgement in reuse.fetch([self.store], skey, planned.found).items():
+            out[planned.first[key]] = judgement
+        todo = [planned.first[key] for key in planned.todo]
+        if not todo:
+            return Judged(self._spread(planned, out), EngineStats())
+        judging = self.judge_iter([pairs[i] for i in todo], show_progress_bar=show_progress_bar, dataset_prompt=prompt)
+        writer = reuse.Writer(self.store, skey)  # one commit per judgement: a kill -9 loses only those in flight
+        for n, judgement in judging:
+            writer.add(planned.keys[todo[n]], judgement)
+            out[todo[n]] = judgement
+        return Judged(self._spread(planned, out), judging.stats)
+
+    async def ajudge(
+        self, pairs: Sequence[Pair], batch_size: int | None = None, show_progress_bar: bool | None = None,
+        *, dataset_prompt: str | None = None,
+    ) -> list[Judgement]:
+        """:meth:`judge` for asyncio: the task waits without blocking its event loop, and cancelling it
+        frees its pairs that have not started. ``show_progress_bar`` is accepted and ignored."""
+        pairs = _check_call(pairs, batch_size, dataset_prompt)
+        prompt = self._dataset_prompt(dataset_prompt)
+        if self.store is None:
+            return (await self.core.ajudge(pairs, prompt))[0]
+        planned, skey = await asyncio.to_thread(self._plan, pairs, prompt)
+        out: list[Judgement | None] = [None] * len(pairs)
+        for key, judgement in (await asyncio.to_thread(reuse.fetch, [self.store], skey, planned.found)).items():
+            out[planned.first[key]] = judgement
+        todo = [planned.first[key] for key in planned.todo]
+        made, _ = await self.core.ajudge([pairs[i] for i in todo], prompt)
+        await asyncio.to_thread(self.store.put_many, skey, [(planned.keys[i], j) for i, j in zip(todo, made)])
+        for i, judgement in zip(todo, made):
             out[i] = judgement
-        return Judged(out, judging.stats)  # type: ignore[arg-type]
+        return self._spread(planned, out)
 
     def judge_iter(
         self, pairs: Iterable[Pair], batch_size: int | None = None, show_progress_bar: bool | None = None,
@@ -270,49 +292,14 @@ class Rank1:
         ``pairs`` may be any iterable, also one that produces pairs while judging runs (a stream): pairs
         are prepared as the engine takes them, so memory follows the pairs in flight. A sized sequence is
         fed shortest prompt first, which keeps prefill batches tight. The returned :class:`Judging`
-        carries this call's engine counts in ``stats``.
+        carries this call's engine counts in ``stats``; closing it early frees the pairs not yet started.
         """
-        prompt = self._dataset_prompt(dataset_prompt)
-        return Judging(lambda judging: self._judge_run(judging, pairs, batch_size, show_progress_bar, prompt))
-
-    def _judge_run(
-        self, judging: Judging, pairs: Iterable[Pair], batch_size: int | None, show_progress_bar: bool | None,
-        dataset_prompt: str | None,
-    ) -> Iterator[tuple[int, Judgement]]:
+        if isinstance(pairs, Sequence):
+            pairs = _check_call(pairs, batch_size, dataset_prompt)
+        else:
+            _check_call([], batch_size, dataset_prompt)
         show = self.show_progress_bar if show_progress_bar is None else show_progress_bar
-        total = len(pairs) if isinstance(pairs, Sequence) else None
-        if show is None:
-            show = sys.stderr.isatty() and total != 1
-        prepared: dict[int, Prepared] = {}
-        longest = None
-        if isinstance(pairs, Sequence):  # prepared up front: bad input fails before any judging
-            ready = [self.prepare(*unpack_pair(pair, dataset_prompt)) for pair in pairs]
-            longest = max((len(p.ids) for p in ready), default=None)
-
-        def requests() -> Iterator[Request]:
-            if isinstance(pairs, Sequence):
-                for i in sorted(range(len(ready)), key=lambda i: (len(ready[i].ids), i)):
-                    prepared[i] = ready[i]
-                    yield Request(i, ready[i].ids)
-                return
-            for i, pair in enumerate(pairs):
-                prepared[i] = self.prepare(*unpack_pair(pair, dataset_prompt))
-                yield Request(i, prepared[i].ids)
-
-        engine = self._engine(
-            batch_size, lambda request, tokens, think: self._closing(prepared[request.index], tokens, think), longest
-        )
-        judging.stats = engine.stats  # the engine adds to it as it runs
-        if engine.name != self._engine_logged:
-            logger.info("engine: %s (asked for %r)", engine.name, self.engine)
-            self._engine_logged = engine.name
-        bar = tqdm(total=total, unit="pair", disable=not show, desc="rank1", dynamic_ncols=True)
-        try:
-            for i, generation in engine.run(requests()):
-                yield i, self._judgement(prepared.pop(i), generation)
-                bar.update(1)
-        finally:
-            bar.close()
+        return self.core.iterate(pairs, self._dataset_prompt(dataset_prompt), show)
 
     def predict(
         self,
@@ -338,14 +325,20 @@ class Rank1:
             default); else a list of 0-d tensors.
         dataset_prompt: this call's template with ``FILL_QUERY_HERE`` (default: the ranker's own).
         """
-        single = isinstance(sentences, (list, tuple)) and len(sentences) > 0 and isinstance(sentences[0], str)
-        pairs: Sequence[Pair] = [sentences] if single else sentences  # type: ignore[list-item]
-        judgements = self.judge(
-            pairs, batch_size=batch_size, show_progress_bar=show_progress_bar, dataset_prompt=dataset_prompt
-        )
-        values = self._values(judgements, activation_fn).float()
-        out: Any = values if convert_to_tensor else values.numpy() if convert_to_numpy else list(values)
-        return out[0] if single else out
+        single, pairs = _sentences(sentences)
+        judgements = self.judge(pairs, batch_size=batch_size, show_progress_bar=show_progress_bar, dataset_prompt=dataset_prompt)
+        return _scores_out(judgements, activation_fn, convert_to_numpy, convert_to_tensor, single)
+
+    async def apredict(
+        self, sentences: Pair | Sequence[Pair], batch_size: int | None = None,
+        show_progress_bar: bool | None = None, activation_fn: Callable | None = None,
+        apply_softmax: bool | None = False, convert_to_numpy: bool = True, convert_to_tensor: bool = False,
+        *, dataset_prompt: str | None = None,
+    ) -> Any:
+        """:meth:`predict` for asyncio (see :meth:`ajudge`)."""
+        single, pairs = _sentences(sentences)
+        judgements = await self.ajudge(pairs, batch_size=batch_size, dataset_prompt=dataset_prompt)
+        return _scores_out(judgements, activation_fn, convert_to_numpy, convert_to_tensor, single)
 
     def rank(
         self,
@@ -373,114 +366,23 @@ class Rank1:
         on the full-precision (float64) scores, ties by corpus_id, and cut to ``top_k``. The scores are
         the float64 values the CLI ranks a run by, so both order the same documents the same way.
         """
-        pairs = [(query, doc, instruction) for doc in documents]
-        judgements = self.judge(
-            pairs, batch_size=batch_size, show_progress_bar=show_progress_bar, dataset_prompt=dataset_prompt
-        )
-        scores = self._values(judgements, activation_fn).tolist()
-        hits = []
-        for i in best_first(scores)[:top_k]:
-            hit: dict[str, Any] = {"corpus_id": i, "score": scores[i]}
-            if return_documents:
-                hit["text"] = documents[i]
-            hits.append(hit)
-        return hits
+        check_count("top_k", top_k)
+        pairs = [(query, doc, instruction) for doc in _documents(documents)]
+        judgements = self.judge(pairs, batch_size=batch_size, show_progress_bar=show_progress_bar, dataset_prompt=dataset_prompt)
+        return _hits(documents, judgements, activation_fn, top_k, return_documents)
 
-    # ---- the store and the log -----------------------------------------------------------------------
-
-    @staticmethod
-    def _values(judgements: Sequence[Judgement], activation_fn: Callable | None) -> torch.Tensor:
-        """float64 scores, or ``activation_fn`` of the true-false margins (0 for a fallback)."""
-        if activation_fn is None:
-            return torch.tensor([j.score for j in judgements], dtype=torch.float64)
-        margins = [0.0 if j.true_logit is None or j.false_logit is None else j.true_logit - j.false_logit
-                   for j in judgements]
-        return torch.as_tensor(activation_fn(torch.tensor(margins, dtype=torch.float64)), dtype=torch.float64)
-
-    def _judge_reusing(
-        self, pairs: Sequence[Pair], batch_size: int | None, show_progress_bar: bool | None,
-        dataset_prompt: str | None,
-    ) -> Judging:
-        """(input index, judgement): stored ones first, then new ones, each committed as it is yielded.
-
-        Identical texts are judged once. The key is the CLI's (:func:`rank1_hf.pipeline.item_key`): the
-        final query text and the passage text, under :meth:`settings` with this call's ``dataset_prompt``.
-        """
-        if self.store is None:
-            return self.judge_iter_logged(pairs, batch_size, show_progress_bar, dataset_prompt=dataset_prompt)
-        return Judging(lambda judging: self._reuse_run(judging, pairs, batch_size, show_progress_bar, dataset_prompt))
-
-    def _reuse_run(
-        self, judging: Judging, pairs: Sequence[Pair], batch_size: int | None, show_progress_bar: bool | None,
-        dataset_prompt: str | None,
-    ) -> Iterator[tuple[int, Judgement]]:
-        assert self.store is not None
-        keys = [pair_key(*unpack_pair(pair, dataset_prompt)) for pair in pairs]
-        skey = self.store.register_settings(self.settings(dataset_prompt))
-        found = self.store.get_many(skey, keys)
-        where: dict[str, list[int]] = {}
-        for i, key in enumerate(keys):
-            where.setdefault(key, []).append(i)
-        todo = [key for key in where if key not in found]
-        reused = len(pairs) - sum(len(where[key]) for key in todo)
-        if reused:
-            logger.info("judgement store %s: %d of %d pairs reused", self.store.path, reused, len(pairs))
-        for i, key in enumerate(keys):
-            if key in found:
-                yield i, found[key]
-        first = [where[key][0] for key in todo]
-        new = self.judge_iter_logged([pairs[i] for i in first], batch_size, show_progress_bar, first,
-                                     dataset_prompt=dataset_prompt)
-        for n, judgement in new:
-            key = keys[n]
-            # One commit per judgement (a few ms, next to seconds of judging): a kill -9 loses only the
-            # pairs still in flight.
-            self.store.put_many(skey, [(key, judgement)])
-            for i in where[key]:
-                yield i, judgement
-        judging.stats = new.stats
-
-    def judge_iter_logged(
-        self,
-        pairs: Sequence[Pair],
-        batch_size: int | None = None,
-        show_progress_bar: bool | None = None,
-        index: Sequence[int] | None = None,
-        *,
-        dataset_prompt: str | None = None,
-    ) -> Judging:
-        """:meth:`judge_iter` (no store), with what happened logged; yields ``index[i]`` for pair i."""
-        prompt = self._dataset_prompt(dataset_prompt)
-        return Judging(lambda judging: self._logged_run(judging, pairs, batch_size, show_progress_bar, index, prompt))
-
-    def _logged_run(
-        self, judging: Judging, pairs: Sequence[Pair], batch_size: int | None, show_progress_bar: bool | None,
-        index: Sequence[int] | None, dataset_prompt: str | None,
-    ) -> Iterator[tuple[int, Judgement]]:
-        if not pairs:
-            return
-        index = range(len(pairs)) if index is None else index
-        cut = unfinished = 0
-        inner = self.judge_iter(pairs, batch_size=batch_size, show_progress_bar=show_progress_bar,
-                                dataset_prompt=dataset_prompt)
-        for i, judgement in inner:
-            if judgement.truncated:
-                cut += 1
-                logger.info("pair %d: passage cut to fit context_size=%d", index[i], self.context_size)
-            if judgement.outcome != "answered":
-                unfinished += 1
-                logger.debug("pair %d: %s (reasoning unfinished after %d tokens)", index[i], judgement.outcome,
-                             judgement.reasoning_tokens)
-            yield index[i], judgement
-        if cut:
-            logger.warning("%d of %d passages were cut to fit context_size=%d (the passage only; the template "
-                           "stays whole)", cut, len(pairs), self.context_size)
-        if unfinished:
-            logger.info("%d of %d pairs did not close </think> within max_new_tokens=%d and were forced to "
-                        "an answer", unfinished, len(pairs), self.max_new_tokens)
-        judging.stats = inner.stats
-        if inner.stats.oom_retries:
-            logger.warning("%d out-of-memory retries (the batch was split and run again)", inner.stats.oom_retries)
+    async def arank(
+        self, query: str, documents: Sequence[Passage], top_k: int | None = None, return_documents: bool = False,
+        batch_size: int | None = None, show_progress_bar: bool | None = None,
+        activation_fn: Callable | None = None, apply_softmax: bool | None = False,
+        convert_to_numpy: bool = True, convert_to_tensor: bool = False,
+        *, instruction: str | None = None, dataset_prompt: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """:meth:`rank` for asyncio (see :meth:`ajudge`)."""
+        check_count("top_k", top_k)
+        pairs = [(query, doc, instruction) for doc in _documents(documents)]
+        judgements = await self.ajudge(pairs, batch_size=batch_size, dataset_prompt=dataset_prompt)
+        return _hits(documents, judgements, activation_fn, top_k, return_documents)
 
     # ---- internals -----------------------------------------------------------------------------------
 
@@ -488,54 +390,69 @@ class Rank1:
         """A call's dataset prompt: its own when given, else the ranker's."""
         return self.dataset_prompt if given is None else given
 
-    def _engine(self, batch_size: int | None, close, longest_prompt: int | None = None) -> ContinuousEngine | GenerateEngine:
-        tok, config = self.tokenizer, self.model.generation_config
-        eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
-        configured = config.eos_token_id if config is not None else None
-        eos |= set(configured if isinstance(configured, (list, tuple)) else [configured] if configured is not None else [])
-        pad = tok.pad_token_id if tok.pad_token_id is not None else (min(eos) if eos else 0)
-        settings = DecodeSettings(
-            max_new_tokens=self.max_new_tokens,
-            eos_ids=eos,
-            pad_id=pad,
-            readout=self.readout,
-            detector=self.detector,
-            close=close,
-            batch_size=batch_size or self.batch_size,
-            token_budget=self.token_budget,
-            longest_prompt=longest_prompt,
-        )
-        if self.engine == "generate":
-            return GenerateEngine(self.model, settings)
-        if ContinuousEngine.supports(self.model):
-            return ContinuousEngine(self.model, settings)
-        if self.engine == "continuous":
-            raise Rank1Error("the continuous engine needs a plain full-attention KV cache; use engine='generate'")
-        return GenerateEngine(self.model, settings)
+    def _plan(self, pairs: Sequence[Pair], dataset_prompt: str | None) -> tuple[reuse.Reuse, str]:
+        """The store's view of a call: each pair's key, which are stored, which distinct ones to judge."""
+        assert self.store is not None
+        skey = self.store.register_settings(self.settings(dataset_prompt))
+        planned = reuse.plan(reuse.pair_keys(pairs, dataset_prompt), [self.store], skey)
+        reused = sum(key in planned.found for key in planned.keys)
+        if reused:
+            logger.info("judgement store %s: %d of %d pairs reused", self.store.path, reused, len(pairs))
+        return planned, skey
 
-    def _judgement(self, prepared: Prepared, generation: Generation) -> Judgement:
-        reasoning, n = split_reasoning(self.tokenizer, generation.tokens, generation.think)
-        outcome = "answered" if generation.think is not None else "forced"
-        t, f = generation.readout
-        if not (math.isfinite(t) and math.isfinite(f)):
-            return Judgement(0.5, "fallback", reasoning, n, len(prepared.ids), None, None, prepared.truncated)
-        return Judgement(score(t, f), outcome, reasoning, n, len(prepared.ids), t, f, prepared.truncated)
+    @staticmethod
+    def _spread(planned: reuse.Reuse, out: list[Judgement | None]) -> list[Judgement]:
+        """Each pair's judgement, from the first pair with the same key (identical texts judged once)."""
+        return [out[planned.first[key]] for key in planned.keys]  # type: ignore[misc]
 
-    def _closing(self, prepared: Prepared, tokens: list[int], think: ThinkEnd | None) -> list[int]:
-        """The token sequence read for a row without a free readout (prompt ids first).
 
-        A row whose ``</think>`` ended inside a token is read on its own tokens up to the exact end of
-        ``</think>`` (outcome "answered"); unfinished reasoning is cut back to its last sentence and closed
-        with ``"\\n</think>"`` and the whole string tokenized, as the reference does (outcome "forced").
-        """
-        if think is not None:
-            end = think.end
-            whole = self.tokenizer.decode(tokens[:end], skip_special_tokens=False)
-            before = self.tokenizer.decode(tokens[: end - 1], skip_special_tokens=False)
-            piece = whole[len(before) : whole.rfind(THINK_END) + len(THINK_END)]
-            return prepared.ids + tokens[: end - 1] + self.tokenizer(piece, add_special_tokens=False)["input_ids"]
-        reasoning = self.tokenizer.decode(tokens, skip_special_tokens=False)
-        return self.tokenizer(forced_prompt(prepared.prompt, reasoning))["input_ids"]
+def _check_call(pairs: Any, batch_size: Any, dataset_prompt: Any) -> Sequence[Pair]:
+    """A call's own arguments, checked with the options' rules (Rank1Error names the argument)."""
+    check_count("batch_size", batch_size)
+    check_dataset_prompt(dataset_prompt)
+    if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Sequence):
+        raise Rank1Error(f"pairs must be a list of (query, passage[, instruction]) tuples, got {type(pairs).__name__}")
+    return pairs
+
+
+def _sentences(sentences: Any) -> tuple[bool, Sequence[Pair]]:
+    """(one pair given?, the pairs) of predict's ``sentences``."""
+    single = isinstance(sentences, (list, tuple)) and len(sentences) > 0 and isinstance(sentences[0], str)
+    return single, [sentences] if single else sentences
+
+
+def _documents(documents: Any) -> Sequence[Passage]:
+    if isinstance(documents, (str, bytes)) or not isinstance(documents, Sequence):
+        raise Rank1Error(f"documents must be a list of passages, got {type(documents).__name__}")
+    return documents
+
+
+def _values(judgements: Sequence[Judgement], activation_fn: Callable | None) -> torch.Tensor:
+    """float64 scores, or ``activation_fn`` of the true-false margins (0 for a fallback)."""
+    if activation_fn is None:
+        return torch.tensor([j.score for j in judgements], dtype=torch.float64)
+    margins = [0.0 if j.true_logit is None or j.false_logit is None else j.true_logit - j.false_logit
+               for j in judgements]
+    return torch.as_tensor(activation_fn(torch.tensor(margins, dtype=torch.float64)), dtype=torch.float64)
+
+
+def _scores_out(judgements: Sequence[Judgement], activation_fn: Callable | None, convert_to_numpy: bool,
+                convert_to_tensor: bool, single: bool) -> Any:
+    values = _values(judgements, activation_fn).float()
+    out: Any = values if convert_to_tensor else values.numpy() if convert_to_numpy else list(values)
+    return out[0] if single else out
+
+
+def _hits(documents: Sequence[Passage], judgements: Sequence[Judgement], activation_fn: Callable | None,
+          top_k: int | None, return_documents: bool) -> list[dict[str, Any]]:
+    scores = _values(judgements, activation_fn).tolist()
+    hits = []
+    for i in best_first(scores)[:top_k]:
+        hit: dict[str, Any] = {"corpus_id": i, "score": scores[i]}
+        if return_documents:
+            hit["text"] = documents[i]
+        hits.append(hit)
+    return hits
 
 
 def _options(kind: type, given: Any, fields: dict[str, Any], name: str) -> Any:

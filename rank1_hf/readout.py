@@ -1,4 +1,5 @@
-"""From logits to a rank1 score: the readout token ids, the score, and the forced readout pass."""
+"""From logits to a rank1 score: the readout token ids, the score, the sequence read after an unfinished
+row, and the forced readout pass."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ from typing import Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .errors import Rank1Error
 from .devices import input_device
+from .engine_types import Request
+from .errors import Rank1Error
+from .prompt import THINK_END, forced_prompt
+from .stopping import ThinkEnd
 
 
 def readout_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, int]:
@@ -36,6 +40,23 @@ def score(true_logit: float, false_logit: float) -> float:
         e = math.exp(-diff)
         return e / (1.0 + e)
     return 1.0 / (1.0 + math.exp(diff))
+
+
+def closing_ids(tokenizer: PreTrainedTokenizerBase, request: Request, tokens: list[int], think: ThinkEnd | None) -> list[int]:
+    """The token sequence read for a row without a free readout (prompt ids first).
+
+    A row whose ``</think>`` ended inside a token is read on its own tokens up to the exact end of
+    ``</think>`` (outcome "answered"); unfinished reasoning is cut back to its last sentence and closed
+    with ``"\\n</think>"`` and the whole string tokenized, as the reference does (outcome "forced").
+    """
+    if think is not None:
+        end = think.end
+        whole = tokenizer.decode(tokens[:end], skip_special_tokens=False)
+        before = tokenizer.decode(tokens[: end - 1], skip_special_tokens=False)
+        piece = whole[len(before) : whole.rfind(THINK_END) + len(THINK_END)]
+        return request.ids + tokens[: end - 1] + tokenizer(piece, add_special_tokens=False)["input_ids"]
+    reasoning = tokenizer.decode(tokens, skip_special_tokens=False)
+    return tokenizer(forced_prompt(request.prompt, reasoning))["input_ids"]
 
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -226,3 +226,27 @@ def tiny_model(
         pad_token_id=config.pad_token_id,
     )
     return model
+
+
+_QUERY_WORDS = ("cat", "dog", "bread", "oven", "river", "law", "court", "judge", "rain", "cloud", "goal", "museum",
+                "engine", "battery", "protein", "python")
+
+
+def same_length_pairs(tokenizer: PreTrainedTokenizerFast, n: int, passage: str) -> list[tuple[str, str]]:
+    """``n`` distinct (query, passage) pairs whose prompts all have the same token count.
+
+    Planted benchmarks need every row to reason for the same planted length (which hangs on the prompt
+    length) without repeating a pair: identical pairs in flight are judged once.
+    """
+    from rank1_hf.prompt import build_prompt
+
+    by_length: dict[int, list[tuple[str, str]]] = {}
+    for a in _QUERY_WORDS:
+        for b in _QUERY_WORDS:
+            for c in _QUERY_WORDS:
+                pair = (f"a query {a} {b} {c}", passage)
+                by_length.setdefault(len(tokenizer(build_prompt(*pair))["input_ids"]), []).append(pair)
+    pairs = max(by_length.values(), key=len)
+    if len(pairs) < n:
+        raise ValueError(f"only {len(pairs)} distinct same-length pairs, asked for {n}")
+    return pairs[:n]

@@ -6,6 +6,6 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 # OpenMP threads that sleep instead of spinning when they wait: on a shared 2-core machine spinning
-# threads made torch 4x slower (README, "CPU speed").
+# threads made torch 4x slower (docs/how-it-works.md, "CPU speed").
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 exec python -m pytest -q "$@"

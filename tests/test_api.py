@@ -254,7 +254,7 @@ def test_logging_truncation_forced_store_engine_and_oom(tiny, tmp_path, caplog):
     ranker.judge([("oven", long_passage), ("cat", "felines")])
     messages = [(r.name, r.levelno, r.getMessage()) for r in caplog.records]
     assert any(m.startswith("engine: ") for _, _, m in messages)
-    assert ("rank1_hf.ranker", logging.WARNING,
+    assert ("rank1_hf.judging", logging.WARNING,
             "1 of 2 passages were cut to fit context_size=300 (the passage only; the template stays whole)") in messages
     assert any("pair 0: passage cut" in m for _, _, m in messages)
     assert any("did not close </think> within max_new_tokens=6" in m for _, _, m in messages)

@@ -203,9 +203,9 @@ def test_engine_choice_follows_the_cache(tokenizers):
 
     tok = tokenizers["mistral"]
     windowed = tiny_model(tok, "mistral", sliding_window=16)
-    assert Rank1.from_model(windowed, tok, max_new_tokens=8)._engine(None, None).name == "generate"
+    assert Rank1.from_model(windowed, tok, max_new_tokens=8).core.kind == "generate"
     with pytest.raises(Rank1Error, match="plain full-attention KV cache"):
-        Rank1.from_model(windowed, tok, max_new_tokens=8, engine="continuous")._engine(None, None)
+        Rank1.from_model(windowed, tok, max_new_tokens=8, engine="continuous")
     plain = tiny_model(tok, "mistral")
-    assert Rank1.from_model(plain, tok, max_new_tokens=8)._engine(None, None).name == "continuous"
-    assert Rank1.from_model(plain, tok, max_new_tokens=8, engine="generate")._engine(None, None).name == "generate"
+    assert Rank1.from_model(plain, tok, max_new_tokens=8).core.kind == "continuous"
+    assert Rank1.from_model(plain, tok, max_new_tokens=8, engine="generate").core.kind == "generate"

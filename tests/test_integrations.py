@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import sys
 
@@ -43,6 +44,10 @@ def test_langchain_compressor_reranks_documents(ranker, expected):
     assert "relevance_score" not in docs[0].metadata  # the inputs are not modified
     assert len(Rank1Compressor(ranker=ranker, top_n=None).compress_documents(docs, QUERY)) == 4
     assert compressor.compress_documents([], QUERY) == []
+    # The async path awaits the shared engine and gives the same documents.
+    again = asyncio.run(compressor.acompress_documents(docs, QUERY))
+    assert [(d.page_content, d.metadata["relevance_score"]) for d in again] == expected[:2]
+    assert asyncio.run(compressor.acompress_documents([], QUERY)) == []
 
 
 def test_rerankers_ranker_returns_ranked_results(ranker, expected):
@@ -65,6 +70,9 @@ def test_rerankers_ranker_returns_ranked_results(ranker, expected):
     assert model.score(QUERY, TEXTS[0]) == pytest.approx(dict(expected)[TEXTS[0]], abs=1e-5)  # batch of 1
     assert [r.document.doc_id for r in model.rank(QUERY, TEXTS[:2])] == sorted(
         [0, 1], key=lambda i: -dict(expected)[TEXTS[i]])
+    awaited = asyncio.run(model.rank_async(QUERY, TEXTS, doc_ids=["a", "b", "c", "d"]))
+    assert [(r.document.text, r.score, r.document.doc_id) for r in awaited] == [
+        (r.document.text, r.score, r.document.doc_id) for r in results]
 
 
 @pytest.mark.parametrize("module, package", [("langchain", "langchain_core"), ("rerankers", "rerankers")])

@@ -28,8 +28,9 @@ def ranker():
 
 
 def recording(adapter_ranker: Rank1, calls: list):
-    """Wrap ranker.prepare to record the (query text, passage text) of each pair rank1 is asked to judge."""
-    prepare = adapter_ranker.prepare
+    """Wrap the judging core's prepare to record the (query text, passage text) of each pair rank1 is asked
+    to judge."""
+    prepare = adapter_ranker.core.prepare
 
     def spy(query, passage):
         calls.append((query, passage))
@@ -68,7 +69,7 @@ def test_evaluate_reranks_with_rank1(ranker, task_class, expected, monkeypatch):
     assert isinstance(adapter, mteb.CrossEncoderProtocol)
     assert not isinstance(adapter, mteb.EncoderProtocol)
     calls: list = []
-    monkeypatch.setattr(ranker, "prepare", recording(ranker, calls))
+    monkeypatch.setattr(ranker.core, "prepare", recording(ranker, calls))
 
     result = mteb.evaluate(adapter, task_class(), cache=None, show_progress_bar=False)
 
@@ -85,7 +86,7 @@ def test_evaluate_reranks_with_rank1(ranker, task_class, expected, monkeypatch):
 
 def test_skip_prompt_and_overrides_in_evaluate(ranker, monkeypatch):
     calls: list = []
-    monkeypatch.setattr(ranker, "prepare", recording(ranker, calls))
+    monkeypatch.setattr(ranker.core, "prepare", recording(ranker, calls))
     scifact = named(MockRerankingTask, "SciFact")
     mteb.evaluate(Rank1CrossEncoder.from_ranker(ranker, official_prompts=False), scifact(), cache=None,
                   show_progress_bar=False)
@@ -157,7 +158,7 @@ def test_bright_subsets_pick_the_official_prompt(ranker, monkeypatch, subset, op
     meta = mteb.get_task("BrightRetrieval").metadata
     loader1, loader2 = _loaders(meta, [{"id": "q1", "text": " sort a list "}], [{"id": "d1", "text": "Use sorted()."}])
     calls: list = []
-    monkeypatch.setattr(ranker, "prepare", recording(ranker, calls))
+    monkeypatch.setattr(ranker.core, "prepare", recording(ranker, calls))
     adapter = Rank1CrossEncoder.from_ranker(ranker, **options)
     adapter.predict(loader1, loader2, task_metadata=meta, hf_split="standard", hf_subset=subset)
     assert calls == [(prompt.format(" sort a list "), "Use sorted().")]
@@ -167,7 +168,7 @@ def test_a_rankers_own_prompt_is_used_for_every_task(monkeypatch):
     tok = qwen_tokenizer()
     own = Rank1.from_model(tiny_model(tok, "qwen2", seed=0), tok, dataset_prompt="own: FILL_QUERY_HERE", **FAST)
     calls: list = []
-    monkeypatch.setattr(own, "prepare", recording(own, calls))
+    monkeypatch.setattr(own.core, "prepare", recording(own, calls))
     mteb.evaluate(Rank1CrossEncoder.from_ranker(own), named(MockRerankingTask, "SciFact")(), cache=None,
                   show_progress_bar=False)
     assert [q for q, _ in calls] == [f"own: {Q1}", f"own: {Q1}", f"own: {Q2}", f"own: {Q2}"]

@@ -31,7 +31,8 @@ def ranker():
     from rank1_hf.ranker import Rank1
 
     tok = qwen_tokenizer()
-    return Rank1.from_model(tiny_model(tok), tok, max_new_tokens=6, context_size=512, batch_size=4)
+    # One row at a time: rank and shard runs are compared with a single run judgement for judgement, exactly.
+    return Rank1.from_model(tiny_model(tok), tok, max_new_tokens=6, context_size=512, batch_size=1)
 
 
 def test_build_items_order_topk_and_duplicates():
@@ -67,12 +68,12 @@ def test_judge_reuse_and_identical_texts(ranker, tmp_path):
 def test_shards_are_chosen_by_key_and_add_up_to_a_single_process_run(ranker, tmp_path):
     items = pipeline.build_items(RUN, QUERIES, CORPUS)
     with JudgementStore(tmp_path / "one.sqlite") as store:
-        single = pipeline.judge_items(ranker, items, store, shard=pipeline.Shard(), batch_size=1)
+        single = pipeline.judge_items(ranker, items, store, shard=pipeline.Shard())
     keys = {(it.qid, it.docid): pipeline.item_key(ranker, it) for it in items}
     parts = []
     for rank in (0, 1):
         with JudgementStore(tmp_path / f"shard{rank}.sqlite") as store:
-            parts.append(pipeline.judge_items(ranker, items, store, shard=pipeline.Shard(rank, 2), batch_size=1))
+            parts.append(pipeline.judge_items(ranker, items, store, shard=pipeline.Shard(rank, 2)))
     for rank, part in enumerate(parts):
         # Each shard holds exactly the pairs whose key hashes to it (by the key's first 16 hex digits).
         assert set(part.judgements) == {ids for ids, pk in keys.items() if int(pk[:16], 16) % 2 == rank}
@@ -80,7 +81,7 @@ def test_shards_are_chosen_by_key_and_add_up_to_a_single_process_run(ranker, tmp
     assert {**parts[0].judgements, **parts[1].judgements} == single.judgements
     # The shard of a pair does not depend on where it is in the input: reversed items, same shard 0.
     with JudgementStore(tmp_path / "reversed.sqlite") as store:
-        rev = pipeline.judge_items(ranker, items[::-1], store, shard=pipeline.Shard(0, 2), batch_size=1)
+        rev = pipeline.judge_items(ranker, items[::-1], store, shard=pipeline.Shard(0, 2))
     assert set(rev.judgements) == set(parts[0].judgements)
 
 
@@ -88,7 +89,7 @@ def test_sources_are_reused_and_new_judgements_go_to_the_first_store(ranker, tmp
     items = pipeline.build_items(RUN, QUERIES, CORPUS)
     for rank in (0, 1):
         with JudgementStore(tmp_path / f"shard{rank}.sqlite") as store:
-            pipeline.judge_items(ranker, items, store, shard=pipeline.Shard(rank, 2), batch_size=1)
+            pipeline.judge_items(ranker, items, store, shard=pipeline.Shard(rank, 2))
     skey = settings_key(ranker.settings())
     # Three shards over stores written as two: every pair is found, nothing judged, nothing written.
     with JudgementStore(tmp_path / "shard0.sqlite", readonly=True) as a, \
@@ -108,15 +109,15 @@ def test_sources_are_reused_and_new_judgements_go_to_the_first_store(ranker, tmp
 def test_ranks_write_their_own_files_and_rank0_collects_only_this_jobs(ranker, tmp_path):
     items = pipeline.build_items(RUN, QUERIES, CORPUS)
     with JudgementStore(tmp_path / "one.sqlite") as store:
-        single = pipeline.judge_items(ranker, items, store, shard=pipeline.Shard(), batch_size=1)
+        single = pipeline.judge_items(ranker, items, store, shard=pipeline.Shard())
     base = tmp_path / "shared" / "j.sqlite"
     # Rank 1 of 2 judges a shorter job first: its .done marker names that job, not this one.
-    pipeline.judge_across_ranks(ranker, items[:3], base, pipeline.Shard(1, 2), batch_size=1)
+    pipeline.judge_across_ranks(ranker, items[:3], base, pipeline.Shard(1, 2))
     with pytest.raises(Rank1Error, match="gave up waiting .* j.rank1-of-2.sqlite.done"):
-        pipeline.judge_across_ranks(ranker, items, base, pipeline.Shard(0, 2), batch_size=1,
+        pipeline.judge_across_ranks(ranker, items, base, pipeline.Shard(0, 2),
                                     poll_seconds=0.05, wait_timeout_s=0.3)
-    helper = pipeline.judge_across_ranks(ranker, items, base, pipeline.Shard(1, 2), batch_size=1)
-    main = pipeline.judge_across_ranks(ranker, items, base, pipeline.Shard(0, 2), batch_size=1)
+    helper = pipeline.judge_across_ranks(ranker, items, base, pipeline.Shard(1, 2))
+    main = pipeline.judge_across_ranks(ranker, items, base, pipeline.Shard(0, 2))
     assert main.judgements == single.judgements
     # Rank 0 finished its shard before it timed out; now only rank 1's rest was judged, by rank 1.
     assert main.summary.judged_here == 0 and main.summary.judged_now == helper.summary.judged_here > 0

@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
                 variants[name] = judge_variant(
                     name, lambda model=model, load=load: make_ranker(model, load, judge, args.threads,
                                                                      show_progress_bar=False),
-                    items, store, label=label, batch_size=args.batch_size, flush_every=args.flush_every,
+                    items, store, label=label, flush_every=args.flush_every,
                     progress=bar.update, on_start=bar.start)
             except KeyboardInterrupt:
                 print(f"{PROG}: interrupted: finished judgements are in the store {store_path}; "

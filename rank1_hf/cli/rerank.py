@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
             source.check_settings(ranker.settings())
         bar = ProgressBar(enabled=args.progress or (not args.no_progress and sys.stderr.isatty()),
                            shard=job_shard or shard)
-        judging = dict(batch_size=args.batch_size, flush_every=args.flush_every, flush_seconds=args.flush_seconds,
+        judging = dict(flush_every=args.flush_every, flush_seconds=args.flush_seconds,
                        progress=bar.update, on_start=bar.start)
         own = pipeline.rank_store_path(store_paths[0], shard) if shard.world_size > 1 else store_paths[0]
         try:

@@ -33,7 +33,6 @@ def judge_variant(
     store: "JudgementStore",
     *,
     label: str | None = None,
-    batch_size: int | None = None,
     flush_every: int | None = None,
     progress: Callable[[int], Any] | None = None,
     on_start: Callable[[int, int], Any] | None = None,
@@ -51,7 +50,7 @@ def judge_variant(
         started = time.monotonic()
         loaded = ranker if hasattr(ranker, "judge_iter") else ranker()
         load_s = None if loaded is ranker else time.monotonic() - started
-        result = pipeline.judge_items(loaded, items, store, batch_size=batch_size, flush_every=flush_every,
+        result = pipeline.judge_items(loaded, items, store, flush_every=flush_every,
                                       shard=pipeline.Shard(), progress=progress, on_start=on_start)
     summary = result.summary
     judged = summary.judged_now
@@ -79,6 +78,8 @@ def judge_variant(
         "device": device,
         "note": _cost_note(judged, summary.reused),
     }
+    if loaded is not ranker:
+        loaded.close()  # its engine (thread, cache) goes with it
     del loaded
     return VariantRun(name, label or settings.get("model", name), settings, settings_key(settings), result, cost)
 

@@ -47,10 +47,22 @@ class Rank1Compressor(BaseDocumentCompressor):
     ) -> Sequence[Document]:
         if not documents:
             return []
-        judgements = self.ranker.judge([(query, doc.page_content, self.instruction) for doc in documents])
+        return self._best(documents, self.ranker.judge(self._pairs(documents, query)))
+
+    async def acompress_documents(
+        self, documents: Sequence[Document], query: str, callbacks: Callbacks | None = None
+    ) -> Sequence[Document]:
+        """As :meth:`compress_documents`, awaiting the ranker's shared engine (no executor thread)."""
+        if not documents:
+            return []
+        return self._best(documents, await self.ranker.ajudge(self._pairs(documents, query)))
+
+    def _pairs(self, documents: Sequence[Document], query: str) -> list[tuple[str, str, str | None]]:
+        return [(query, doc.page_content, self.instruction) for doc in documents]
+
+    def _best(self, documents: Sequence[Document], judgements: Sequence[Any]) -> list[Document]:
         out = []
-        order = best_first([j.score for j in judgements])[: self.top_n]
-        for i in order:
+        for i in best_first([j.score for j in judgements])[: self.top_n]:
             j = judgements[i]
             metadata = {**documents[i].metadata, "relevance_score": j.score, "rank1_reasoning": j.reasoning,
                         "rank1_outcome": j.outcome}

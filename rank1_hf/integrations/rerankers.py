@@ -61,12 +61,28 @@ class Rank1Ranker(BaseRanker):
         """All documents, best first, with scores and 1-based ranks."""
         documents = _documents(docs, doc_ids, metadata)
         judgements = self.ranker.judge([(query, d.text, self.instruction) for d in documents])
-        results = []
-        for rank, i in enumerate(best_first([j.score for j in judgements]), 1):
-            d, j = documents[i], judgements[i]
-            d.metadata = {**d.metadata, "rank1_reasoning": j.reasoning, "rank1_outcome": j.outcome}
-            results.append(Result(document=d, score=j.score, rank=rank))
-        return RankedResults(results=results, query=query, has_scores=True)
+        return _ranked(query, documents, judgements)
+
+    async def rank_async(
+        self,
+        query: str,
+        docs: str | Sequence[str] | Document | Sequence[Document],
+        doc_ids: Sequence[str] | Sequence[int] | None = None,
+        metadata: Sequence[dict] | None = None,
+    ) -> RankedResults:
+        """:meth:`rank`, awaiting the ranker's shared engine (no executor thread)."""
+        documents = _documents(docs, doc_ids, metadata)
+        judgements = await self.ranker.ajudge([(query, d.text, self.instruction) for d in documents])
+        return _ranked(query, documents, judgements)
+
+
+def _ranked(query: str, documents: list[Document], judgements: Sequence[Any]) -> RankedResults:
+    results = []
+    for rank, i in enumerate(best_first([j.score for j in judgements]), 1):
+        d, j = documents[i], judgements[i]
+        d.metadata = {**d.metadata, "rank1_reasoning": j.reasoning, "rank1_outcome": j.outcome}
+        results.append(Result(document=d, score=j.score, rank=rank))
+    return RankedResults(results=results, query=query, has_scores=True)
 
 
 def _documents(docs: Any, doc_ids: Any, metadata: Any) -> list[Document]:

@@ -1,0 +1,95 @@
+"""What the engines take and give, as plain data (no torch here, so the CLI and the pipeline start fast).
+
+- :class:`Request`: one prompt to reason on, with the string it was tokenized from;
+- :class:`Generation`: what one row produced, and its readout;
+- :class:`EngineStats`: counts of the work done;
+- :class:`DecodeSettings`: everything an engine needs besides the model and the prompts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from .stopping import ThinkDetector, ThinkEnd
+
+
+@dataclass(frozen=True)
+class Request:
+    """One prompt to reason on: ``id`` names it inside the engine, ``ids`` are the prompt's token ids and
+    ``prompt`` the string they came from (an unfinished row's closing sequence is built from it)."""
+
+    id: int
+    ids: list[int]
+    prompt: str
+
+
+@dataclass
+class Generation:
+    """What one row produced: its generated tokens, how it ended, and its readout.
+
+    tokens: generated ids, an end-of-sequence token excluded.
+    think: where ``</think>`` closed, or None when the reasoning is unfinished.
+    readout: (true, false) logits right after ``</think>`` (None only inside an engine, before reading).
+    """
+
+    tokens: list[int]
+    think: "ThinkEnd | None"
+    readout: tuple[float, float] | None = None
+
+
+# EngineStats fields that add up over steps and calls (the others are maxima or the current limit).
+_ADDITIVE = ("prefill_tokens", "decode_slots", "generated_tokens", "readout_tokens", "reused_tokens", "steps",
+             "oom_retries")
+
+
+@dataclass
+class EngineStats:
+    """Counts of the work an engine did, for benchmarks and logs (tokens pushed through the model)."""
+
+    prefill_tokens: int = 0  # prompt tokens run, padding included
+    decode_slots: int = 0  # rows x decode steps computed
+    generated_tokens: int = 0  # tokens kept as reasoning
+    readout_tokens: int = 0  # tokens run only to read a readout (the step after </think>, closing suffixes)
+    reused_tokens: int = 0  # tokens of closing sequences served from the cache instead of being run again
+    steps: int = 0
+    oom_retries: int = 0
+    peak_rows: int = 0
+    rows_limit: int = 0  # most rows in flight: the asked batch_size, halved by each OOM retry
+
+    def copy(self) -> "EngineStats":
+        return dataclasses.replace(self)
+
+    def add_since(self, now: "EngineStats", before: "EngineStats", rows: int) -> None:
+        """Add the work done between two snapshots of an engine's stats, a step that ran ``rows`` rows."""
+        for name in _ADDITIVE:
+            setattr(self, name, getattr(self, name) + getattr(now, name) - getattr(before, name))
+        self.peak_rows = max(self.peak_rows, rows)
+        self.rows_limit = now.rows_limit
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    """What the engines need to know besides the prompts."""
+
+    max_new_tokens: int
+    eos_ids: frozenset[int]
+    pad_id: int
+    readout: tuple[int, int]
+    detector: "ThinkDetector"
+    tokenizer: "PreTrainedTokenizerBase"  # builds the closing sequence of a row without a free readout
+    batch_size: int = 32  # most rows decoded together
+    token_budget: int | None = None  # most (prompt + max_new_tokens) tokens reserved by the rows in flight
+
+
+def fits(lengths: Sequence[int], rows_limit: int, settings: DecodeSettings) -> bool:
+    """Whether rows with these prompt lengths may decode together under the row and token budgets."""
+    if len(lengths) > rows_limit:
+        return False
+    if settings.token_budget is None:
+        return True
+    return sum(n + settings.max_new_tokens for n in lengths) <= settings.token_budget

@@ -1,0 +1,310 @@
+"""The judging core: pairs in, :class:`~rank1_hf.judgement.Judgement` out, through one long-lived engine.
+
+:class:`Judge` holds what turns a pair into a judgement: the prompt (cut to fit the context), the engine
+that reasons (chosen once, kept in its :class:`~rank1_hf.worker.EngineWorker` thread and shared by every
+caller), and the judgement built from what the engine returns. Callers in any thread use
+:meth:`Judge.iterate`; asyncio tasks use :meth:`Judge.ajudge`. Each gets exactly its own judgements,
+equal to judging its pairs alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import math
+import queue
+import sys
+import threading
+import weakref
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Sequence
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .engine import ContinuousEngine
+from .engine_types import DecodeSettings, EngineStats, Generation
+from .errors import Rank1Error
+from .generate import GenerateEngine
+from .judgement import Judgement
+from .options import JudgeOptions
+from .prompt import Pair, build_prompt, unpack_pair
+from .readout import readout_ids, score
+from .stopping import ThinkDetector, split_reasoning
+from .worker import EngineWorker, Ticket
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One pair ready for the model: its prompt string, token ids, and whether the passage was cut."""
+
+    prompt: str
+    ids: list[int]
+    truncated: bool
+
+
+def engine_kind(model: PreTrainedModel, asked: str) -> str:
+    """The engine that judges with ``model``: "continuous" where its cache allows, else "generate"."""
+    if asked == "generate":
+        return "generate"
+    if ContinuousEngine.supports(model):
+        return "continuous"
+    if asked == "continuous":
+        raise Rank1Error("the continuous engine needs a plain full-attention KV cache; use engine='generate'")
+    return "generate"
+
+
+class Judging:
+    """What :meth:`Judge.iterate` returns: (input index, :class:`Judgement`) pairs in the order they
+    finish, and ``stats``, the :class:`~rank1_hf.engine_types.EngineStats` of the engine's work while this
+    call had pairs in it (complete once the iterator is exhausted; all zero when it judged nothing).
+    Closing it early (or dropping it) frees its pairs that have not started."""
+
+    def __init__(self, run: Callable[["Judging"], Iterator[tuple[int, Judgement]]]):
+        self.stats = EngineStats()
+        self._pairs = run(self)
+
+    def __iter__(self) -> "Judging":
+        return self
+
+    def __next__(self) -> tuple[int, Judgement]:
+        return next(self._pairs)
+
+    def close(self) -> None:
+        self._pairs.close()
+
+
+class Judge:
+    """The judging core of one model: prepare, reason on the shared engine, read, build judgements."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, options: JudgeOptions):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.options = options = dataclasses.replace(options, batch_size=options.batch_size or default_batch_size())
+        self.readout = readout_ids(tokenizer)
+        self.detector = ThinkDetector(tokenizer)
+        config = model.generation_config
+        eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+        configured = config.eos_token_id if config is not None else None
+        eos |= set(configured if isinstance(configured, (list, tuple)) else [configured] if configured is not None else [])
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (min(eos) if eos else 0)
+        self.settings = DecodeSettings(
+            max_new_tokens=options.max_new_tokens,
+            eos_ids=frozenset(eos),
+            pad_id=pad,
+            readout=self.readout,
+            detector=self.detector,
+            tokenizer=tokenizer,
+            batch_size=options.batch_size,
+            token_budget=options.token_budget,
+        )
+        self.kind = engine_kind(model, options.engine)
+        self._worker: EngineWorker | None = None
+        self._lock = threading.Lock()
+
+    # ---- prompts -------------------------------------------------------------------------------------
+
+    def prepare(self, query: str, passage: str) -> Prepared:
+        """Prompt and token ids for one (joined query, passage text), cutting the passage if it must.
+
+        The prompt may use at most ``context_size - max_new_tokens`` tokens. Only the passage is cut, at a
+        token boundary, and the template around it stays whole.
+        """
+        budget = self.options.context_size - self.options.max_new_tokens
+        prompt = build_prompt(query, passage)
+        ids = self.tokenizer(prompt)["input_ids"]
+        if len(ids) <= budget:
+            return Prepared(prompt, ids, False)
+        pieces = self.tokenizer(passage, add_special_tokens=False, return_offsets_mapping=True)
+        ends = [end for _, end in pieces["offset_mapping"]]
+        keep = len(ends) - (len(ids) - budget)
+        while keep > 0:
+            prompt = build_prompt(query, passage[: ends[keep - 1]].rstrip())
+            ids = self.tokenizer(prompt)["input_ids"]
+            if len(ids) <= budget:
+                return Prepared(prompt, ids, True)
+            keep -= max(1, len(ids) - budget)
+        raise Rank1Error(
+            f"query too long: the prompt without its passage exceeds context_size - max_new_tokens "
+            f"= {budget} tokens (query starts {query[:60]!r})"
+        )
+
+    def prepare_all(self, pairs: Sequence[Pair], dataset_prompt: str | None) -> list[Prepared]:
+        """Every pair prepared, so that bad input fails before anything is judged."""
+        return [self.prepare(*unpack_pair(pair, dataset_prompt)) for pair in pairs]
+
+    # ---- the engine ----------------------------------------------------------------------------------
+
+    @property
+    def worker(self) -> EngineWorker:
+        """The engine's thread, started on first use and kept until :meth:`close`."""
+        with self._lock:
+            if self._worker is None:
+                engine = ContinuousEngine if self.kind == "continuous" else GenerateEngine
+                model, settings, asked = self.model, self.settings, self.options.engine
+
+                def make() -> ContinuousEngine | GenerateEngine:  # holds no reference to this Judge
+                    logger.info("engine: %s (asked for %r)", engine.name, asked)
+                    return engine(model, settings)
+
+                self._worker = EngineWorker(make)
+                # A ranker nobody holds any more stops its engine's thread, which frees the cache.
+                weakref.finalize(self, self._worker.close)
+            return self._worker
+
+    def warmup(self, prompt_tokens: int) -> None:
+        """Make the engine now: its cache for prompts of ``prompt_tokens`` and, on a GPU, its captured steps."""
+        self.worker.call(lambda engine: engine.warmup(prompt_tokens))
+
+    def close(self) -> None:
+        """Stop the engine's thread and free its cache; a later call starts a new one."""
+        with self._lock:
+            worker, self._worker = self._worker, None
+        if worker is not None:
+            worker.close()
+
+    # ---- judging -------------------------------------------------------------------------------------
+
+    def iterate(self, pairs: Iterable[Pair], dataset_prompt: str | None, show_progress_bar: bool | None) -> Judging:
+        """(input index, judgement) as each pair finishes, from any thread.
+
+        A sized sequence is prepared up front (bad input fails before any judging) and queued shortest
+        prompt first; any other iterable is read as the engine frees room, a few batches ahead, so memory
+        follows the pairs in flight.
+        """
+        return Judging(lambda judging: self._iterate(judging, pairs, dataset_prompt, show_progress_bar))
+
+    def _iterate(self, judging: Judging, pairs: Iterable[Pair], dataset_prompt: str | None,
+                 show_progress_bar: bool | None) -> Iterator[tuple[int, Judgement]]:
+        sized = isinstance(pairs, Sequence)
+        total = len(pairs) if sized else None
+        show = show_progress_bar if show_progress_bar is not None else sys.stderr.isatty() and total != 1
+        prepared: dict[int, Prepared] = {}
+        if sized:
+            prepared = dict(enumerate(self.prepare_all(pairs, dataset_prompt)))
+            source: Iterator[tuple[int, Pair]] = iter(())
+        else:
+            source = enumerate(pairs)
+        if sized and not prepared:
+            return
+        results: queue.SimpleQueue = queue.SimpleQueue()
+        ticket = Ticket(results.put)
+        judging.stats = ticket.stats  # the worker adds to it as it runs
+        worker = self.worker
+        window = 2 * self.settings.batch_size  # a stream's pairs queued ahead of the engine
+        waiting = 0  # submitted, not yet returned
+        log = _CallLog(self.options)
+        bar = tqdm(total=total, unit="pair", disable=not show, desc="rank1", dynamic_ncols=True)
+        try:
+            if sized:
+                order = sorted(prepared, key=lambda i: (len(prepared[i].ids), i))
+                worker.submit(ticket, [(i, prepared[i].ids, prepared[i].prompt) for i in order])
+                waiting = len(order)
+            while True:
+                if not sized:
+                    more = []
+                    while waiting + len(more) < window:
+                        nxt = next(source, None)
+                        if nxt is None:
+                            break
+                        i, pair = nxt
+                        prepared[i] = self.prepare(*unpack_pair(pair, dataset_prompt))
+                        more.append((i, prepared[i].ids, prepared[i].prompt))
+                    if more:
+                        worker.submit(ticket, more)
+                        waiting += len(more)
+                if not waiting:
+                    break
+                item = results.get()
+                if isinstance(item, BaseException):
+                    waiting = 0
+                    raise item
+                i, generation = item
+                waiting -= 1
+                judgement = self.judgement(prepared.pop(i), generation)
+                log.add(i, judgement)
+                bar.update(1)
+                yield i, judgement
+        finally:
+            if waiting:
+                worker.cancel(ticket)
+            bar.close()
+            log.close(ticket.stats)
+
+    async def ajudge(self, pairs: Sequence[Pair], dataset_prompt: str | None) -> tuple[list[Judgement], EngineStats]:
+        """Judgements in input order and the engine's work, for an asyncio task. Cancelling the task frees
+        its pairs that have not started."""
+        if not pairs:
+            return [], EngineStats()
+        ready = await asyncio.to_thread(self.prepare_all, pairs, dataset_prompt)
+        loop = asyncio.get_running_loop()
+        results: asyncio.Queue = asyncio.Queue()
+        ticket = Ticket(lambda item: loop.call_soon_threadsafe(results.put_nowait, item))
+        order = sorted(range(len(ready)), key=lambda i: (len(ready[i].ids), i))
+        worker = self.worker
+        worker.submit(ticket, [(i, ready[i].ids, ready[i].prompt) for i in order])
+        out: list[Judgement | None] = [None] * len(ready)
+        log = _CallLog(self.options)
+        waiting = len(ready)
+        try:
+            while waiting:
+                item = await results.get()
+                if isinstance(item, BaseException):
+                    waiting = 0
+                    raise item
+                i, generation = item
+                waiting -= 1
+                out[i] = self.judgement(ready[i], generation)
+                log.add(i, out[i])
+        finally:
+            if waiting:
+                worker.cancel(ticket)
+            log.close(ticket.stats)
+        return out, ticket.stats  # type: ignore[return-value]
+
+    def judgement(self, prepared: Prepared, generation: Generation) -> Judgement:
+        """The judgement of one finished row: its reasoning, outcome and score (0.5 without finite logits)."""
+        reasoning, n = split_reasoning(self.tokenizer, generation.tokens, generation.think)
+        outcome = "answered" if generation.think is not None else "forced"
+        t, f = generation.readout
+        if not (math.isfinite(t) and math.isfinite(f)):
+            return Judgement(0.5, "fallback", reasoning, n, len(prepared.ids), None, None, prepared.truncated)
+        return Judgement(score(t, f), outcome, reasoning, n, len(prepared.ids), t, f, prepared.truncated)
+
+
+class _CallLog:
+    """What one call's judgements did that a user may want to know: passages cut, reasoning unfinished."""
+
+    def __init__(self, options: JudgeOptions):
+        self.options = options
+        self.count = self.cut = self.unfinished = 0
+
+    def add(self, index: int, judgement: Judgement) -> None:
+        self.count += 1
+        if judgement.truncated:
+            self.cut += 1
+            logger.info("pair %d: passage cut to fit context_size=%d", index, self.options.context_size)
+        if judgement.outcome != "answered":
+            self.unfinished += 1
+            logger.debug("pair %d: %s (reasoning unfinished after %d tokens)", index, judgement.outcome,
+                         judgement.reasoning_tokens)
+
+    def close(self, stats: EngineStats) -> None:
+        if self.cut:
+            logger.warning("%d of %d passages were cut to fit context_size=%d (the passage only; the template "
+                           "stays whole)", self.cut, self.count, self.options.context_size)
+        if self.unfinished:
+            logger.info("%d of %d pairs did not close </think> within max_new_tokens=%d and were forced to "
+                        "an answer", self.unfinished, self.count, self.options.max_new_tokens)
+        if stats.oom_retries:
+            logger.warning("%d out-of-memory retries (the batch was split and run again)", stats.oom_retries)
+
+
+def default_batch_size() -> int:
+    """Rows in flight when none is asked for: 32 on a GPU, 16 on a CPU."""
+    return 32 if torch.cuda.is_available() else 16
+

@@ -1,0 +1,303 @@
+"""One ranker, many callers: threads and asyncio tasks share one long-lived engine and each gets exactly
+its own judgements, equal to judging its pairs alone; cancelled callers free their waiting pairs; an
+engine failure reaches every caller and the next call works; the engine (its cache) is made once."""
+
+import asyncio
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from conftest import make_pairs
+from plant import plant_lengths
+
+from rank1_hf import Rank1
+from rank1_hf.kv_cache import SlotCache
+from rank1_hf.prompt import build_prompt
+from rank1_hf.testing import tiny_model
+
+MAX_NEW = 24
+REASONING = [3, 20, 7, 15, 11, 5, 18, 9]  # planted reasoning lengths, by prompt length
+CALLERS, EACH = 8, 4
+
+
+@pytest.fixture(scope="module")
+def planted(tokenizers):
+    """A tiny Qwen2 whose reasoning length is planted per prompt length (some rows never close </think>)."""
+    tok = tokenizers["qwen"]
+    model = tiny_model(tok, "qwen2", seed=0)
+    pairs = make_pairs(CALLERS * EACH, seed=21)
+    lengths = sorted({len(tok(build_prompt(q, p))["input_ids"]) for q, p in pairs})
+    never = set(lengths[2::7])
+    reasoning = {n: REASONING[k % len(REASONING)] for k, n in enumerate(lengths) if n not in never}
+    handle = plant_lengths(model, tok, reasoning, never=never)
+    yield model, tok, pairs
+    handle.remove()
+
+
+def chunks(pairs):
+    return [pairs[k * EACH : (k + 1) * EACH] for k in range(CALLERS)]
+
+
+def assert_alone(got, alone):
+    """Same reasoning, same outcome, scores within 1e-4 (batches differ, so float rounding may)."""
+    assert [(j.outcome, j.reasoning, j.reasoning_tokens) for j in got] == [
+        (j.outcome, j.reasoning, j.reasoning_tokens) for j in alone]
+    assert max(abs(a.score - b.score) for a, b in zip(got, alone)) <= 1e-4
+
+
+@pytest.mark.parametrize("engine", ["continuous", "generate"])
+def test_threads_each_get_their_own_judgements(planted, engine):
+    model, tok, pairs = planted
+    ranker = Rank1.from_model(model, tok, max_new_tokens=MAX_NEW, engine=engine, batch_size=8)
+    alone = [ranker.judge(chunk) for chunk in chunks(pairs)]  # one call at a time
+    got: list = [None] * CALLERS
+    peaks: list = [None] * CALLERS
+    start = threading.Barrier(CALLERS)
+
+    def caller(k):
+        start.wait()
+        judged = ranker.judge_with_stats(chunks(pairs)[k])
+        got[k], peaks[k] = judged.judgements, judged.stats.peak_rows
+
+    threads = [threading.Thread(target=caller, args=(k,)) for k in range(CALLERS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not any(t.is_alive() for t in threads)
+    for k in range(CALLERS):
+        assert_alone(got[k], alone[k])
+    # The callers' rows shared steps: some step ran more rows than one caller has.
+    assert max(peaks) > EACH
+    ranker.close()
+
+
+@pytest.mark.parametrize("engine", ["continuous", "generate"])
+def test_asyncio_tasks_each_get_their_own_judgements(planted, engine):
+    model, tok, pairs = planted
+    ranker = Rank1.from_model(model, tok, max_new_tokens=MAX_NEW, engine=engine, batch_size=8)
+    alone = [ranker.judge(chunk) for chunk in chunks(pairs)]
+
+    async def main():
+        return await asyncio.gather(*(ranker.ajudge(chunk) for chunk in chunks(pairs)))
+
+    got = asyncio.run(main())
+    for k in range(CALLERS):
+        assert_alone(got[k], alone[k])
+    ranks = asyncio.run(ranker.arank(pairs[0][0], [p for _, p in pairs[:5]], top_k=3))
+    assert ranks == ranker.rank(pairs[0][0], [p for _, p in pairs[:5]], top_k=3)
+    scores = asyncio.run(ranker.apredict(pairs[:3]))
+    assert scores.tolist() == ranker.predict(pairs[:3]).tolist()
+    ranker.close()
+
+
+class Prefills:
+    """Counts the prompt rows each forward call prefills (calls wider than one token)."""
+
+    def __init__(self, model, delay=0.0):
+        self.rows, self.delay = 0, delay
+        self.handle = model.register_forward_pre_hook(self.hook, with_kwargs=True)
+
+    def hook(self, module, args, kwargs):
+        ids = kwargs["input_ids"]
+        if ids.shape[1] > 1 and not bool((ids == 151666).any()):  # not a closing pass (it holds </think>)
+            self.rows += ids.shape[0]
+        time.sleep(self.delay)
+
+
+def wait_until(condition, seconds=30.0):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_a_closed_iterator_frees_its_waiting_pairs(planted):
+    model, tok, pairs = planted
+    ranker = Rank1.from_model(model, tok, max_new_tokens=MAX_NEW, engine="continuous", batch_size=2)
+    prefills = Prefills(model, delay=0.01)
+    try:
+        judging = ranker.judge_iter(pairs[:16])
+        next(judging)
+        judging.close()
+        worker = ranker.core.worker
+        wait_until(lambda: worker.pending_prompts() == 0)
+        started = prefills.rows
+        time.sleep(0.3)
+        assert prefills.rows == started < 16  # nothing of the closed call starts after it is closed
+        # and the ranker goes on judging
+        assert_alone(ranker.judge(pairs[:3]), Rank1.from_model(model, tok, max_new_tokens=MAX_NEW).judge(pairs[:3]))
+    finally:
+        prefills.handle.remove()
+        ranker.close()
+
+
+def test_a_cancelled_task_frees_its_waiting_pairs(planted):
+    model, tok, pairs = planted
+    ranker = Rank1.from_model(model, tok, max_new_tokens=MAX_NEW, engine="continuous", batch_size=2)
+    prefills = Prefills(model, delay=0.01)
+
+    async def main():
+        task = asyncio.create_task(ranker.ajudge(pairs[:16]))
+        while prefills.rows == 0:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        worker = ranker.core.worker
+        while worker.pending_prompts():
+            await asyncio.sleep(0.01)
+        return await ranker.ajudge(pairs[:3])
+
+    try:
+        after = asyncio.run(asyncio.wait_for(main(), 60))
+        assert prefills.rows < 16 + 3
+        assert_alone(after, Rank1.from_model(model, tok, max_new_tokens=MAX_NEW).judge(pairs[:3]))
+    finally:
+        prefills.handle.remove()
+        ranker.close()
+
+
+@pytest.mark.parametrize("engine", ["continuous", "generate"])
+def test_an_engine_failure_reaches_every_caller_and_the_next_call_works(planted, engine):
+    model, tok, pairs = planted
+    ranker = Rank1.from_model(model, tok, max_new_tokens=MAX_NEW, engine=engine, batch_size=4)
+    callers = 3
+    worker = ranker.core.worker
+    fired = []
+
+    def hook(module, args, kwargs):
+        # Fail once, when every caller's pairs are in the engine or waiting for it.
+        if not fired and worker.pending_prompts() == callers * EACH:
+            fired.append(True)
+            raise RuntimeError("device lost (injected)")
+
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    errors: list = [None] * callers
+
+    def caller(k):
+        try:
+            ranker.judge(chunks(pairs)[k])
+        except RuntimeError as error:
+            errors[k] = error
+
+    threads = [threading.Thread(target=caller, args=(k,)) for k in range(callers)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+    finally:
+        handle.remove()
+    assert fired and all(e is not None and "injected" in str(e) for e in errors)
+    assert worker.pending_prompts() == 0
+    assert_alone(ranker.judge(pairs[:4]), Rank1.from_model(model, tok, max_new_tokens=MAX_NEW).judge(pairs[:4]))
+    ranker.close()
+
+
+def test_identical_pairs_in_flight_are_judged_once(planted):
+    model, tok, pairs = planted
+    ranker = Rank1.from_model(model, tok, max_new_tokens=MAX_NEW, engine="continuous", batch_size=4)
+    worker = ranker.core.worker
+
+    def hook(module, args, kwargs):  # the engine waits (bounded) until the second caller has joined
+        deadline = time.monotonic() + 10
+        while worker.joined == 0 and time.monotonic() < deadline:
+            time.sleep(0.005)
+
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    prefills = Prefills(model)
+    got: list = [None, None]
+
+    def caller(k):
+        got[k] = ranker.judge([pairs[5]])[0]
+
+    threads = [threading.Thread(target=caller, args=(k,)) for k in range(2)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+    finally:
+        handle.remove()
+        prefills.handle.remove()
+    assert worker.joined == 1 and prefills.rows == 1
+    assert got[0] == got[1] and got[0] is not None
+    ranker.close()
+
+
+def test_the_cache_is_made_once_for_every_call_and_freed_by_close(planted, monkeypatch):
+    model, tok, pairs = planted
+    made = []
+    real = SlotCache.__init__
+
+    def spy(self, *args, **kwargs):
+        made.append(self)
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(SlotCache, "__init__", spy)
+    before = set(threading.enumerate())
+    with Rank1.from_model(model, tok, max_new_tokens=MAX_NEW, engine="continuous", batch_size=4) as ranker:
+        ranker.warmup(prompt_tokens=512)
+        assert len(made) == 1
+        for k in range(3):
+            ranker.judge(pairs[k * 3 : k * 3 + 3])
+        assert len(made) == 1  # warmup's cache served every call
+        engines = [t for t in threading.enumerate() if t.name == "rank1-engine" and t not in before]
+        assert len(engines) == 1
+    for t in engines:
+        t.join(timeout=10)
+    assert not any(t.is_alive() for t in engines)  # closed on leaving the with block
+    assert ranker.judge(pairs[:2])  # a closed ranker starts a new engine when used again
+    assert len(made) == 2
+    ranker.close()
+
+
+def test_a_dropped_ranker_stops_its_engine(planted):
+    import gc
+
+    model, tok, pairs = planted
+    before = set(threading.enumerate())
+    ranker = Rank1.from_model(model, tok, max_new_tokens=MAX_NEW)
+    ranker.judge(pairs[:2])
+    (thread,) = [t for t in threading.enumerate() if t.name == "rank1-engine" and t not in before]
+    del ranker
+    gc.collect()
+    thread.join(timeout=10)
+    assert not thread.is_alive()  # nothing keeps an unused ranker's engine (and its cache) alive
+
+
+def test_per_call_arguments_are_checked_like_the_options(planted):
+    from rank1_hf import Rank1Error
+
+    model, tok, pairs = planted
+    ranker = Rank1.from_model(model, tok, max_new_tokens=MAX_NEW)
+    with pytest.raises(Rank1Error, match="batch_size must be a whole number"):
+        ranker.judge(pairs[:1], batch_size=0)
+    with pytest.raises(Rank1Error, match="dataset_prompt must be a string"):
+        ranker.predict(pairs[:1], dataset_prompt=3)
+    with pytest.raises(Rank1Error, match="top_k must be a whole number"):
+        ranker.rank("q", ["a"], top_k=0)
+    with pytest.raises(Rank1Error, match="pairs must be a list"):
+        ranker.judge("what is a cat")
+    with pytest.raises(Rank1Error, match="documents must be a list"):
+        asyncio.run(ranker.arank("q", "a passage"))
+    ranker.close()
+
+
+def test_the_cli_imports_no_torch():
+    out = subprocess.run([sys.executable, "-c", "import sys, rank1_hf.cli; print('torch' in sys.modules)"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
+def test_warmup_refuses_a_bad_length(planted):
+    from rank1_hf import Rank1Error
+
+    model, tok, _ = planted
+    with pytest.raises(Rank1Error, match="prompt_tokens"):
+        Rank1.from_model(model, tok, max_new_tokens=MAX_NEW).warmup(prompt_tokens=0)
+
