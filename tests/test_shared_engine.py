@@ -61,7 +61,7 @@ def test_threads_each_get_their_own_judgements(planted, engine):
         judged = ranker.judge_with_stats(chunks(pairs)[k])
         got[k], peaks[k] = judged.judgements, judged.stats.peak_rows
 
-    threads = [threading.Thread(target=caller, args=(k,)) for k in range(CALLERS)]
+    threads = [threading.Thread(target=caller, args=(k,), daemon=True) for k in range(CALLERS)]
     for t in threads:
         t.start()
     for t in threads:
@@ -183,7 +183,7 @@ def test_an_engine_failure_reaches_every_caller_and_the_next_call_works(planted,
         except RuntimeError as error:
             errors[k] = error
 
-    threads = [threading.Thread(target=caller, args=(k,)) for k in range(callers)]
+    threads = [threading.Thread(target=caller, args=(k,), daemon=True) for k in range(callers)]
     try:
         for t in threads:
             t.start()
@@ -214,7 +214,7 @@ def test_identical_pairs_in_flight_are_judged_once(planted):
     def caller(k):
         got[k] = ranker.judge([pairs[5]])[0]
 
-    threads = [threading.Thread(target=caller, args=(k,)) for k in range(2)]
+    threads = [threading.Thread(target=caller, args=(k,), daemon=True) for k in range(2)]
     try:
         for t in threads:
             t.start()
