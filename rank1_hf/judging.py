@@ -3,7 +3,7 @@
 :class:`Judge` holds what turns a pair into a judgement: the prompt (cut to fit the context), the engine
 that reasons (chosen once, kept in its :class:`~rank1_hf.worker.EngineWorker` thread and shared by every
 caller), and the judgement built from what the engine returns. Callers in any thread use
-:meth:`Judge.iterate`; asyncio tasks use :meth:`Judge.ajudge`. Each gets exactly its own judgements,
+:meth:`Judge.iterate`; asyncio tasks use :meth:`Judge.aiterate`. Each gets exactly its own judgements,
 equal to judging its pairs alone.
 """
 
@@ -18,7 +18,7 @@ import sys
 import threading
 import weakref
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import AsyncIterator, Callable, Iterable, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -76,6 +76,23 @@ class Judging:
 
     def close(self) -> None:
         self._pairs.close()
+
+
+class AsyncJudging:
+    """What :meth:`Judge.aiterate` returns: :class:`Judging` for ``async for``."""
+
+    def __init__(self, run: Callable[["AsyncJudging"], AsyncIterator[tuple[int, Judgement]]]):
+        self.stats = EngineStats()
+        self._pairs = run(self)
+
+    def __aiter__(self) -> "AsyncJudging":
+        return self
+
+    async def __anext__(self) -> tuple[int, Judgement]:
+        return await self._pairs.__anext__()
+
+    async def aclose(self) -> None:
+        await self._pairs.aclose()
 
 
 class Judge:
@@ -235,19 +252,23 @@ class Judge:
             bar.close()
             log.close(ticket.stats)
 
-    async def ajudge(self, pairs: Sequence[Pair], dataset_prompt: str | None) -> tuple[list[Judgement], EngineStats]:
-        """Judgements in input order and the engine's work, for an asyncio task. Cancelling the task frees
-        its pairs that have not started."""
+    def aiterate(self, pairs: Sequence[Pair], dataset_prompt: str | None) -> "AsyncJudging":
+        """:meth:`iterate` for asyncio: ``async for i, judgement in ...``. Cancelling the task that
+        iterates (or closing the iterator) frees its pairs that have not started."""
+        return AsyncJudging(lambda judging: self._aiterate(judging, pairs, dataset_prompt))
+
+    async def _aiterate(self, judging: "AsyncJudging", pairs: Sequence[Pair],
+                        dataset_prompt: str | None) -> AsyncIterator[tuple[int, Judgement]]:
         if not pairs:
-            return [], EngineStats()
+            return
         ready = await asyncio.to_thread(self.prepare_all, pairs, dataset_prompt)
         loop = asyncio.get_running_loop()
         results: asyncio.Queue = asyncio.Queue()
         ticket = Ticket(lambda item: loop.call_soon_threadsafe(results.put_nowait, item))
+        judging.stats = ticket.stats
         order = sorted(range(len(ready)), key=lambda i: (len(ready[i].ids), i))
         worker = self.worker
         worker.submit(ticket, [(i, ready[i].ids, ready[i].prompt) for i in order])
-        out: list[Judgement | None] = [None] * len(ready)
         log = _CallLog(self.options)
         waiting = len(ready)
         try:
@@ -258,13 +279,13 @@ class Judge:
                     raise item
                 i, generation = item
                 waiting -= 1
-                out[i] = self.judgement(ready[i], generation)
-                log.add(i, out[i])
+                judgement = self.judgement(ready[i], generation)
+                log.add(i, judgement)
+                yield i, judgement
         finally:
             if waiting:
                 worker.cancel(ticket)
             log.close(ticket.stats)
-        return out, ticket.stats  # type: ignore[return-value]
 
     def judgement(self, prepared: Prepared, generation: Generation) -> Judgement:
         """The judgement of one finished row: its reasoning, outcome and score (0.5 without finite logits)."""

@@ -50,11 +50,13 @@ __all__ = ["Rank1", "Judged", "Judging", "Prepared", "best_first"]
 
 @dataclass(frozen=True)
 class Judged:
-    """What :meth:`Rank1.judge_with_stats` returns: one judgement per pair, in input order, and the
-    :class:`~rank1_hf.engine_types.EngineStats` of the pairs this call judged (stored ones cost nothing)."""
+    """What :meth:`Rank1.judge_with_stats` returns: one judgement per pair, in input order, the
+    :class:`~rank1_hf.engine_types.EngineStats` of the pairs this call judged (stored ones cost nothing),
+    and how many pairs came from the store or from an identical pair earlier in the call."""
 
     judgements: list[Judgement]
     stats: EngineStats
+    reused: int = 0
 
 
 class Rank1:
@@ -253,14 +255,15 @@ class Rank1:
         for key, judgement in reuse.fetch([self.store], skey, planned.found).items():
             out[planned.first[key]] = judgement
         todo = [planned.first[key] for key in planned.todo]
+        reused = len(pairs) - len(todo)
         if not todo:
-            return Judged(self._spread(planned, out), EngineStats())
+            return Judged(self._spread(planned, out), EngineStats(), reused)
         judging = self.judge_iter([pairs[i] for i in todo], show_progress_bar=show_progress_bar, dataset_prompt=prompt)
         writer = reuse.Writer(self.store, skey)  # one commit per judgement: a kill -9 loses only those in flight
         for n, judgement in judging:
             writer.add(planned.keys[todo[n]], judgement)
             out[todo[n]] = judgement
-        return Judged(self._spread(planned, out), judging.stats)
+        return Judged(self._spread(planned, out), judging.stats, reused)
 
     async def ajudge(
         self, pairs: Sequence[Pair], batch_size: int | None = None, show_progress_bar: bool | None = None,
@@ -268,20 +271,34 @@ class Rank1:
     ) -> list[Judgement]:
         """:meth:`judge` for asyncio: the task waits without blocking its event loop, and cancelling it
         frees its pairs that have not started. ``show_progress_bar`` is accepted and ignored."""
+        return (await self.ajudge_with_stats(pairs, batch_size, dataset_prompt=dataset_prompt)).judgements
+
+    async def ajudge_with_stats(
+        self, pairs: Sequence[Pair], batch_size: int | None = None, *, dataset_prompt: str | None = None,
+    ) -> Judged:
+        """:meth:`judge_with_stats` for asyncio (see :meth:`ajudge`); with a store, each new judgement is
+        committed as it is made."""
         pairs = _check_call(pairs, batch_size, dataset_prompt)
         prompt = self._dataset_prompt(dataset_prompt)
-        if self.store is None:
-            return (await self.core.ajudge(pairs, prompt))[0]
-        planned, skey = await asyncio.to_thread(self._plan, pairs, prompt)
         out: list[Judgement | None] = [None] * len(pairs)
+        if self.store is None:
+            judging = self.core.aiterate(pairs, prompt)
+            async for i, judgement in judging:
+                out[i] = judgement
+            return Judged(out, judging.stats)  # type: ignore[arg-type]
+        planned, skey = await asyncio.to_thread(self._plan, pairs, prompt)
         for key, judgement in (await asyncio.to_thread(reuse.fetch, [self.store], skey, planned.found)).items():
             out[planned.first[key]] = judgement
         todo = [planned.first[key] for key in planned.todo]
-        made, _ = await self.core.ajudge([pairs[i] for i in todo], prompt)
-        await asyncio.to_thread(self.store.put_many, skey, [(planned.keys[i], j) for i, j in zip(todo, made)])
-        for i, judgement in zip(todo, made):
-            out[i] = judgement
-        return self._spread(planned, out)
+        reused = len(pairs) - len(todo)
+        if not todo:
+            return Judged(self._spread(planned, out), EngineStats(), reused)
+        judging = self.core.aiterate([pairs[i] for i in todo], prompt)
+        writer = reuse.Writer(self.store, skey)
+        async for n, judgement in judging:
+            await asyncio.to_thread(writer.add, planned.keys[todo[n]], judgement)
+            out[todo[n]] = judgement
+        return Judged(self._spread(planned, out), judging.stats, reused)
 
     def judge_iter(
         self, pairs: Iterable[Pair], batch_size: int | None = None, show_progress_bar: bool | None = None,

@@ -301,3 +301,23 @@ def test_warmup_refuses_a_bad_length(planted):
     with pytest.raises(Rank1Error, match="prompt_tokens"):
         Rank1.from_model(model, tok, max_new_tokens=MAX_NEW).warmup(prompt_tokens=0)
 
+
+
+def test_async_judging_reuses_and_commits_to_the_store(planted, tmp_path):
+    from rank1_hf.store import JudgementStore, settings_key
+
+    model, tok, pairs = planted
+    path = tmp_path / "s.sqlite"
+    ranker = Rank1.from_model(model, tok, max_new_tokens=MAX_NEW, store=path)
+    first = asyncio.run(ranker.ajudge_with_stats(pairs[:3] + pairs[:1]))
+    assert first.reused == 1  # the repeated pair, judged once
+    assert first.judgements[3] == first.judgements[0]
+    with JudgementStore(path) as store:
+        assert store.count(settings_key(ranker.settings())) == 3
+    again = Rank1.from_model(model, tok, max_new_tokens=MAX_NEW, store=path)
+    second = asyncio.run(again.ajudge_with_stats(pairs[:4]))
+    assert second.reused == 3 and second.stats.steps > 0  # only the 4th pair was judged
+    assert second.judgements[:3] == first.judgements[:3]
+    assert_alone(second.judgements, Rank1.from_model(model, tok, max_new_tokens=MAX_NEW).judge(pairs[:4]))
+    ranker.close()
+    again.close()
