@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from plant import plant_lengths  # noqa: E402
 
 from rank1_hf import Rank1  # noqa: E402
-from rank1_hf.kv_cache import SlotCache  # noqa: E402
+from rank1_hf.kv_cache import PagedCache  # noqa: E402
 from rank1_hf.testing import qwen_tokenizer, same_length_pairs, tiny_model  # noqa: E402
 from rank1_hf.prompt import build_prompt  # noqa: E402
 
@@ -39,14 +39,14 @@ def main() -> None:
     ranker = Rank1.from_model(model, tok, max_new_tokens=640, engine="continuous", batch_size=8, show_progress_bar=False)
     state = {"step": 0, "addresses": set()}
     results = {}
-    update = SlotCache.update
+    update = PagedCache.update
 
     def spy(self, keys, values, layer_idx, *args, **kwargs):
         out = update(self, keys, values, layer_idx, *args, **kwargs)
         state["addresses"].add((layer_idx, self.keys[layer_idx].data_ptr()))
         return out
 
-    SlotCache.update = spy
+    PagedCache.update = spy
     profiler = None
 
     def on_step(module, args, kwargs, output):

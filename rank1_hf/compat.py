@@ -47,7 +47,7 @@ REFERENCE_BATCH_SIZE = 999999999999
 MAX_BATCH_SIZE = 256
 #: rank1-hf options (not in the reference) that pass straight through to :class:`Rank1` / loading.
 PASSED_THROUGH = (
-    "engine", "show_progress_bar", "token_budget", "store", "quantization", "trust_remote_code", "revision",
+    "engine", "show_progress_bar", "kv_memory", "store", "quantization", "trust_remote_code", "revision",
 )
 
 FORCE_RETHINK_MESSAGE = (
@@ -256,5 +256,5 @@ def _judging_options(batch_size: int, context_size: int, max_output_tokens: int,
         "context_size": context_size,
         "dataset_prompt": dataset_prompt,
     }
-    options.update({k: passed[k] for k in ("engine", "show_progress_bar", "token_budget", "store") if k in passed})
+    options.update({k: passed[k] for k in ("engine", "show_progress_bar", "kv_memory", "store") if k in passed})
     return options

@@ -6,13 +6,15 @@ in the step depends on Python values: every tensor it reads or writes must keep 
 from one replay to the next. So the step here works on buffers allocated once:
 
 - ``tokens`` and ``positions`` (slots, 1): each row's last token and the cache column it is written to;
-- the slot cache's key/value buffers and the engine's ``visible`` mask (slots, capacity + 1);
+- the paged cache's pools and page table, and the engine's ``visible`` mask (slots, capacity + 1): the
+  step computes its pool indices from the table on the device, so a replay follows pages the engine has
+  given out since;
 - ``picked`` (slots, 3): the greedy next token and the " true"/" false" logits, computed inside the step,
   so one device-to-host copy per step carries everything the engine needs.
 
 Shapes come from buckets: the rows in flight are padded up to the next batch bucket (1, 2, 4, ... the
 slot count) and the key columns read up to the next width bucket (256, 512, ... the capacity). Padding
-rows sit in free slots, write their keys to the scratch column and attend to it alone. One graph is
+rows sit in free slots, write their keys to the scratch page and attend to column 0 alone. One graph is
 captured per (rows, width) bucket the engine meets, on first use, all sharing one memory pool.
 
 Without CUDA (or when capture fails) the same step runs eagerly, which is also how the CPU tests check
@@ -28,7 +30,7 @@ from transformers import PreTrainedModel
 
 from .devices import input_device
 from .head import greedy_tokens
-from .kv_cache import Placement, SlotCache
+from .kv_cache import PagedCache, Placement
 
 logger = logging.getLogger(__name__)
 
@@ -68,11 +70,12 @@ class StaticDecode:
     Bound to one cache and one ``visible`` mask: the engine makes a new one when it replaces either.
     """
 
-    def __init__(self, model: PreTrainedModel, cache: SlotCache, visible: torch.Tensor, readout: tuple[int, int],
+    def __init__(self, model: PreTrainedModel, cache: PagedCache, visible: torch.Tensor, readout: tuple[int, int],
                  pad_id: int):
         device = input_device(model)
         self.model, self.cache, self.visible = model, cache, visible
         self.device = device
+        cache.attach(device)
         slots = cache.slots
         self.rows = buckets(slots)
         self.widths = buckets(cache.capacity + 1, min(_MIN_WIDTH, cache.capacity + 1))
@@ -100,7 +103,7 @@ class StaticDecode:
         staged[0, :n] = torch.tensor(last)
         staged[0, n:] = self.pad_id
         staged[1, :n] = torch.tensor(cached)
-        staged[1, n:] = self.cache.scratch  # padding rows write the scratch column of their free slots
+        staged[1, n:] = self.cache.scratch  # padding rows write the scratch page
         self.visible[n:rows, 0] = True  # and attend to column 0 (a free slot's row is reset when it is taken)
         self.tokens[:rows, 0].copy_(staged[0], non_blocking=True)
         self.positions[:rows, 0].copy_(staged[1], non_blocking=True)
@@ -154,7 +157,7 @@ class StaticDecode:
     def _step(self, rows: int, width: int) -> None:
         """The step itself: reads and writes only the buffers above (slices of them are fixed addresses)."""
         positions = self.positions[:rows]
-        self.cache.place(Placement(self.slots[:rows], positions, width, 0))
+        self.cache.place(Placement(self.slots[:rows], positions, width))
         self.visible[self.slots[:rows], positions[:, 0]] = True
         out = self.model(
             input_ids=self.tokens[:rows],

@@ -13,7 +13,7 @@ right after ``</think>``:
 A finished row leaves its slot at once and a waiting request takes it, so no row waits for another.
 The engine only steps: :class:`~rank1_hf.worker.EngineWorker` owns it, in a thread of its own, and feeds
 it the requests of every caller.
-Every forward call is a plain ``model(...)`` with a :class:`~rank1_hf.kv_cache.SlotCache` as ``cache=``
+Every forward call is a plain ``model(...)`` with a :class:`~rank1_hf.kv_cache.PagedCache` as ``cache=``
 and an explicit mask, so the model code stays transformers'.
 """
 
@@ -30,10 +30,10 @@ from transformers.cache_utils import DynamicLayer
 
 from .decode_step import StaticDecode, graphable, pick
 from .devices import input_device
-from .engine_types import DecodeSettings, EngineStats, Generation, Request, fits
+from .engine_types import DecodeSettings, EngineStats, Generation, Request
 from .errors import Rank1Error
 from .head import fast_head
-from .kv_cache import Placement, SlotCache
+from .kv_cache import PAGE_SIZE, PagedCache, Placement
 from .readout import closing_ids, forced_readout
 from .stopping import ThinkEnd
 
@@ -45,7 +45,8 @@ def is_oom(error: BaseException) -> bool:
 
 
 # Row states. A READING row closed </think> cleanly: its next decode step's logits are its readout.
-DECODING, READING, CLOSING, DONE = range(4)
+# A PREEMPTED row gave its pages back and waits to be prefilled again with its tokens.
+DECODING, READING, CLOSING, DONE, PREEMPTED = range(5)
 
 
 @dataclass
@@ -56,23 +57,31 @@ class _Row:
     think: ThinkEnd | None = None
     readout: tuple[float, float] | None = None
     state: int = DECODING
+    age: int = 0  # admission order: the newest row is preempted first
+    resumes: int = DECODING  # the state a PREEMPTED row goes back to (DECODING, or READING its readout)
+
+    def sequence(self) -> list[int]:
+        """Prompt and generated tokens: what a (re)admitted row prefills."""
+        return self.request.ids + self.tokens
 
     def history(self) -> list[int]:
         """The tokens whose keys/values the slot holds."""
-        return (self.request.ids + self.tokens)[: self.cached]
+        return self.sequence()[: self.cached]
 
 
 class ContinuousEngine:
-    """Continuous batching over a :class:`SlotCache`: row ``k`` of every decode step lives in slot ``k``.
+    """Continuous batching over a :class:`PagedCache`: row ``k`` of every decode step lives in slot ``k``.
 
     The engine lives as long as its ranker: the cache (and, on a GPU, the captured decode steps) are made
     once and serve every call. Each :meth:`step`:
 
-    1. admit waiting requests into the free slots (``len(rows)..``) while the row and token budgets
-       allow, and prefill them (their last logits give their first token);
-    2. one decode step for every row, a view of slots ``0..n-1``; a READING row takes its readout;
-    3. close the rows that need it (one batched pass over only the tokens their cache lacks);
-    4. return the finished rows and compact: the last row moves into each freed slot.
+    1. admit waiting requests into the free slots (``len(rows)..``) while rows and pages allow, and
+       prefill them (their last logits give their first token);
+    2. give every row the page its next token needs, preempting the newest rows while the pool is
+       short (a preempted row waits again, and its prompt and tokens are prefilled when it comes back);
+    3. one decode step for every row; a READING row takes its readout;
+    4. close the rows that need it (one batched pass over only the tokens their cache lacks);
+    5. return the finished rows, free their pages and compact: the last row moves into each freed slot.
     """
 
     name = "continuous"
@@ -84,8 +93,10 @@ class ContinuousEngine:
         self.stats = EngineStats(rows_limit=settings.batch_size)  # rows_limit shrinks on out-of-memory
         self.rows: list[_Row] = []  # rows[k] lives in slot k
         self.rows_stepped = 0  # rows in the last step's decode
-        self.cache: SlotCache | None = None
-        self.longest_prompt = 0  # the cache is sized for prompts this long when it is (re)allocated
+        self.cache: PagedCache | None = None
+        self.kv_tokens = settings.kv_tokens  # the pool, in tokens (halved by each out-of-memory retry)
+        self._resume: dict[int, _Row] = {}  # preempted rows by request id: their tokens, until readmitted
+        self._admitted = 0
         self._sdpa = getattr(model.config, "_attn_implementation", "sdpa") == "sdpa"
         # On one GPU with plain weights, decode steps are CUDA graphs (decode_step.py); its boolean mask
         # is taken as is by sdpa attention only.
@@ -110,10 +121,7 @@ class ContinuousEngine:
         """How many waiting requests the next step could take (its free slots)."""
         return max(0, self.stats.rows_limit - len(self.rows))
 
-    def expect(self, prompt_tokens: int) -> None:
-        """Prompts this long are coming: size the cache for them when it is next (re)allocated."""
-        self.longest_prompt = max(self.longest_prompt, prompt_tokens)
-
+    @torch.inference_mode()
     def step(self, waiting: deque[Request]) -> list[tuple[Request, Generation]]:
         """Admit from the left of ``waiting``, decode one token for every row, and return the rows that
         finished, each with its readout. After out of memory the rows in flight go back to the left of
@@ -129,6 +137,7 @@ class ContinuousEngine:
             self._close(self.rows)  # rows whose first token already ended them
             self.rows = self._release(self.rows, finished)
             if self.rows:
+                self.rows = self._make_room(self.rows, waiting)
                 self._decode(self.rows)
                 self._close(self.rows)
                 self.rows = self._release(self.rows, finished)
@@ -144,19 +153,22 @@ class ContinuousEngine:
             out.append((row.request, Generation(row.tokens, row.think, row.readout)))
         return out
 
+    @torch.inference_mode()
     def drop(self, ids: set[int]) -> None:
         """Rows whose requests nobody waits for any more leave their slots now."""
         for row in self.rows:
             if row.request.id in ids:
                 row.state = DONE
+        for key in ids & self._resume.keys():
+            del self._resume[key]
         self.rows = self._release(self.rows, [])
         if not self.rows:
             self._head.close()
 
-    def warmup(self, prompt_tokens: int) -> None:
-        """Allocate the cache for prompts of ``prompt_tokens`` and, on a GPU, capture every decode bucket."""
-        self.expect(prompt_tokens)
-        self._ensure_cache(prompt_tokens, self.rows)
+    @torch.inference_mode()
+    def warmup(self) -> None:
+        """Make the cache now and, on a GPU, capture every decode bucket."""
+        self._cache_now()
         if self._static is not None and not self.rows:  # capturing writes every slot's scratch column
             self._static.capture_all()
 
@@ -165,48 +177,66 @@ class ContinuousEngine:
             self._head.enter_context(fast_head(self.model, self.settings.readout))
 
     def _admit(self, waiting: deque[Request]) -> list[_Row]:
-        """Take requests into free slots while the budgets allow (a prefill batch stays under prefill_tokens)."""
-        lengths = [len(r.request.ids) for r in self.rows]
+        """Take requests into free slots while rows and pages allow (a prefill batch stays under
+        prefill_tokens); a preempted request comes back with its tokens."""
+        cache = self._cache_now()
         admitted: list[_Row] = []
-        widest = 0
-        while waiting:
-            n = len(waiting[0].ids)
-            if (lengths or admitted) and not fits(lengths + [n], self.stats.rows_limit, self.settings):
-                break
+        widest, free = 0, len(cache.free)
+        while waiting and len(self.rows) + len(admitted) < self.stats.rows_limit:
+            request = waiting[0]
+            row = self._resume.get(request.id) or _Row(request)
+            n = len(row.sequence())
             if admitted and max(widest, n) * (len(admitted) + 1) > self.prefill_tokens:
                 break
-            lengths.append(n)
+            pages = -(-(n + 1) // cache.page_size)  # its prompt (and tokens) and its next token
+            # Headroom of one page per row already in flight, so that a row admitted now is not preempted
+            # at the next step to let an older one grow (which would prefill it again and again).
+            if pages > free - (len(self.rows) + len(admitted)):
+                if not self.rows and not admitted:
+                    raise Rank1Error(f"kv_memory holds {free * cache.page_size} tokens, too few for one row of "
+                                     f"{n + 1}: give more kv_memory or a shorter context_size")
+                break
+            free -= pages
+            waiting.popleft()
+            self._resume.pop(request.id, None)
             widest = max(widest, n)
-            admitted.append(_Row(waiting.popleft()))
-        if admitted:
-            try:
-                self._ensure_cache(max(len(r.request.ids) for r in admitted), self.rows)
-            except BaseException:
-                waiting.extendleft(reversed([r.request for r in admitted]))  # none is lost
-                raise
-        return sorted(admitted, key=lambda r: len(r.request.ids))
+            row.cached, row.age = 0, self._admitted
+            if row.state == PREEMPTED:
+                row.state = row.resumes
+            self._admitted += 1
+            admitted.append(row)
+        admitted.sort(key=lambda r: len(r.sequence()))  # prefill groups rows of similar length
+        for k, row in enumerate(admitted, len(self.rows)):
+            cache.reserve(k, len(row.sequence()) + 1)
+        return admitted
 
     @torch.inference_mode()
-    def _ensure_cache(self, prompt_len: int, rows: list[_Row]) -> None:
-        """Allocate the slot cache once; grow it (a rare copy) only for a prompt longer than planned."""
-        s = self.settings
-        needed = prompt_len + s.max_new_tokens + _CLOSE_MARGIN
-        if self.cache is not None and self.cache.capacity >= needed:
-            return
-        planned = max(prompt_len, self.longest_prompt) + s.max_new_tokens + _CLOSE_MARGIN
-        capacity = -(-planned // 64) * 64
+    def _cache_now(self) -> PagedCache:
+        """The paged cache, made once: ``rows_limit`` slots over a pool of ``kv_tokens`` tokens."""
         if self.cache is None:
-            self.cache = SlotCache(self.model, self.stats.rows_limit, capacity)
-            self._visible = torch.zeros((self.stats.rows_limit, capacity + 1), dtype=torch.bool, device=input_device(self.model))
+            s = self.settings
+            row_tokens = s.context_size + _CLOSE_MARGIN
+            self.cache = PagedCache(self.model, self.stats.rows_limit, self.kv_tokens // PAGE_SIZE + 1, row_tokens)
+            self._visible = torch.zeros((self.stats.rows_limit, self.cache.capacity + 1), dtype=torch.bool,
+                                        device=input_device(self.model))
             self._bind_static()
-            return
-        capacity = max(capacity, self.cache.capacity * 5 // 4)
-        logger.info("growing the KV cache from %d to %d tokens per row", self.cache.capacity, capacity)
-        self.cache = self.cache.grown(capacity, [r.cached for r in rows])
-        visible = self._visible.new_zeros((self.stats.rows_limit, capacity + 1))
-        visible[:, : self._visible.shape[1] - 1] = self._visible[:, :-1]
-        self._visible = visible
-        self._bind_static()
+        return self.cache
+
+    def _make_room(self, rows: list[_Row], waiting: deque[Request]) -> list[_Row]:
+        """Give every row the page its next token goes to, preempting the newest rows while the pool is
+        short: a preempted row drops its keys and values and waits at the front with its tokens."""
+        cache = self.cache
+        while not all(cache.reserve(k, row.cached + 1) for k, row in enumerate(rows)):
+            if len(rows) == 1:
+                raise Rank1Error(f"kv_memory holds {(cache.pages - 1) * cache.page_size} tokens, too few for one "
+                                 f"row of {rows[0].cached + 1}: give more kv_memory")
+            newest = max(rows, key=lambda r: r.age)
+            newest.resumes, newest.state = newest.state, PREEMPTED
+            self._resume[newest.request.id] = newest
+            waiting.appendleft(newest.request)
+            self.stats.preemptions += 1
+            rows = self._release(rows, [])
+        return rows
 
     def _bind_static(self) -> None:
         if self._static_step:
@@ -216,13 +246,14 @@ class ContinuousEngine:
     # ---- forward calls -------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def _forward(self, slots: list[int], inputs: list[list[int]], offsets: list[int], start: int | None) -> torch.Tensor:
+    def _forward(self, slots: list[int], inputs: list[list[int]], offsets: list[int]) -> torch.Tensor:
         """One model call: row r's ``inputs[r]`` go to positions ``offsets[r]..`` of slot ``slots[r]``.
 
-        Rows are left-padded to a common width; padding writes to the cache's scratch column and attends
-        to column 0 only. Returns the last position's logits, (rows, vocab) float32.
+        Rows are left-padded to a common width; padding writes to the cache's scratch page and attends to
+        column 0 only. Returns the last position's logits, (rows, vocab) float32.
         """
         cache, device = self.cache, input_device(self.model)
+        cache.sync()
         width_in = max(len(x) for x in inputs)
         ids = torch.full((len(inputs), width_in), self.settings.pad_id, dtype=torch.long)
         positions = torch.full((len(inputs), width_in), cache.scratch, dtype=torch.long)
@@ -236,7 +267,7 @@ class ContinuousEngine:
         seen = positions.clamp(max=width - 1)
         seen[positions == cache.scratch] = 0
         mask = columns[None, None, :] <= seen[:, :, None]
-        cache.place(Placement(torch.tensor(slots), positions, width, start))
+        cache.place(Placement(torch.tensor(slots), positions, width))
         self._set_visible(slots, [o + len(x) for x, o in zip(inputs, offsets)])
         return self._logits(ids, positions.clamp(max=cache.capacity - 1), mask[:, None], device)
 
@@ -256,13 +287,13 @@ class ContinuousEngine:
     @torch.inference_mode()
     def _prefill(self, admitted: list[_Row], start: int) -> None:
         """Prefill rows in slots ``start..``, in groups of similar length (``admitted`` is sorted by length)."""
-        for group in _similar([len(r.request.ids) for r in admitted]):
+        for group in _similar([len(r.sequence()) for r in admitted]):
             rows = [admitted[k] for k in group]
             first = start + group[0]
-            logits = self._forward(list(range(first, first + len(rows))), [r.request.ids for r in rows], [0] * len(rows), first)
-            self.stats.prefill_tokens += len(rows) * max(len(r.request.ids) for r in rows)
+            logits = self._forward(list(range(first, first + len(rows))), [r.sequence() for r in rows], [0] * len(rows))
+            self.stats.prefill_tokens += len(rows) * max(len(r.sequence()) for r in rows)
             for row in rows:
-                row.cached = len(row.request.ids)
+                row.cached = len(row.sequence())
             self._apply(rows, self._pick(logits))
 
     @torch.inference_mode()
@@ -271,12 +302,13 @@ class ContinuousEngine:
         n = self.rows_stepped = len(rows)
         last = [r.tokens[-1] if r.tokens else self.settings.pad_id for r in rows]
         cached = [r.cached for r in rows]
+        self.cache.sync()
         if self._static is not None:
             picked = self._static.run(last, cached)
         else:
             positions = torch.tensor(cached, dtype=torch.long)[:, None]
             width = max(cached) + 1
-            self.cache.place(Placement(torch.arange(n), positions, width, 0))
+            self.cache.place(Placement(torch.arange(n), positions, width))
             self._visible[torch.arange(n), positions[:, 0]] = True
             mask = self._visible[:n, None, None, :width]
             ids = torch.tensor(last, dtype=torch.long)[:, None]
@@ -327,7 +359,7 @@ class ContinuousEngine:
         runs, too_long = [], []
         for row in closing:
             sequence = closing_ids(s.tokenizer, row.request, row.tokens, row.think)
-            if len(sequence) > capacity:
+            if len(sequence) > capacity or not self.cache.reserve(slot[id(row)], len(sequence)):
                 too_long.append((row, sequence))
                 continue
             history = row.history()
@@ -339,9 +371,8 @@ class ContinuousEngine:
         runs.sort(key=lambda run: len(run[1]) - run[2])
         for group in _similar([len(seq) - shared for _, seq, shared in runs]):
             batch = [runs[k] for k in group]
-            logits = self._forward(
-                [slot[id(r)] for r, _, _ in batch], [seq[k:] for _, seq, k in batch], [k for _, _, k in batch], None
-            )
+            logits = self._forward([slot[id(r)] for r, _, _ in batch], [seq[k:] for _, seq, k in batch],
+                                   [k for _, _, k in batch])
             pairs = logits[:, list(s.readout)].tolist()
             for (row, seq, shared), pair in zip(batch, pairs):
                 row.readout = (pair[0], pair[1])
@@ -349,7 +380,7 @@ class ContinuousEngine:
                 row.state = DONE
                 self.stats.readout_tokens += len(seq) - shared
                 self.stats.reused_tokens += shared
-        if too_long:  # a closing sequence longer than the slot (re-tokenized text can grow): a full pass
+        if too_long:  # longer than a row (re-tokenized text can grow) or than the free pages: a full pass
             sequences = [seq for _, seq in too_long]
             for (row, seq), pair in zip(too_long, forced_readout(self.model, sequences, s.pad_id, s.readout)):
                 row.readout = pair
@@ -360,16 +391,21 @@ class ContinuousEngine:
 
     @torch.inference_mode()
     def _release(self, rows: list[_Row], finished: list[_Row]) -> list[_Row]:
-        """Move DONE rows to ``finished``; the rows left stay in slots 0..n-1 (rows past n fill the holes)."""
-        n = sum(r.state != DONE for r in rows)
+        """Move DONE rows to ``finished`` and let PREEMPTED rows go, freeing their pages; the rows left stay
+        in slots 0..n-1 (rows past n fill the holes, taking their pages along: no keys or values move)."""
+        gone = [r.state in (DONE, PREEMPTED) for r in rows]
+        n = len(rows) - sum(gone)
         if n == len(rows):
             return rows
         finished.extend(r for r in rows if r.state == DONE)
-        holes = [k for k in range(n) if rows[k].state == DONE]
-        movers = [k for k in range(n, len(rows)) if rows[k].state != DONE]
+        for k in range(len(rows)):
+            if gone[k]:
+                self.cache.release(k)
+        holes = [k for k in range(n) if gone[k]]
+        movers = [k for k in range(n, len(rows)) if not gone[k]]
         kept = rows[:n]
         for hole, source in zip(holes, movers):
-            self.cache.move(source, hole, rows[source].cached)
+            self.cache.move(source, hole)
             self._visible[hole] = self._visible[source]
             kept[hole] = rows[source]
         self._visible[n : len(rows)] = False
@@ -381,17 +417,19 @@ class ContinuousEngine:
             self._visible[slot, length:] = False
 
     def _restart_smaller(self, rows: list[_Row], waiting: deque[Request], error: BaseException) -> list[_Row]:
-        """After an out-of-memory error: restart every row in flight with half as many slots.
+        """After an out-of-memory error: restart every row in flight with half as many slots and half the pool.
 
         Nothing was yielded for them, so no row is lost or judged twice; only their partial work is redone.
         """
         in_flight = [r.request for r in rows]
         tried = len(in_flight) or self.stats.rows_limit  # no rows yet: allocating the cache failed
         if tried <= 1:
-            raise Rank1Error("out of memory on a single pair: lower max_new_tokens or context_size") from error
+            raise Rank1Error("out of memory on a single pair: lower kv_memory, max_new_tokens or context_size") from error
         self.stats.oom_retries += 1
         self.stats.rows_limit = max(1, tried // 2)
-        logger.warning("out of memory: retrying with at most %d rows in flight", self.stats.rows_limit)
+        self.kv_tokens = max(1, self.kv_tokens // 2)
+        logger.warning("out of memory: retrying with at most %d rows in flight and a KV pool of %d tokens",
+                       self.stats.rows_limit, self.kv_tokens)
         waiting.extendleft(reversed(in_flight))
         self.cache = self._static = None
         return []

@@ -44,7 +44,7 @@ class Generation:
 
 # EngineStats fields that add up over steps and calls (the others are maxima or the current limit).
 _ADDITIVE = ("prefill_tokens", "decode_slots", "generated_tokens", "readout_tokens", "reused_tokens", "steps",
-             "oom_retries")
+             "oom_retries", "preemptions")
 
 
 @dataclass
@@ -58,6 +58,7 @@ class EngineStats:
     reused_tokens: int = 0  # tokens of closing sequences served from the cache instead of being run again
     steps: int = 0
     oom_retries: int = 0
+    preemptions: int = 0  # rows that gave their pages back when the pool was full (and were prefilled again)
     peak_rows: int = 0
     rows_limit: int = 0  # most rows in flight: the asked batch_size, halved by each OOM retry
 
@@ -82,14 +83,15 @@ class DecodeSettings:
     readout: tuple[int, int]
     detector: "ThinkDetector"
     tokenizer: "PreTrainedTokenizerBase"  # builds the closing sequence of a row without a free readout
+    context_size: int  # the most tokens of one row: prompt + max_new_tokens
+    kv_tokens: int  # the KV pool, in tokens: the continuous engine's pages, the generate engine's budget
     batch_size: int = 32  # most rows decoded together
-    token_budget: int | None = None  # most (prompt + max_new_tokens) tokens reserved by the rows in flight
 
 
 def fits(lengths: Sequence[int], rows_limit: int, settings: DecodeSettings) -> bool:
-    """Whether rows with these prompt lengths may decode together under the row and token budgets."""
+    """Whether rows with these prompt lengths may decode together in ``model.generate``: at most
+    ``rows_limit`` rows, whose prompts and ``max_new_tokens`` each fit the KV pool together (generate's
+    own cache reserves that much per row)."""
     if len(lengths) > rows_limit:
         return False
-    if settings.token_budget is None:
-        return True
-    return sum(n + settings.max_new_tokens for n in lengths) <= settings.token_budget
+    return sum(n + settings.max_new_tokens for n in lengths) <= settings.kv_tokens

@@ -52,10 +52,7 @@ class GenerateEngine:
         """Every waiting request: a step picks the shortest ones, so a batch holds similar lengths."""
         return 1 << 30
 
-    def expect(self, prompt_tokens: int) -> None:
-        """Nothing to plan: ``generate`` allocates its cache per batch."""
-
-    def warmup(self, prompt_tokens: int) -> None:
+    def warmup(self) -> None:
         """Nothing to prepare ahead."""
 
     def drop(self, ids: set[int]) -> None:

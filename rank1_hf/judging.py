@@ -29,6 +29,7 @@ from .engine_types import DecodeSettings, EngineStats, Generation
 from .errors import Rank1Error
 from .generate import GenerateEngine
 from .judgement import Judgement
+from .kv_cache import default_kv_memory, kv_bytes_per_token
 from .options import JudgeOptions
 from .prompt import Pair, build_prompt, unpack_pair
 from .readout import readout_ids, score
@@ -116,8 +117,9 @@ class Judge:
             readout=self.readout,
             detector=self.detector,
             tokenizer=tokenizer,
+            context_size=options.context_size,
+            kv_tokens=max(1, (options.kv_memory or default_kv_memory(model)) // kv_bytes_per_token(model)),
             batch_size=options.batch_size,
-            token_budget=options.token_budget,
         )
         self.kind = engine_kind(model, options.engine)
         self._worker: EngineWorker | None = None
@@ -173,9 +175,9 @@ class Judge:
                 weakref.finalize(self, self._worker.close)
             return self._worker
 
-    def warmup(self, prompt_tokens: int) -> None:
-        """Make the engine now: its cache for prompts of ``prompt_tokens`` and, on a GPU, its captured steps."""
-        self.worker.call(lambda engine: engine.warmup(prompt_tokens))
+    def warmup(self) -> None:
+        """Make the engine now: its cache and, on a GPU, its captured decode steps."""
+        self.worker.call(lambda engine: engine.warmup())
 
     def close(self) -> None:
         """Stop the engine's thread and free its cache; a later call starts a new one."""

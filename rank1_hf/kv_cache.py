@@ -1,14 +1,21 @@
-"""A KV cache with fixed addresses: one slot per row in flight, allocated once, written in place.
+"""A paged KV cache: one pool of fixed-size pages per layer, allocated once; rows hold only the pages they use.
 
-Each attention layer owns two buffers of shape (slots, kv_heads, capacity + 1, head_dim) on that layer's
-device (so accelerate device maps work). A row lives in one slot, its token at position p in column p;
-the last column is scratch, where padded inputs write so that a real column is never overwritten.
+rank1's reasoning is mostly a few hundred tokens, but a row may run to ``max_new_tokens`` (8,192 by
+default). Reserving that much per row would decide how many rows decode together; here a row takes a page
+of ``page_size`` tokens when it reaches it, and gives all its pages back when it finishes, so the rows in
+flight are bounded by the keys and values they hold (the engine preempts the newest row when the pool is
+full; engine.py).
 
-The engine hands the model a :class:`SlotCache` as ``cache=`` for every forward call; Qwen2, Llama and
-Mistral attention call ``cache.update(keys, values, layer_idx)``, which writes the new keys and values
-into the rows' slots and returns the keys and values the attention must read. For a decode step over
-slots ``0..n-1`` that is a view of the buffers (no copy), so a step's cost does not grow with what the
-cache holds beyond the attention itself.
+Each attention layer owns two buffers of shape (pages x page_size, kv_heads, head_dim), on that layer's
+device (so accelerate device maps work). Page 0 is scratch: padded inputs write there and unused table
+entries point there (always masked out). Row ``k`` of a forward call lives in table row ``k``: its token at
+position ``p`` is at ``table[k, p // page_size] * page_size + p % page_size``. The table has a fixed
+address on every device, updated in place before each forward call (:meth:`PagedCache.sync`), so the
+index arithmetic of a decode step is plain tensor work that a CUDA graph can replay.
+
+The engine hands the model a :class:`PagedCache` as ``cache=``; Qwen2, Llama and Mistral attention call
+``cache.update(keys, values, layer_idx)``, which writes the new keys and values into their pages and
+returns the keys and values the attention reads, gathered into (rows, kv_heads, width, head_dim).
 """
 
 from __future__ import annotations
@@ -18,44 +25,101 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache
 
+# Tokens per page: the measured candidates and the choice are in benchmarks/RESULTS.md (issue 23).
+PAGE_SIZE = 32
+
 
 @dataclass
 class Placement:
     """Where one forward call's inputs go in the cache.
 
-    slots: (rows,) slot of each input row.
-    positions: (rows, width_in) column each input token is written to (the scratch column for padding).
-    width: key columns the attention reads (0..width-1), the same for every row.
-    start: when the slots are ``start..start+rows-1``, reading them is a view; None: a gather.
+    slots: (rows,) table row of each input row.
+    positions: (rows, width_in) position each input token is written to (``scratch`` for padding).
+    width: positions the attention reads (0..width-1), the same for every row.
     """
 
     slots: torch.Tensor
     positions: torch.Tensor
     width: int
-    start: int | None
 
 
-class SlotCache(Cache):
-    """Per-layer key/value buffers with one slot per row, passed to the model as ``cache=``."""
+class PagedCache(Cache):
+    """Per-layer pools of pages, a page table with one row per slot, passed to the model as ``cache=``."""
 
-    def __init__(self, model: torch.nn.Module, slots: int, capacity: int):
+    def __init__(self, model: torch.nn.Module, slots: int, pages: int, row_tokens: int,
+                 page_size: int = PAGE_SIZE):
         # Cache's own layer machinery is not used: update() below is the whole interface the
         # attention layers of Qwen2, Llama and Mistral call.
         self.layers = []
         self.slots = slots
-        self.capacity = capacity
+        self.page_size = page_size
+        self.pages = max(2, pages)  # page 0 is scratch
+        self.row_pages = -(-row_tokens // page_size)
+        self.capacity = self.row_pages * page_size  # the most tokens one row can hold
         layers = model.config.get_text_config().num_hidden_layers
         # Allocated on a layer's first update, with the device and dtype its attention works in (that
         # covers device maps, offloading and quantized projections alike); never reallocated after.
         self.keys: list[torch.Tensor | None] = [None] * layers
         self.values: list[torch.Tensor | None] = [None] * layers
+        self.table = torch.zeros((slots, self.row_pages), dtype=torch.long)  # the host's copy
+        self.held = [0] * slots  # pages held by each slot
+        self.free = list(range(self.pages - 1, 0, -1))  # a stack; page 0 is never given out
         self.placement: Placement | None = None
+        self._tables: dict[torch.device, torch.Tensor] = {}  # fixed-address copies of the table
+        self._dirty = False
         self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def scratch(self) -> int:
-        """The column padded inputs write to."""
+        """The position padded inputs write to (page 0)."""
         return self.capacity
+
+    # ---- pages ---------------------------------------------------------------------------------------
+
+    def reserve(self, slot: int, tokens: int) -> bool:
+        """Give ``slot`` pages for its first ``tokens`` tokens; False (nothing taken) when the pool is short."""
+        need = -(-tokens // self.page_size) - self.held[slot]
+        if need <= 0:
+            return True
+        if need > len(self.free) or self.held[slot] + need > self.row_pages:
+            return False
+        for k in range(self.held[slot], self.held[slot] + need):
+            self.table[slot, k] = self.free.pop()
+        self.held[slot] += need
+        self._dirty = True
+        return True
+
+    def release(self, slot: int) -> None:
+        """Return ``slot``'s pages to the pool."""
+        self.free.extend(self.table[slot, : self.held[slot]].tolist())
+        self.table[slot] = 0
+        self.held[slot] = 0
+        self._dirty = True
+
+    def move(self, source: int, target: int) -> None:
+        """Slot ``target`` (released) takes over ``source``'s pages: compaction moves no keys or values."""
+        self.table[target] = self.table[source]
+        self.held[target] = self.held[source]
+        self.table[source] = 0
+        self.held[source] = 0
+        self._dirty = True
+
+    def free_tokens(self) -> int:
+        return len(self.free) * self.page_size
+
+    # ---- forward calls -------------------------------------------------------------------------------
+
+    def attach(self, device: torch.device) -> None:
+        """Give ``device`` its copy of the table now (a capture must find it there)."""
+        if device not in self._tables:
+            self._tables[device] = self.table.to(device)
+
+    def sync(self) -> None:
+        """Copy the host's table into every device copy (before a forward call, outside any capture)."""
+        if self._dirty:
+            for table in self._tables.values():
+                table.copy_(self.table, non_blocking=False)
+            self._dirty = False
 
     def place(self, placement: Placement) -> None:
         """Set where the next forward call's inputs go."""
@@ -63,52 +127,36 @@ class SlotCache(Cache):
         self._on_device = {}
 
     def _indices(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        # One copy of the placement per device of a device-map split, made once per forward call.
+        """(write, read) pool indices on ``device``: (rows, width_in) and (rows, width). Device work only."""
         found = self._on_device.get(device)
         if found is None:
-            p = self.placement
-            found = self._on_device[device] = (p.slots.to(device)[:, None], p.positions.to(device))
+            self.attach(device)
+            table = self._tables[device]
+            p, size = self.placement, self.page_size
+            slots, positions = p.slots.to(device), p.positions.to(device)
+            rows = table[slots]  # (rows, row_pages)
+            column = positions.clamp(max=self.capacity - 1)
+            write = rows.gather(1, column // size) * size + column % size
+            write = torch.where(positions >= self.capacity, 0, write)
+            read_positions = torch.arange(p.width, device=device).clamp(max=self.capacity - 1)
+            read = rows[:, read_positions // size] * size + read_positions % size
+            if p.width > self.capacity:  # the scratch column of a padded step: page 0
+                read[:, self.capacity :] = 0
+            found = self._on_device[device] = (write, read)
         return found
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        """Write (rows, kv_heads, width_in, head_dim) keys/values in place; return what attention reads."""
-        p = self.placement
+        """Write (rows, kv_heads, width_in, head_dim) keys/values into their pages; return what attention reads."""
         if self.keys[layer_idx] is None:
-            rows, kv_heads, _, head_dim = key_states.shape
-            shape = (self.slots, kv_heads, self.capacity + 1, head_dim)
+            _, kv_heads, _, head_dim = key_states.shape
+            shape = (self.pages * self.page_size, kv_heads, head_dim)
             self.keys[layer_idx] = key_states.new_zeros(shape)
             self.values[layer_idx] = value_states.new_zeros(shape)
         keys, values = self.keys[layer_idx], self.values[layer_idx]
-        slots, positions = self._indices(keys.device)
-        # Advanced indices on dims 0 and 2 put those dims first: (rows, width_in, kv_heads, head_dim).
-        keys[slots, :, positions] = key_states.transpose(1, 2)
-        values[slots, :, positions] = value_states.transpose(1, 2)
-        if p.start is not None:
-            rows = slice(p.start, p.start + slots.shape[0])
-            return keys[rows, :, : p.width], values[rows, :, : p.width]
-        return keys[slots[:, 0], :, : p.width], values[slots[:, 0], :, : p.width]
-
-    def move(self, source: int, target: int, length: int) -> None:
-        """Copy the first ``length`` columns of slot ``source`` into slot ``target`` (compaction)."""
-        for buffer in (*self.keys, *self.values):
-            if buffer is not None:
-                buffer[target, :, :length] = buffer[source, :, :length]
-
-    def grown(self, capacity: int, lengths: list[int]) -> "SlotCache":
-        """A cache with more columns per slot holding the same rows (slot k keeps its first lengths[k])."""
-        new = SlotCache.__new__(SlotCache)
-        new.layers, new.slots, new.capacity = [], self.slots, capacity
-        new.keys, new.values, new.placement, new._on_device = [], [], None, {}
-        for old, out in ((self.keys, new.keys), (self.values, new.values)):
-            for buffer in old:
-                if buffer is None:
-                    out.append(None)
-                    continue
-                grown = buffer.new_zeros((buffer.shape[0], buffer.shape[1], capacity + 1, buffer.shape[3]))
-                for slot, length in enumerate(lengths):
-                    grown[slot, :, :length] = buffer[slot, :, :length]
-                out.append(grown)
-        return new
+        write, read = self._indices(keys.device)
+        keys[write] = key_states.transpose(1, 2)
+        values[write] = value_states.transpose(1, 2)
+        return keys[read].transpose(1, 2), values[read].transpose(1, 2)
 
     # The few Cache queries transformers may make of a cache it did not build.
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -135,3 +183,33 @@ def kv_bytes_per_token(model: torch.nn.Module) -> int:
     dtype = getattr(model, "dtype", torch.float32)
     itemsize = dtype.itemsize if dtype.is_floating_point else 2
     return 2 * config.num_hidden_layers * kv_heads * head_dim * itemsize
+
+
+#: The KV pool on a CPU when none is asked for.
+CPU_KV_MEMORY = 2 * 2**30
+#: Share of each GPU's total memory kept free of the pool, for activations, captured decode steps and the
+#: (rows, vocab) logits: the default pool takes the rest of the memory free once the weights are loaded,
+#: so weights + pool stay at 90% of the card, as vLLM's default gpu_memory_utilization=0.9 does.
+GPU_RESERVE = 0.10
+
+
+def default_kv_memory(model: torch.nn.Module) -> int:
+    """Bytes for the KV pool: on CUDA what is free after loading less :data:`GPU_RESERVE` of each card (a
+    device-map split is bounded by its fullest card, in proportion to the layers it holds); else
+    :data:`CPU_KV_MEMORY`."""
+    layers: dict[torch.device, int] = {}
+    for name, module in model.named_modules():
+        if name.endswith("k_proj"):
+            tensor = next(iter(module.parameters()), None)
+            tensor = tensor if tensor is not None else next(iter(module.buffers()), None)
+            if tensor is not None:
+                layers[tensor.device] = layers.get(tensor.device, 0) + 1
+    gpus = {d: n for d, n in layers.items() if d.type == "cuda"}
+    if not gpus:
+        return CPU_KV_MEMORY
+    total_layers = sum(layers.values())
+    budgets = []
+    for device, held in gpus.items():
+        free, total = torch.cuda.mem_get_info(device)
+        budgets.append(max(0.0, free - GPU_RESERVE * total) * total_layers / held)
+    return int(min(budgets))

@@ -7,6 +7,7 @@ line) and everything below trusts them.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,7 +52,10 @@ class JudgeOptions:
     context_size: prompt + max_new_tokens must fit in it (16000 as the reference); longer passages are cut
         (only the passage) and flagged ``truncated``.
     batch_size: most pairs decoded together (None: 32 on GPU, 16 on CPU).
-    token_budget: most (prompt + max_new_tokens) tokens reserved by the pairs in flight.
+    kv_memory: bytes for the keys and values of the pairs in flight, an int or a string such as "12GiB" or
+        "500MB" (None: on CUDA 90% of the memory free once the weights are loaded, less a reserve for
+        activations; on CPU 2 GiB). Pairs take it page by page as their reasoning grows.
+    token_budget: retired (a pair no longer reserves prompt + max_new_tokens); use kv_memory.
     dataset_prompt: a template with ``FILL_QUERY_HERE`` applied to every query.
     engine: "continuous", "generate" or "auto" (continuous where the model's cache allows it).
     """
@@ -59,6 +63,7 @@ class JudgeOptions:
     max_new_tokens: int = 8192
     context_size: int = 16000
     batch_size: int | None = None
+    kv_memory: int | str | None = None
     token_budget: int | None = None
     dataset_prompt: str | None = None
     engine: str = "auto"
@@ -66,8 +71,13 @@ class JudgeOptions:
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
             raise Rank1Error(f"unknown engine {self.engine!r}: choose one of {', '.join(ENGINES)}")
-        for name in ("max_new_tokens", "context_size", "batch_size", "token_budget"):
+        if self.token_budget is not None:
+            raise Rank1Error("token_budget is retired: pairs no longer reserve prompt + max_new_tokens each; give "
+                             "the memory for keys and values instead, kv_memory (bytes, or a string like '12GiB')")
+        for name in ("max_new_tokens", "context_size", "batch_size"):
             check_count(name, getattr(self, name))
+        if self.kv_memory is not None:
+            object.__setattr__(self, "kv_memory", parse_bytes(self.kv_memory, "kv_memory"))
         check_dataset_prompt(self.dataset_prompt)
         if self.context_size <= self.max_new_tokens:
             raise Rank1Error(
@@ -85,3 +95,24 @@ def check_dataset_prompt(value: Any) -> None:
     """A dataset prompt (None allowed): a string."""
     if value is not None and not isinstance(value, str):
         raise Rank1Error(f"dataset_prompt must be a string with FILL_QUERY_HERE, got {type(value).__name__}")
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(value: Any, name: str) -> int:
+    """A size: a whole number of bytes, or a string such as ``"12GiB"``, ``"1.5 GB"``, ``"500MB"``."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, str):
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", value)
+        unit = m.group(2).lower() if m else None
+        if unit not in _UNITS:
+            raise Rank1Error(f"{name} must be bytes or a size such as '12GiB' or '500MB', got {value!r}")
+        number = int(float(m.group(1)) * _UNITS[unit])
+    else:
+        raise Rank1Error(f"{name} must be bytes or a size such as '12GiB' or '500MB', got {value!r}")
+    if number < 1:
+        raise Rank1Error(f"{name} must be at least 1 byte, got {value!r}")
+    return number

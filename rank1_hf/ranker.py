@@ -125,7 +125,8 @@ class Rank1:
             context_size: prompt + max_new_tokens must fit in it (16000 as the reference); longer passages
                 are cut (only the passage, never the template's tail) and flagged ``truncated``.
             batch_size: most pairs decoded together, all callers together (default 32 on GPU, 16 on CPU).
-            token_budget: most (prompt + max_new_tokens) tokens reserved by the pairs in flight.
+            kv_memory: bytes for the keys and values of the pairs in flight (an int, or "12GiB"); see
+                :class:`~rank1_hf.options.JudgeOptions`.
             dataset_prompt: a template with ``FILL_QUERY_HERE`` applied to every query.
             engine: "continuous" (rows leave and join the batch as they finish), "generate"
                 (``model.generate`` with a StoppingCriteria), or "auto" (continuous where the model's
@@ -173,7 +174,7 @@ class Rank1:
     max_new_tokens = property(lambda self: self.options.max_new_tokens)
     context_size = property(lambda self: self.options.context_size)
     batch_size = property(lambda self: self.options.batch_size)
-    token_budget = property(lambda self: self.options.token_budget)
+    kv_memory = property(lambda self: self.options.kv_memory, doc="The KV pool asked for (None: the default).")
     dataset_prompt = property(lambda self: self.options.dataset_prompt)
     engine = property(lambda self: self.options.engine, doc="The engine asked for (see ``core.kind``).")
     readout = property(lambda self: self.core.readout, doc='The ids of " true" and " false".')
@@ -204,11 +205,10 @@ class Rank1:
 
     # ---- the engine's life -----------------------------------------------------------------------------
 
-    def warmup(self, prompt_tokens: int = 1024) -> "Rank1":
-        """Make the engine now rather than on the first call: its KV cache, sized for prompts of up to
-        ``prompt_tokens`` (it grows if a longer one comes), and on a GPU every captured decode step."""
-        check_count("prompt_tokens", prompt_tokens)
-        self.core.warmup(prompt_tokens)
+    def warmup(self) -> "Rank1":
+        """Make the engine now rather than on the first call: its KV pool and, on a GPU, every captured
+        decode step."""
+        self.core.warmup()
         return self
 
     def close(self) -> None:

@@ -40,10 +40,9 @@ class Engine(Protocol):
     rows_stepped: int
 
     def wants(self) -> int: ...
-    def expect(self, prompt_tokens: int) -> None: ...
     def step(self, waiting: deque[Request]) -> list[tuple[Request, Generation]]: ...
     def drop(self, ids: set[int]) -> None: ...
-    def warmup(self, prompt_tokens: int) -> None: ...
+    def warmup(self) -> None: ...
 
 
 class Ticket:
@@ -75,7 +74,6 @@ class EngineWorker:
         self._by_ids: dict[tuple[int, ...], _Job] = {}  # the same, by prompt ids (identical prompts join)
         self._calls: deque[tuple[Callable[[Engine], Any], list]] = deque()  # run in the thread (warmup)
         self._next_id = 0
-        self._longest = 0  # the longest prompt submitted: the engine sizes its cache for it
         self._closed = False
         self._thread: threading.Thread | None = None
         self.joined = 0  # prompts that joined an identical one already waiting or in flight
@@ -96,7 +94,6 @@ class EngineWorker:
                     self._next_id += 1
                     self._jobs[job.request.id] = self._by_ids[key] = job
                     self._pending.append(job)
-                    self._longest = max(self._longest, len(ids))
                 else:
                     self.joined += 1
                 job.waiters.append((ticket, index))
@@ -181,7 +178,6 @@ class EngineWorker:
             with self._lock:
                 dropped = self._sweep_cancelled()
                 waiting = deque(job.request for job in self._take(engine.wants()))
-                engine.expect(self._longest)
             if dropped:
                 engine.drop(dropped)
             before = engine.stats.copy()

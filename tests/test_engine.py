@@ -162,15 +162,19 @@ def test_static_engine_pays_for_the_longest_row_continuous_does_not(planted):
     assert eff_cont >= 0.9 and eff_static < 0.7
 
 
-@pytest.mark.parametrize("engine", ["continuous", "generate"])
-def test_token_budget_limits_rows_in_flight_to_exactly_three(planted, engine):
+def test_kv_memory_limits_generate_batches_to_exactly_three(planted):
+    """model.generate reserves prompt + max_new_tokens per row: kv_memory bounds its batches by that sum
+    (the continuous engine's pages are tests/test_kv_pool.py's)."""
+    from rank1_hf.kv_cache import kv_bytes_per_token
+
     model, tok, pairs, _, refs = planted
     by_length = sorted(range(len(pairs)), key=lambda i: prompt_tokens(tok, *pairs[i]))[-7:]
     lengths = [prompt_tokens(tok, *pairs[i]) for i in by_length]
     budget = 3 * (max(lengths) + MAX_NEW)
     # Any 3 of these rows fit the budget and no 4 do, so 3 rows in flight is the right peak.
     assert 4 * (min(lengths) + MAX_NEW) > budget
-    ranker = Rank1.from_model(model, tok, max_new_tokens=MAX_NEW, batch_size=32, token_budget=budget, engine=engine)
+    ranker = Rank1.from_model(model, tok, max_new_tokens=MAX_NEW, batch_size=32, engine="generate",
+                              kv_memory=budget * kv_bytes_per_token(model))
     judged = ranker.judge_with_stats([pairs[i] for i in by_length])
     assert_same(judged.judgements, [refs[i] for i in by_length])
     assert judged.stats.peak_rows == 3

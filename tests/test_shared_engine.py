@@ -13,7 +13,7 @@ from conftest import make_pairs
 from plant import plant_lengths
 
 from rank1_hf import Rank1
-from rank1_hf.kv_cache import SlotCache
+from rank1_hf.kv_cache import PagedCache
 from rank1_hf.prompt import build_prompt
 from rank1_hf.testing import tiny_model
 
@@ -231,16 +231,16 @@ def test_identical_pairs_in_flight_are_judged_once(planted):
 def test_the_cache_is_made_once_for_every_call_and_freed_by_close(planted, monkeypatch):
     model, tok, pairs = planted
     made = []
-    real = SlotCache.__init__
+    real = PagedCache.__init__
 
     def spy(self, *args, **kwargs):
         made.append(self)
         real(self, *args, **kwargs)
 
-    monkeypatch.setattr(SlotCache, "__init__", spy)
+    monkeypatch.setattr(PagedCache, "__init__", spy)
     before = set(threading.enumerate())
     with Rank1.from_model(model, tok, max_new_tokens=MAX_NEW, engine="continuous", batch_size=4) as ranker:
-        ranker.warmup(prompt_tokens=512)
+        ranker.warmup()
         assert len(made) == 1
         for k in range(3):
             ranker.judge(pairs[k * 3 : k * 3 + 3])
@@ -293,13 +293,6 @@ def test_the_cli_imports_no_torch():
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
 
-
-def test_warmup_refuses_a_bad_length(planted):
-    from rank1_hf import Rank1Error
-
-    model, tok, _ = planted
-    with pytest.raises(Rank1Error, match="prompt_tokens"):
-        Rank1.from_model(model, tok, max_new_tokens=MAX_NEW).warmup(prompt_tokens=0)
 
 
 

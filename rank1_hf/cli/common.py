@@ -95,6 +95,10 @@ def add_judge_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--context-size", type=int, default=16000,
                    help="prompt + max-new-tokens must fit; longer passages are cut, passage only (default 16000)")
     g.add_argument("--batch-size", type=int, help="pairs decoded together (default 32 on GPU, 16 on CPU)")
+    g.add_argument("--kv-memory", metavar="SIZE",
+                   help="memory for the keys and values of the pairs in flight, e.g. 12GiB or 500MB; pairs take "
+                        "it page by page as they reason (default: on CUDA what is free after loading, less 10%% of "
+                        "the card; on CPU 2GiB)")
     g.add_argument("--engine", choices=ENGINES, default="auto")
     g.add_argument("--threads", type=int,
                    help="CPU threads for torch (default: torch's choice; 1 is much faster on a busy shared CPU)")
@@ -110,8 +114,8 @@ def judge_options(args: argparse.Namespace) -> JudgeOptions:
     from ..dataset_prompts import resolve_dataset_prompt
 
     return JudgeOptions(max_new_tokens=args.max_new_tokens, context_size=args.context_size,
-                        batch_size=args.batch_size, dataset_prompt=resolve_dataset_prompt(args.dataset_prompt),
-                        engine=args.engine)
+                        batch_size=args.batch_size, kv_memory=args.kv_memory,
+                        dataset_prompt=resolve_dataset_prompt(args.dataset_prompt), engine=args.engine)
 
 
 def set_threads(threads: int | None) -> None:
