@@ -150,7 +150,8 @@ def _id_text_file(
 ) -> dict[str, str]:
     """Read an id -> text table (TSV or JSONL); ``allow_empty`` drops blank texts instead of failing.
 
-    ``keep``: only these ids are kept (and checked); the others are read past without being held.
+    ``keep``: only these ids are kept (and their texts checked); the others are read past without being
+    held (their ids are still checked).
     """
     table: dict[str, str] = {}
     if _is_jsonl(path):
@@ -160,6 +161,7 @@ def _id_text_file(
     else:
         rows = _tsv_rows(path, what)
     for lineno, ident, text in rows:
+        check_id(ident, what, f"{path} line {lineno}")  # every row's, held or not: the file is wrong
         if keep is not None and ident not in keep:
             continue
         if allow_empty and ident and not text.strip():
@@ -199,13 +201,14 @@ def read_corpus(path: PathLike, keep: Container[str] | None = None) -> dict[str,
     text is an error naming the docid, file and line.
 
     ``keep``: hold only these docids (a run's top-k is a tiny part of a corpus like MS MARCO's 8.8M
-    passages); the other rows are parsed for their id and dropped, unchecked.
+    passages); the other rows are parsed for their id (which must fit a TREC line) and dropped.
     """
     if not _is_jsonl(path):
         return _id_text_file(path, "docid", (), keep=keep)
     corpus: dict[str, str] = {}
     for lineno, row in _json_rows(path):
         docid = _field(row, ("_id", "doc_id", "docid"), path, lineno).strip()
+        check_id(docid, "docid", f"{path} line {lineno}")
         if keep is not None and docid not in keep:
             continue
         text = _field(row, ("text",), path, lineno)
