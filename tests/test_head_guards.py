@@ -8,7 +8,6 @@ logic is tested everywhere.
 
 from __future__ import annotations
 
-import pytest
 import torch
 from torch import nn
 

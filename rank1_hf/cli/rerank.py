@@ -115,17 +115,15 @@ def run(args: argparse.Namespace) -> int:
             # Data parallel: one whole model per process, on "its" GPU when there are GPUs.
             if torch.cuda.is_available():
                 device_map = f"cuda:{shard.local_rank % torch.cuda.device_count()}"
-        # This process's store is opened (created, its schema checked) before the model loads, so a store
-        # that cannot be used fails now. A rollback journal (not WAL): the store may be on a network
-        # filesystem. Under a launcher judge_across_ranks opens it again itself.
-        store = stack.enter_context(JudgementStore(own, journal="delete"))
-        if shard.world_size > 1:
-            store.close()
+        _check_store(own)  # this process's store, before the model loads (it is created only once judging starts)
         if load.device_map is None:
             load = dataclasses.replace(load, device_map=device_map)
         ranker = make_ranker(args.model, load, judge_options(args), args.threads)
         for source in sources:
             source.check_settings(ranker.settings())
+        if shard.world_size == 1:  # under a launcher judge_across_ranks opens the rank's own store
+            # A rollback journal (not WAL): the store may be on a network filesystem.
+            store = stack.enter_context(JudgementStore(own, journal="delete"))
         bar = ProgressBar(enabled=args.progress or (not args.no_progress and sys.stderr.isatty()),
                            shard=job_shard or shard)
         judging = dict(batch_size=args.batch_size, flush_every=args.flush_every, flush_seconds=args.flush_seconds,
@@ -197,3 +195,25 @@ def _check_distinct(paths: list[tuple[str, Path]]) -> None:
         if key in seen:
             raise Rank1Error(f"{flag} {path} is the same file as {seen[key]}")
         seen[key] = f"{flag} {path}"
+
+
+def _check_store(path: Path) -> None:
+    """The store judgements will go to, checked without creating or changing it: an existing file must be
+    a judgement store; a new one must be creatable (its nearest existing folder writable)."""
+    import os
+
+    from ..store import JudgementStore
+
+    if path.is_dir():
+        raise Rank1Error(f"--store {path}: is a directory")
+    if path.exists():
+        if path.stat().st_size > 0:  # an empty file becomes a store when opened for writing
+            JudgementStore(path, readonly=True).close()
+        if not os.access(path, os.W_OK):
+            raise Rank1Error(f"--store {path}: not writable")
+        return
+    folder = path.parent if str(path.parent) else Path(".")
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise Rank1Error(f"--store {path}: cannot create it: {folder} is not a writable directory")
