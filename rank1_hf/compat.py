@@ -141,14 +141,24 @@ class rank1:  # noqa: N801 - lower-case on purpose: the reference class is calle
         kwargs: ``show_progress_bar`` is honoured; the rest (what mteb 1.x passed) is ignored.
 
         Called by mteb 2.x as a cross-encoder (``inputs1=``/``inputs2=`` dataloaders), it returns a numpy
-        array instead, so ``mteb.evaluate(rank1(...), tasks)`` works too (see :mod:`rank1_hf.mteb`).
+        array instead, so ``mteb.evaluate(rank1(...), tasks)`` works too (see :mod:`rank1_hf.mteb`). Then,
+        as the official ``run_mteb.py`` passes ``get_prompt(task, subset)`` as the dataset prompt, each
+        task's queries get the official prompt of its name and subset (``task_metadata``, ``hf_subset``),
+        exactly as :class:`~rank1_hf.mteb.Rank1CrossEncoder` gives them; a ``dataset_prompt`` given to the
+        constructor is used for every task instead.
         """
         show = kwargs.get("show_progress_bar")
         if inputs1 is not None or inputs2 is not None:
+            from .dataset_prompts import official_prompt
             from .mteb import pairs_from_loaders, scores_of
 
             pairs = pairs_from_loaders(inputs1, inputs2)
-            self.last_judgements = self.ranker.judge(pairs, show_progress_bar=show) if pairs else []
+            template = None  # None: the ranker's own (the constructor's dataset_prompt)
+            task = getattr(kwargs.get("task_metadata"), "name", None)
+            if self.ranker.dataset_prompt is None and task is not None:
+                template = official_prompt(task, kwargs.get("hf_subset"))
+            self.last_judgements = (self.ranker.judge(pairs, show_progress_bar=show, dataset_prompt=template)
+                                    if pairs else [])
             return scores_of(self.last_judgements)
         if input_to_rerank is None:
             raise Rank1Error("predict needs a list of (query, passage[, instruction]) tuples")

@@ -5,8 +5,11 @@ in-memory models, a local directory whose files were replaced in place). The fin
 
 - a hub checkpoint: the commit its files were resolved to, ``"commit:<sha>"`` (the hub already names
   the exact bytes);
-- a local directory: ``"files:<hash>"`` over its weight files (``*.safetensors``, ``*.bin``, ``*.pt``,
-  ``*.pth``, ``*.gguf``, the shard indexes): each file's name and size, its first MiB (a safetensors
+- a local directory: ``"files:<hash>"`` over its weight files, in every format transformers loads
+  (``model*.safetensors`` and ``consolidated*.safetensors``, ``pytorch_model*.bin``, PEFT's
+  ``adapter_model.*``, ``*.gguf``, and ``*.pt``/``*.pth``; the shard indexes), and the files that decide
+  what those weights compute: ``config.json``, ``adapter_config.json``, the tokenizer's files and any
+  ``*.py`` (code run with ``trust_remote_code``). Of each: its name and size, its first MiB (a safetensors
   header lists every tensor's name, dtype, shape and offset) and 256 chunks of 64 KiB spread evenly over
   the rest; a file of up to 17 MiB is read whole. That reads at most ~17 MiB per file, whatever the model
   size or how it is placed (offloaded and quantized loads included). A change confined to bytes between
@@ -27,7 +30,14 @@ from pathlib import Path
 
 import torch
 
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".index.json")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".index.json", ".py")
+# Not weights, but they change what the weights compute (architecture, quantization, adapter scaling) or
+# what the model reads (the tokenizer): a directory with any of them replaced is judged again.
+_COMPUTE_FILES = frozenset({
+    "config.json", "adapter_config.json", "quantization_config.json", "quant_config.json",
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+    "added_tokens.json", "vocab.json", "merges.txt", "tekken.json", "chat_template.jinja",
+})
 _HEAD = 1 << 20
 _CHUNK = 1 << 16
 _SAMPLES = 256
@@ -43,7 +53,8 @@ def hub_fingerprint(commit: str) -> str:
 def files_fingerprint(directory: str | os.PathLike[str]) -> str:
     """``"files:<hash>"`` of the weight files directly inside ``directory`` (sampled; see the module doc)."""
     h = hashlib.sha256()
-    files = sorted(p for p in Path(directory).iterdir() if p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES))
+    files = sorted(p for p in Path(directory).iterdir()
+                   if p.is_file() and (p.name.endswith(_WEIGHT_SUFFIXES) or p.name in _COMPUTE_FILES))
     for path in files:
         size = path.stat().st_size
         h.update(f"{path.name}\0{size}\0".encode())

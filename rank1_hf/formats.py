@@ -122,10 +122,21 @@ def _tsv_rows(path: PathLike, what: str) -> Iterator[tuple[int, str, str]]:
         yield lineno, ident.strip(), text
 
 
-def _add(table: dict[str, str], ident: str, text: str, what: str, path: PathLike, lineno: int) -> None:
-    """Insert one id/text pair, rejecting blank ids, blank text and duplicates."""
+def check_id(ident: str, what: str, where: str) -> None:
+    """An id must fit one whitespace-separated field of a TREC run line: not empty, no whitespace.
+
+    An id with a space would read back from the run this job writes as two fields (and ``rank1-hf
+    evaluate`` would refuse the file), so every reader refuses it up front. ``where``: the file (and line).
+    """
     if not ident:
-        raise Rank1Error(f"{path} line {lineno}: empty {what}")
+        raise Rank1Error(f"{where}: empty {what}")
+    if any(c.isspace() for c in ident):
+        raise Rank1Error(f"{where}: {what} {ident!r} contains whitespace, which a TREC run line cannot hold")
+
+
+def _add(table: dict[str, str], ident: str, text: str, what: str, path: PathLike, lineno: int) -> None:
+    """Insert one id/text pair, rejecting blank ids, ids with whitespace, blank text and duplicates."""
+    check_id(ident, what, f"{path} line {lineno}")
     if not text.strip():
         raise Rank1Error(f"{path} line {lineno}: {what} {ident!r} has empty text")
     if ident in table:
@@ -139,7 +150,8 @@ def _id_text_file(
 ) -> dict[str, str]:
     """Read an id -> text table (TSV or JSONL); ``allow_empty`` drops blank texts instead of failing.
 
-    ``keep``: only these ids are kept (and checked); the others are read past without being held.
+    ``keep``: only these ids are kept (and their texts checked); the others are read past without being
+    held (their ids are still checked).
     """
     table: dict[str, str] = {}
     if _is_jsonl(path):
@@ -149,6 +161,7 @@ def _id_text_file(
     else:
         rows = _tsv_rows(path, what)
     for lineno, ident, text in rows:
+        check_id(ident, what, f"{path} line {lineno}")  # every row's, held or not: the file is wrong
         if keep is not None and ident not in keep:
             continue
         if allow_empty and ident and not text.strip():
@@ -188,13 +201,14 @@ def read_corpus(path: PathLike, keep: Container[str] | None = None) -> dict[str,
     text is an error naming the docid, file and line.
 
     ``keep``: hold only these docids (a run's top-k is a tiny part of a corpus like MS MARCO's 8.8M
-    passages); the other rows are parsed for their id and dropped, unchecked.
+    passages); the other rows are parsed for their id (which must fit a TREC line) and dropped.
     """
     if not _is_jsonl(path):
         return _id_text_file(path, "docid", (), keep=keep)
     corpus: dict[str, str] = {}
     for lineno, row in _json_rows(path):
         docid = _field(row, ("_id", "doc_id", "docid"), path, lineno).strip()
+        check_id(docid, "docid", f"{path} line {lineno}")
         if keep is not None and docid not in keep:
             continue
         text = _field(row, ("text",), path, lineno)
@@ -250,11 +264,14 @@ def read_run(path: PathLike, top_k: int | None = None, *, subset: str | None = N
     * TREC text, ``qid Q0 docid rank score tag``: ranking follows the scores, not the rank column (as
       trec_eval does). A malformed line or a repeated (qid, docid) pair is an error naming the line.
     * JSON ``{qid: {docid: score}}``: the official rank1 run files (``jhu-clsp/rank1-run-files``),
-      BRIGHT's ``score.json``.
+      BRIGHT's ``score.json``. A qid or docid given twice is an error naming the file, the query and the
+      document (JSON itself would keep the last value silently); a query with no documents (``{}``) is
+      kept with an empty list, so the job can report it (:func:`empty_queries`).
     * mteb 2.x predictions (``prediction_folder=``: ``{"mteb_model_meta": ..., subset: {split: {qid:
       {docid: score}}}}``): ``subset`` and ``split`` pick one when the file holds several.
 
-    ``top_k`` keeps only the first k per query.
+    ``top_k`` keeps only the first k per query. Ids must fit a TREC run line: an id that is empty or holds
+    whitespace is an error (:func:`check_id`), as it is in every other reader here.
     """
     if top_k is not None and top_k < 1:
         raise Rank1Error(f"top_k must be at least 1, got {top_k}")
@@ -285,11 +302,27 @@ def _first_char(path: PathLike) -> str:
     return ""
 
 
+class _JsonObject(dict):
+    """A JSON object that remembers the keys it held more than once (``json`` keeps the last silently)."""
+
+    repeated: list[str]
+
+
+def _json_object(pairs: list[tuple[str, Any]]) -> _JsonObject:
+    obj = _JsonObject(pairs)
+    seen: set[str] = set()
+    obj.repeated = [k for k, _ in pairs if k in seen or seen.add(k)]
+    return obj
+
+
 def _read_json_run(path: PathLike, subset: str | None, split: str | None) -> dict[str, list[tuple[str, float]]]:
-    """qid -> [(docid, score)] from a JSON run (flat, or mteb 2.x's subset/split nesting)."""
+    """qid -> [(docid, score)] from a JSON run (flat, or mteb 2.x's subset/split nesting).
+
+    A query whose entry holds no documents is kept with an empty list (see :func:`empty_queries`).
+    """
     try:
         with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+            data = json.load(f, object_pairs_hook=_json_object)
     except (OSError, UnicodeDecodeError) as e:
         raise Rank1Error(f"{path}: cannot read: {e}") from None
     except json.JSONDecodeError as e:
@@ -299,15 +332,28 @@ def _read_json_run(path: PathLike, subset: str | None, split: str | None) -> dic
                      split, "split")
     if not isinstance(data, dict):
         raise Rank1Error(f"{path}: expected a JSON object {{qid: {{docid: score}}}}")
+    if getattr(data, "repeated", None):
+        raise Rank1Error(f"{path}: qid {data.repeated[0]!r} appears twice (one entry would silently replace the other)")
     run: dict[str, list[tuple[str, float]]] = {}
     for qid, docs in data.items():
         if not isinstance(docs, dict):
             raise Rank1Error(f"{path}: qid {qid!r}: expected {{docid: score}}, got {type(docs).__name__}")
+        check_id(qid, "qid", str(path))
+        if getattr(docs, "repeated", None):
+            raise Rank1Error(f"{path}: qid {qid!r}: duplicate pair, docid {docs.repeated[0]!r} appears twice "
+                             "(one score would silently replace the other)")
+        pairs = run.setdefault(qid, [])
         for docid, score in docs.items():
+            check_id(docid, "docid", f"{path}: qid {qid!r}")
             if isinstance(score, bool) or not isinstance(score, (int, float)) or math.isnan(score):
                 raise Rank1Error(f"{path}: qid {qid!r} docid {docid!r}: score {score!r} is not a number")
-            run.setdefault(str(qid), []).append((str(docid), float(score)))
+            pairs.append((docid, float(score)))
     return run
+
+
+def empty_queries(run: Mapping[str, Sequence[tuple[str, float]]]) -> list[str]:
+    """The qids of ``run`` that hold no documents (a JSON run can name a query with ``{}``), sorted."""
+    return sorted(qid for qid, docs in run.items() if not docs)
 
 
 def _pick(path: PathLike, table: Any, name: str | None, what: str) -> Any:
@@ -373,6 +419,8 @@ def check_run(
     id first appears; otherwise it names the run (or "run") only.
     """
     for qid, docs in run.items():
+        if not docs:  # nothing to judge: the query text is not needed (the job reports such queries)
+            continue
         if qid not in queries:
             raise Rank1Error(f"{_where(run_path, qid, None)}: qid {qid!r} is not in the queries")
         for docid, _ in docs:
@@ -445,14 +493,19 @@ def untied_scores(scores: Sequence[float]) -> list[float]:
     return out
 
 
+def check_tag(tag: str) -> None:
+    """A run tag must be one non-empty word (the last field of a TREC run line)."""
+    if not tag or any(c.isspace() for c in tag):
+        raise Rank1Error(f"run tag must be one non-empty word, got {tag!r}")
+
+
 def write_run(path: PathLike, run: Mapping[str, Iterable[tuple[str, float]]], tag: str) -> None:
     """Write a TREC run atomically, each query ranked by :func:`ranked`, queries in sorted qid order.
 
     The score column is :func:`untied_scores` of the scores, written with ``repr`` (they read back
     exactly): the raw scores of tied documents are in a reranked run's traces.
     """
-    if not tag or any(c.isspace() for c in tag):
-        raise Rank1Error(f"run tag must be one non-empty word, got {tag!r}")
+    check_tag(tag)
 
     def lines() -> Iterator[str]:
         for qid in sorted(run):

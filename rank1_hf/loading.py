@@ -357,6 +357,24 @@ def _load_tokenizer(name: str, *, trust_remote_code: bool, revision: str | None)
 # loading
 
 
+def check_load_options(
+    *, dtype: DtypeLike = None, device_map: Any = None, max_memory: MaxMemory | str | None = None,
+    offload_folder: str | os.PathLike[str] | None = None, quantization: Any = None, **_: Any,
+) -> None:
+    """The checks :func:`load_model` makes on its options, without a config or any weights: the CLI runs
+    them before reading a checkpoint, so a bad ``--b-dtype`` fails before variant A is loaded and judged.
+    Takes :class:`~rank1_hf.options.LoadOptions` as keywords (``**options.as_kwargs()``)."""
+    _parse_dtype(dtype)
+    if max_memory is not None:
+        max_memory = parse_max_memory(max_memory)
+    if device_map is not None:
+        _resolve_device_map(device_map, max_memory)
+    if isinstance(quantization, str) and quantization not in QUANTIZATIONS:
+        raise Rank1Error(f"unknown quantization {quantization!r}; use one of {', '.join(QUANTIZATIONS)}")
+    if offload_folder is not None and os.path.exists(offload_folder) and not os.path.isdir(offload_folder):
+        raise Rank1Error(f"offload folder {os.fspath(offload_folder)} is not a directory")
+
+
 def load_model(
     model_name_or_path: str,
     *,

@@ -143,6 +143,7 @@ class Summary:
     judged_here: int = 0  # by this process
     outcomes: Counter = field(default_factory=Counter)
     truncated: list[tuple[str, str]] = field(default_factory=list)
+    no_documents: list[str] = field(default_factory=list)  # qids the run names with no documents (read_job)
     elapsed_s: float = 0.0
     judging_s: float = 0.0  # time this process spent in judge_iter
 
@@ -167,6 +168,11 @@ class Summary:
             names = ", ".join(f"{q}/{d}" for q, d in self.truncated[:10])
             more = f" and {len(self.truncated) - 10} more" if len(self.truncated) > 10 else ""
             out[4] += f" (passage cut to fit context_size: {names}{more})"
+        if self.no_documents:
+            # A JSON run can name a query with no documents: nothing to judge, but not silently dropped.
+            names = ", ".join(self.no_documents[:10])
+            more = f" and {len(self.no_documents) - 10} more" if len(self.no_documents) > 10 else ""
+            out.append(f"queries without documents in the run: {len(self.no_documents)} ({names}{more})")
         return out
 
 
@@ -226,18 +232,33 @@ def load_items(
     """Read the job's files (see :mod:`rank1_hf.formats` for the formats) and build its items.
 
     The run is read first; of the queries, instructions and corpus only the ids it names are kept, so a
-    top-100 of MS MARCO holds its 700,000 pairs' texts, not the 8.8M-passage corpus.
+    top-100 of MS MARCO holds its 700,000 pairs' texts, not the 8.8M-passage corpus. Queries the run names
+    without documents have no items: :func:`read_job` also returns them.
     """
+    return read_job(run, queries, corpus, instructions, top_k)[0]
+
+
+def read_job(
+    run: formats.PathLike,
+    queries: formats.PathLike,
+    corpus: formats.PathLike,
+    instructions: formats.PathLike | None = None,
+    top_k: int | None = None,
+) -> tuple[list[Item], list[str]]:
+    """:func:`load_items`' items, and the qids the run names with no documents (for the summary,
+    :attr:`Summary.no_documents`)."""
     first_stage = formats.read_run(run, top_k)
     docids = {docid for docs in first_stage.values() for docid, _ in docs}
-    return build_items(
+    wanted = {qid for qid, docs in first_stage.items() if docs}
+    items = build_items(
         first_stage,
-        formats.read_queries(queries, keep=first_stage),
+        formats.read_queries(queries, keep=wanted),
         formats.read_corpus(corpus, keep=docids),
-        formats.read_instructions(instructions, keep=first_stage) if instructions is not None else None,
+        formats.read_instructions(instructions, keep=wanted) if instructions is not None else None,
         top_k,
         run_path=run,
     )
+    return items, formats.empty_queries(first_stage)
 
 
 def item_key(ranker: "Rank1", item: Item) -> str:

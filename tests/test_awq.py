@@ -248,7 +248,8 @@ def test_float32_is_refused(checkpoint):
         load_model(str(checkpoint[0]), dtype="float32")
 
 
-@pytest.mark.parametrize("change", [{"version": "gemv"}, {"bits": 3}, {"zero_point": False}])
+@pytest.mark.parametrize("change", [{"version": "gemv"}, {"bits": 3}, {"zero_point": False}, {"group_size": 0},
+                                    {"group_size": -128}])
 def test_other_awq_variants_are_refused(checkpoint, tmp_path, change):
     copy_dir = tmp_path / "variant"
     shutil.copytree(checkpoint[0], copy_dir)
@@ -285,3 +286,23 @@ def test_rank1_judgements_agree_with_dequantized_twin(checkpoint, tokenizer):
     assert len(same) >= 2
     assert max(diffs) < 0.05
     assert [g.score > 0.5 for g, _ in same] == [w.score > 0.5 for _, w in same]
+
+
+# ---- group sizes other than 128 -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("group", [32, 64])
+def test_other_group_sizes_load_and_match_their_twin(tokenizer, batch, tmp_path, group):
+    """Every rank1 AWQ checkpoint uses group 128, but AutoAWQ writes others: a checkpoint packed with
+    ``group`` (its scales and zero points per ``group`` input rows) loads with that group size and matches
+    its dequantized twin as closely as the group-128 one does (a layer that assumed 128 reads the wrong
+    scales for half the rows or more, and misses by whole quantization steps)."""
+    path = tmp_path / f"awq-g{group}"
+    twin = build_awq_checkpoint(tokenizer, path, seed=3, group_size=group)
+    model = load_model(str(path))[0]
+    layers = [m for m in model.modules() if isinstance(m, awq.AwqLinear)]
+    assert layers and {m.group_size for m in layers} == {group}
+    want = _logits(twin, batch)
+    noise = _max_diff("bfloat16 twin vs float32 twin", _logits(copy.deepcopy(twin).to(torch.bfloat16), batch), want)
+    diff = _max_diff(f"AWQ group {group} vs float32 twin", _logits(model, batch), want)
+    assert diff <= 2 * noise, f"group {group}: AWQ differs from its twin by {diff} (bfloat16 noise {noise})"

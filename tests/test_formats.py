@@ -332,3 +332,61 @@ def test_sample_run_is_reproducible(tmp_path: Path) -> None:
     run = module.bm25_run(read_queries(paths["queries"]), read_corpus(paths["corpus"]), depth=20)
     write_run(tmp_path / "run.trec", run, tag="bm25")
     assert (tmp_path / "run.trec").read_bytes() == paths["run"].read_bytes()
+
+
+# --------------------------------------------------------------------------- guards (issue 26)
+
+
+def test_nan_scores_are_refused_in_trec_and_json_runs(tmp_path: Path) -> None:
+    """A NaN score cannot be ranked: both run formats refuse it, naming the file (and the TREC line)."""
+    with pytest.raises(Rank1Error, match=r"run\.trec line 2: score is NaN"):
+        read_run(_write(tmp_path / "run.trec", "q1 Q0 d1 1 1.0 t\nq1 Q0 d2 2 nan t\n"))
+    with pytest.raises(Rank1Error, match=r"run\.json: qid 'q1' docid 'd2': score nan is not a number"):
+        read_run(_write(tmp_path / "run.json", '{"q1": {"d1": 1.0, "d2": NaN}}'))
+
+
+@pytest.mark.parametrize("name, text, reader, message", [
+    ("q.jsonl", '{"_id": "q 1", "text": "x"}\n', read_queries, r"q\.jsonl line 1: query id 'q 1' contains whitespace"),
+    ("q.tsv", "q1\tx\nq\u00a02\ty\n", read_queries, r"q\.tsv line 2: query id 'q\\xa02' contains whitespace"),
+    ("i.jsonl", '{"_id": "q\\t1", "text": "x"}\n', read_instructions, r"i\.jsonl line 1: query id 'q\\t1'"),
+    ("c.jsonl", '{"_id": "d1", "text": "x"}\n{"_id": "d 2", "text": "y"}\n', read_corpus,
+     r"c\.jsonl line 2: docid 'd 2' contains whitespace"),
+    ("c.tsv", "d 1\tx\n", read_corpus, r"c\.tsv line 1: docid 'd 1' contains whitespace"),
+    ("run.json", '{"q 1": {"d1": 1.0}}', read_run, r"run\.json: qid 'q 1' contains whitespace"),
+    ("run.json", '{"q1": {"d 1": 1.0}}', read_run, r"run\.json: qid 'q1': docid 'd 1' contains whitespace"),
+    ("run.json", '{"": {"d1": 1.0}}', read_run, r"run\.json: empty qid"),
+])
+def test_ids_a_trec_line_cannot_hold_are_refused(tmp_path: Path, name, text, reader, message) -> None:
+    """An id with whitespace would be split into two fields of the run written from it (8 fields a line,
+    which ``rank1-hf evaluate`` then refuses): every reader refuses it, naming file, line and id."""
+    with pytest.raises(Rank1Error, match=message):
+        reader(_write(tmp_path / name, text))
+
+
+def test_json_run_duplicate_keys_are_refused(tmp_path: Path) -> None:
+    """JSON keeps the last of two equal keys silently; a TREC run's repeated pair is an error, and so is
+    the JSON one, naming the file, the query and the document."""
+    with pytest.raises(Rank1Error, match=r"run\.json: qid 'q1': duplicate pair, docid 'd1' appears twice"):
+        read_run(_write(tmp_path / "run.json", '{"q1": {"d1": 1.0, "d2": 0.5, "d1": 3.0}}'))
+    with pytest.raises(Rank1Error, match=r"run\.json: qid 'q1' appears twice"):
+        read_run(_write(tmp_path / "run.json", '{"q1": {"d1": 1.0}, "q2": {"d1": 1.0}, "q1": {"d2": 1.0}}'))
+    predictions = {"mteb_model_meta": {"name": "bm25"}, "default": {"test": {"q1": {"d1": 2.0}}}}
+    text = json.dumps(predictions).replace('{"d1": 2.0}', '{"d1": 2.0, "d1": 1.0}')
+    with pytest.raises(Rank1Error, match=r"qid 'q1': duplicate pair, docid 'd1'"):
+        read_run(_write(tmp_path / "preds.json", text))
+
+
+def test_json_run_query_without_documents_is_kept_and_reported(tmp_path: Path) -> None:
+    from rank1_hf import pipeline
+    from rank1_hf.formats import empty_queries
+
+    run = _write(tmp_path / "run.json", '{"q1": {"d1": 1.0}, "q2": {}, "q0": {}}')
+    assert read_run(run) == {"q1": [("d1", 1.0)], "q2": [], "q0": []}
+    assert empty_queries(read_run(run)) == ["q0", "q2"]
+    queries = _write(tmp_path / "q.tsv", "q1\tcats\n")  # the empty queries need no text
+    corpus = _write(tmp_path / "c.tsv", "d1\tCats purr.\n")
+    items, no_documents = pipeline.read_job(run, queries, corpus)
+    assert [(it.qid, it.docid) for it in items] == [("q1", "d1")] and no_documents == ["q0", "q2"]
+    summary = pipeline.Summary(pairs=1, no_documents=no_documents)
+    assert "queries without documents in the run: 2 (q0, q2)" in summary.lines()
+    assert not any("without documents" in line for line in pipeline.Summary(pairs=1).lines())

@@ -83,3 +83,45 @@ def test_missing_package_is_a_clear_error(monkeypatch, module, package):
     monkeypatch.delitem(sys.modules, f"rank1_hf.integrations.{module}", raising=False)
     with pytest.raises(Rank1Error, match=rf"pip install 'rank1-hf\[{module}\]'"):
         importlib.import_module(f"rank1_hf.integrations.{module}")
+
+
+INSTRUCTION = "Only passages about cats are relevant."
+
+
+def _recording(ranker, monkeypatch) -> list:
+    """The (query text, passage text) of every pair rank1 is asked to judge."""
+    calls: list = []
+    prepare = ranker.prepare
+
+    def spy(query, passage):
+        calls.append((query, passage))
+        return prepare(query, passage)
+
+    monkeypatch.setattr(ranker, "prepare", spy)
+    return calls
+
+
+def test_langchain_compressor_passes_the_instruction_through(ranker, monkeypatch):
+    pytest.importorskip("langchain_core", reason="needs langchain-core (the [langchain] extra)")
+    from langchain_core.documents import Document
+
+    from rank1_hf.integrations.langchain import Rank1Compressor
+
+    calls = _recording(ranker, monkeypatch)
+    Rank1Compressor(ranker=ranker, top_n=None, instruction=INSTRUCTION).compress_documents(
+        [Document(page_content=t) for t in TEXTS], QUERY)
+    # rank1's join, written out: "{query} {instruction}"
+    assert sorted(calls) == sorted((f"{QUERY} {INSTRUCTION}", t) for t in TEXTS)
+
+
+def test_rerankers_ranker_passes_the_instruction_through(ranker, monkeypatch):
+    pytest.importorskip("rerankers", reason="needs rerankers (the [rerankers] extra)")
+    from rank1_hf.integrations.rerankers import Rank1Ranker
+
+    model = Rank1Ranker.from_ranker(ranker, instruction=INSTRUCTION)
+    calls = _recording(ranker, monkeypatch)
+    model.rank(QUERY, TEXTS)
+    assert sorted(calls) == sorted((f"{QUERY} {INSTRUCTION}", t) for t in TEXTS)
+    calls.clear()
+    model.score(QUERY, TEXTS[1])
+    assert calls == [(f"{QUERY} {INSTRUCTION}", TEXTS[1])]

@@ -152,6 +152,13 @@ def test_predict_on_mteb_dataloaders(ranker):
      "A passage is relevant if it contains background information about a **sub-concept** that someone might "
      "cite/link to when answering the above question."),
     ("pony", {"dataset_prompts": {"BrightRetrieval_pony": "scifact"}}, SCIFACT),  # a name works too
+    # both given: the subset's own override wins over the task's, whatever the order they were given in
+    ("pony", {"dataset_prompts": {"BrightRetrieval": "all: FILL_QUERY_HERE", "BrightRetrieval_pony": "pony: FILL_QUERY_HERE"}},
+     "pony: {}"),
+    ("pony", {"dataset_prompts": {"BrightRetrieval_pony": "pony: FILL_QUERY_HERE", "BrightRetrieval": "all: FILL_QUERY_HERE"}},
+     "pony: {}"),
+    ("biology", {"dataset_prompts": {"BrightRetrieval": "all: FILL_QUERY_HERE", "BrightRetrieval_pony": "pony: FILL_QUERY_HERE"}},
+     "all: {}"),
 ])
 def test_bright_subsets_pick_the_official_prompt(ranker, monkeypatch, subset, options, prompt):
     """BrightRetrieval's subsets as run_mteb.py -d BrightRetrieval -s SUBSET; BRIGHT documents have no title."""
@@ -183,6 +190,24 @@ def test_compat_class_works_in_evaluate(ranker):
     assert isinstance(model, mteb.CrossEncoderProtocol)
     result = mteb.evaluate(model, MockInstructionReranking(), cache=None, show_progress_bar=False)
     assert len(model.last_judgements) == 4 and 0.0 <= result.task_results[0].get_score() <= 1.0
+
+
+@pytest.mark.parametrize("task_class, own, expected", [
+    # the official prompt of the task mteb hands it, as Rank1CrossEncoder (and run_mteb.py) give it
+    (named(MockRerankingTask, "SciFact"), None, [SCIFACT.format(Q1), SCIFACT.format(Q1), SCIFACT.format(Q2),
+                                                 SCIFACT.format(Q2)]),
+    (MockRerankingTask, None, [Q1, Q1, Q2, Q2]),  # a task without an official prompt
+    # a dataset_prompt given to the constructor is used for every task
+    (named(MockRerankingTask, "SciFact"), "own: FILL_QUERY_HERE", [f"own: {Q1}", f"own: {Q1}", f"own: {Q2}", f"own: {Q2}"]),
+])
+def test_compat_class_applies_the_official_prompt_of_the_task(ranker, monkeypatch, task_class, own, expected):
+    model = rank1.from_model(ranker.model, ranker.tokenizer, max_output_tokens=MAX_NEW, engine="generate",
+                             dataset_prompt=own)
+    calls: list = []
+    monkeypatch.setattr(model.ranker, "prepare", recording(model.ranker, calls))
+    mteb.evaluate(model, task_class(), cache=None, show_progress_bar=False)
+    assert [q for q, _ in calls] == expected
+    assert model.ranker.dataset_prompt == own  # the task's prompt did not stick
 
 
 def test_model_metas():

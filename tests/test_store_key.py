@@ -156,3 +156,50 @@ def test_device_checksum_sees_every_word_and_every_move():
     assert fingerprint._checksum(odd) != fingerprint._checksum(torch.cat([odd[:6], torch.ones(1, dtype=torch.uint8)]))
     half = torch.randn(1000).to(torch.bfloat16)
     assert fingerprint._checksum(half) == fingerprint._checksum(half.clone())
+
+
+# Every weight file name transformers 5 loads from a directory (its WEIGHTS_NAME, SAFE_WEIGHTS_NAME,
+# their shards and indexes, PEFT adapters, Mistral's consolidated format, gguf_file=), and the files that
+# decide what those weights compute.
+WEIGHT_FILES = [
+    "model.safetensors", "model-00001-of-00002.safetensors", "model.safetensors.index.json",
+    "pytorch_model.bin", "pytorch_model-00001-of-00002.bin", "pytorch_model.bin.index.json",
+    "adapter_model.safetensors", "adapter_model.bin", "consolidated.safetensors", "model-q4.gguf",
+    "model.pt", "config.json", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
+    "tokenizer.model", "modeling_custom.py",
+]
+
+
+@pytest.mark.parametrize("name", WEIGHT_FILES)
+def test_every_weight_format_is_in_the_directory_fingerprint(tmp_path, name):
+    """Replacing any one of these files (same name, same size) changes the fingerprint; other files do not."""
+    for other in ("model.safetensors", "README.md", "notes.txt", "generation_config.json"):
+        (tmp_path / other).write_bytes(b"x" * 64)
+    (tmp_path / name).write_bytes(b"a" * 4096)
+    before = fingerprint.files_fingerprint(tmp_path)
+    (tmp_path / name).write_bytes(b"a" * 4095 + b"b")
+    assert fingerprint.files_fingerprint(tmp_path) != before, name
+    for other in ("README.md", "notes.txt", "generation_config.json"):
+        (tmp_path / other).write_bytes(b"y" * 64)
+    assert fingerprint.files_fingerprint(tmp_path) == fingerprint.files_fingerprint(tmp_path)
+
+
+def test_bin_weights_replaced_in_place_are_judged_again(tok, tmp_path):
+    """A checkpoint saved as pytorch_model.bin (no safetensors), replaced by other weights under the same
+    name: the store must not hand back the old model's judgements."""
+    path, store_path = tmp_path / "model", tmp_path / "s.sqlite"
+    old, new = tiny_model(tok, seed=0), tiny_model(tok, seed=2)
+
+    def save_bin(model):  # transformers 5 saves safetensors only, but still loads pytorch_model.bin
+        path.mkdir(exist_ok=True)
+        model.config.save_pretrained(path)
+        torch.save(model.state_dict(), path / "pytorch_model.bin")
+
+    save_bin(old)
+    tok.save_pretrained(path)
+    assert not list(path.glob("*.safetensors"))
+    before = Rank1(str(path), store=store_path, **OPTIONS).judge(PAIRS)
+    save_bin(new)
+    after = Rank1(str(path), store=store_path, **OPTIONS).judge(PAIRS)
+    assert after == Rank1.from_model(new, tok, **OPTIONS).judge(PAIRS)
+    assert [j.score for j in after] != [j.score for j in before]

@@ -70,8 +70,8 @@ def _sigterm(signum: int, frame: Any) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 ok, 2 user error, 130 interrupted)."""
-    parser = build_parser()
     try:
+        parser = build_parser()
         args = parser.parse_args(argv)
         if args.command is None:
             parser.print_help(sys.stderr)
@@ -86,8 +86,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
+        interrupted()
         return 130
+
+
+def interrupted(message: str = "interrupted") -> None:
+    """Print ``rank1-hf: <message>`` with Ctrl-C ignored meanwhile: a second Ctrl-C while the message is
+    written must not end in a traceback (main thread only; elsewhere signal handlers cannot be set)."""
+    import threading
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        print(f"{PROG}: {message}", file=sys.stderr)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 def _install_sigterm() -> Any:

@@ -85,6 +85,17 @@ def load_options(args: argparse.Namespace, prefix: str = "") -> LoadOptions:
     return LoadOptions(**{f.name: getattr(args, dest + f.name) for f in dataclasses.fields(LoadOptions)})
 
 
+def check_load_options(load: LoadOptions, prefix: str = "") -> None:
+    """The loading flags' values (dtype, device map, memory budget, ...) checked without loading anything,
+    so that a bad one fails before any model is loaded (``compare``'s B flags: before A is judged)."""
+    from ..loading import check_load_options as check
+
+    try:
+        check(**load.as_kwargs())
+    except Rank1Error as e:
+        raise Rank1Error(f"--{prefix}... loading options: {e}" if prefix else str(e)) from None
+
+
 # ---------------------------------------------------------------------------------------------- judging
 
 
@@ -171,13 +182,14 @@ def check_arguments(args: argparse.Namespace, command: str, *, positives: tuple[
 
 
 def read_inputs(args: argparse.Namespace, *, with_qrels: bool = True,
-                measures: list[str] | None = None) -> tuple[list, dict | None]:
-    """The pairs to judge and the qrels (None without ``--qrels`` or ``with_qrels``), read before the
-    (slow) model load so that everything wrong with the inputs is found first; with qrels the evaluation's
-    optional dependency (and ``measures``, when given) must be there."""
+                measures: list[str] | None = None) -> tuple[list, dict | None, list[str]]:
+    """The pairs to judge, the qrels (None without ``--qrels`` or ``with_qrels``) and the qids the run names
+    without documents (for the summary), read before the (slow) model load so that everything wrong with the
+    inputs is found first; with qrels the evaluation's optional dependency (and ``measures``, when given)
+    must be there."""
     from .. import formats, pipeline
 
-    items = pipeline.load_items(args.run, args.queries, args.corpus, args.instructions, args.top_k)
+    items, no_documents = pipeline.read_job(args.run, args.queries, args.corpus, args.instructions, args.top_k)
     if not items:
         raise Rank1Error(f"{args.run}: the run has no pairs")
     qrels = formats.read_qrels(args.qrels) if args.qrels and with_qrels else None
@@ -185,7 +197,7 @@ def read_inputs(args: argparse.Namespace, *, with_qrels: bool = True,
         from ..evaluate import check_measures
 
         check_measures(measures)
-    return items, qrels
+    return items, qrels, no_documents
 
 
 def distinct_paths(paths: list[Path]) -> list[Path]:

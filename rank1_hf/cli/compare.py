@@ -13,8 +13,8 @@ from ..comparison import (FIGURE_FILES, PERMUTATIONS, SEED, TEST_MEASURE, Varian
                        release_memory, summary_lines, write_report)
 from ..errors import Rank1Error
 from ..options import LoadOptions
-from .common import (PROG, ProgressBar, add_judge_arguments, add_load_arguments, check_arguments, judge_options,
-                     load_options, make_ranker, read_inputs)
+from .common import (PROG, ProgressBar, add_judge_arguments, add_load_arguments, check_arguments,
+                     check_load_options, judge_options, load_options, make_ranker, read_inputs)
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -72,7 +72,9 @@ def run(args: argparse.Namespace) -> int:
     check_arguments(args, "compare", models=(args.a, args.b),
                     positives=("top_k", "batch_size", "flush_every", "max_new_tokens", "context_size",
                                "permutations"))
-    items, qrels = read_inputs(args, measures=[*args.measures, args.test_measure])
+    for name in ("a", "b"):  # both variants' loading flags, before A is loaded and judged
+        check_load_options(load_options(args, prefix=f"{name}-"), prefix=f"{name}-")
+    items, qrels, no_documents = read_inputs(args, measures=[*args.measures, args.test_measure])
     report_dir = Path(args.report)
     if report_dir.exists() and not report_dir.is_dir():
         raise Rank1Error(f"{report_dir}: not a directory")
@@ -115,6 +117,9 @@ def run(args: argparse.Namespace) -> int:
     print("rank1-hf compare")
     for line in summary_lines(report):
         print(line)
+    if no_documents:
+        print(f"queries without documents in the run: {len(no_documents)} ({', '.join(no_documents[:10])}"
+              + (f" and {len(no_documents) - 10} more)" if len(no_documents) > 10 else ")"))
     print()
     files = [FIGURE_FILES[k] for k, d in report.figures.items() if d.get("file")]
     print(f"report: {report_dir / 'report.md'}, {report_dir / 'report.json'}"

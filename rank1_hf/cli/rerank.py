@@ -10,7 +10,8 @@ from typing import Any
 
 from ..errors import Rank1Error
 from .common import (DEMO_NOTE, PROG, ProgressBar, add_judge_arguments, add_load_arguments, check_arguments,
-                     distinct_paths, is_demo, judge_options, load_options, make_ranker, read_inputs)
+                     check_load_options, distinct_paths, is_demo, judge_options, load_options, make_ranker,
+                     read_inputs)
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -62,11 +63,16 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """The ``rerank`` subcommand."""
     from .. import pipeline
+    from ..formats import check_tag
 
     check_arguments(args, "rerank", models=(args.model,),
                     positives=("top_k", "batch_size", "flush_every", "flush_seconds", "max_new_tokens",
-                               "context_size"))
+                               "context_size", "wait_timeout"))
     demo = is_demo(args.model)
+    tag = "demo-smollm2" if demo else args.tag
+    check_tag(tag)  # used only when the run is written, hours from now: checked first
+    load = load_options(args)
+    check_load_options(load)
 
     shard = pipeline.Shard.from_env()
     job_shard = pipeline.Shard.parse(args.shard) if args.shard is not None else None
@@ -86,8 +92,13 @@ def run(args: argparse.Namespace) -> int:
         pipeline.check_writable(traces)
     store_paths = distinct_paths([Path(s) for s in args.store] if args.store else
                                   [output.with_name("rank1-judgements.sqlite")])
+    own = pipeline.rank_store_path(store_paths[0], shard) if shard.world_size > 1 else store_paths[0]
+    named = [("--store", own), *(("--store", p) for p in store_paths[1:])]
+    if writes_outputs:
+        named = [("--output", output), ("--traces", traces), *named]
+    _check_distinct(named)
 
-    items, qrels = read_inputs(args, with_qrels=writes_outputs)
+    items, qrels, no_documents = read_inputs(args, with_qrels=writes_outputs)
 
     from contextlib import ExitStack
 
@@ -104,26 +115,26 @@ def run(args: argparse.Namespace) -> int:
             # Data parallel: one whole model per process, on "its" GPU when there are GPUs.
             if torch.cuda.is_available():
                 device_map = f"cuda:{shard.local_rank % torch.cuda.device_count()}"
-        load = load_options(args)
+        _check_store(own)  # this process's store, before the model loads (it is created only once judging starts)
         if load.device_map is None:
             load = dataclasses.replace(load, device_map=device_map)
         ranker = make_ranker(args.model, load, judge_options(args), args.threads)
         for source in sources:
             source.check_settings(ranker.settings())
+        if shard.world_size == 1:  # under a launcher judge_across_ranks opens the rank's own store
+            # A rollback journal (not WAL): the store may be on a network filesystem.
+            store = stack.enter_context(JudgementStore(own, journal="delete"))
         bar = ProgressBar(enabled=args.progress or (not args.no_progress and sys.stderr.isatty()),
                            shard=job_shard or shard)
         judging = dict(flush_every=args.flush_every, flush_seconds=args.flush_seconds,
                        progress=bar.update, on_start=bar.start)
-        own = pipeline.rank_store_path(store_paths[0], shard) if shard.world_size > 1 else store_paths[0]
         try:
             if shard.world_size > 1:
                 result = pipeline.judge_across_ranks(ranker, items, store_paths[0], shard, sources=sources,
                                                      wait_timeout_s=args.wait_timeout, **judging)
             else:
-                # A rollback journal (not WAL): the store may be on a network filesystem.
-                with JudgementStore(store_paths[0], journal="delete") as store:
-                    result = pipeline.judge_items(ranker, items, store, sources=sources,
-                                                  shard=job_shard or shard, **judging)
+                result = pipeline.judge_items(ranker, items, store, sources=sources,
+                                              shard=job_shard or shard, **judging)
         except KeyboardInterrupt:
             bar.close()
             print(f"{PROG}: interrupted: the finished judgements are in the store {own}; rerun the same command "
@@ -133,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
             bar.close()
 
     summary = result.summary
+    summary.no_documents = no_documents
     if job_shard is not None:
         print(f"rank1-hf rerank, shard {job_shard.rank}/{job_shard.world_size}")
         print(f"model: {args.model}")
@@ -145,7 +157,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"{PROG}: rank {shard.rank}/{shard.world_size}: judged {summary.judged_here} pairs into {own}; "
               "rank 0 writes the outputs", file=sys.stderr)
         return 0
-    tag = "demo-smollm2" if demo else args.tag
     reranked = pipeline.write_outputs(items, result.judgements, output, traces, tag)
     print("rank1-hf rerank" + (" (DEMO model, not rank1)" if demo else ""))
     print(f"model: {args.model}" + (f" ({DEMO_NOTE})" if demo else ""))
@@ -174,3 +185,35 @@ def run(args: argparse.Namespace) -> int:
         print(f"evaluation over the {len(judged)} queries with qrels:")
         print(table)
     return 0
+
+
+def _check_distinct(paths: list[tuple[str, Path]]) -> None:
+    """The output, the traces and the stores must be different files (one would overwrite another)."""
+    seen: dict[Path, str] = {}
+    for flag, path in paths:
+        key = path.resolve()
+        if key in seen:
+            raise Rank1Error(f"{flag} {path} is the same file as {seen[key]}")
+        seen[key] = f"{flag} {path}"
+
+
+def _check_store(path: Path) -> None:
+    """The store judgements will go to, checked without creating or changing it: an existing file must be
+    a judgement store; a new one must be creatable (its nearest existing folder writable)."""
+    import os
+
+    from ..store import JudgementStore
+
+    if path.is_dir():
+        raise Rank1Error(f"--store {path}: is a directory")
+    if path.exists():
+        if path.stat().st_size > 0:  # an empty file becomes a store when opened for writing
+            JudgementStore(path, readonly=True).close()
+        if not os.access(path, os.W_OK):
+            raise Rank1Error(f"--store {path}: not writable")
+        return
+    folder = path.parent if str(path.parent) else Path(".")
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise Rank1Error(f"--store {path}: cannot create it: {folder} is not a writable directory")

@@ -8,8 +8,8 @@ import time
 from typing import Any
 
 from ..errors import Rank1Error
-from .common import (DEMO_NOTE, add_judge_arguments, add_load_arguments, is_demo, judge_options, load_options,
-                     make_ranker)
+from .common import (DEMO_NOTE, add_judge_arguments, add_load_arguments, check_load_options, is_demo, judge_options,
+                     load_options, make_ranker, positive)
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -30,9 +30,14 @@ def run(args: argparse.Namespace) -> int:
     for text, name in ((args.query, "--query"), (args.passage, "--passage")):
         if not text.strip():
             raise Rank1Error(f"{name} is empty")
+    for name in ("max_new_tokens", "context_size", "batch_size", "threads"):
+        positive(name.replace("_", "-"), getattr(args, name))
+    judge_options(args)  # the judging flags (and a dataset prompt's name) before the model loads
     if is_demo(args.model):
         print(f"note: {DEMO_NOTE}", file=sys.stderr)
-    ranker = make_ranker(args.model, load_options(args), judge_options(args), args.threads, show_progress_bar=False)
+    load = load_options(args)
+    check_load_options(load)
+    ranker = make_ranker(args.model, load, judge_options(args), args.threads, show_progress_bar=False)
     started = time.monotonic()
     (j,) = ranker.judge([(args.query, args.passage, args.instruction)], show_progress_bar=False)
     print("reasoning:")
