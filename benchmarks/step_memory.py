@@ -70,7 +70,7 @@ def main() -> None:
     try:
         ranker.judge(pairs)
     finally:
-        SlotCache.update = update
+        PagedCache.update = update
         hook.remove()
         handle.remove()
     print("| window | bytes allocated per decode step | of which cat/copy/index/clone |")

@@ -39,7 +39,7 @@ def test_flush_seconds_commits_finished_judgements_on_time(ranker, tmp_path, sec
         seen.append(_committed(path))
 
     with JudgementStore(path) as store:
-        result = pipeline.judge_items(ranker, items, store, batch_size=1, flush_every=1000, flush_seconds=seconds,
+        result = pipeline.judge_items(ranker, items, store, flush_every=1000, flush_seconds=seconds,
                                       progress=progress)
     assert result.summary.judged_here == len(items) == 6
     assert _committed(path) == 6
