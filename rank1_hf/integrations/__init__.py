@@ -4,4 +4,6 @@
   (``pip install 'rank1-hf[langchain]'``).
 * :mod:`rank1_hf.integrations.rerankers`: ``Rank1Ranker``, a ``rerankers`` ``BaseRanker``
   (``pip install 'rank1-hf[rerankers]'``).
+* :mod:`rank1_hf.integrations.pyterrier`: ``Rank1Reranker``, a PyTerrier ``Transformer``
+  (``pip install 'rank1-hf[pyterrier]'``).
 """
