@@ -208,10 +208,142 @@ def test_pyterrier_empty_and_bad_input(pt, ranker):
         pt.inspect.transformer_outputs(reranker, ["qid", "query"])
 
 
+# ---------------------------------------------------------------------------------------------- LlamaIndex
+
+
+@pytest.fixture(scope="module")
+def expected(ranker):
+    """(text, score) best first for QUERY over TEXTS, from Rank1.rank."""
+    return [(TEXTS[h["corpus_id"]], h["score"]) for h in ranker.rank(QUERY, TEXTS)]
+
+
+def li_nodes():
+    from llama_index.core.schema import NodeWithScore, TextNode
+
+    return [NodeWithScore(node=TextNode(text=t, id_=f"n{i}", metadata={"source": i}), score=1.0 - i / 10)
+            for i, t in enumerate(TEXTS)]
+
+
+@pytest.fixture(scope="module")
+def llama_index():
+    return pytest.importorskip("llama_index.core", reason="needs llama-index-core (the [llamaindex] extra)")
+
+
+def test_llamaindex_rerank_sets_scores_and_order(llama_index, ranker, expected):
+    from llama_index.core.postprocessor.types import BaseNodePostprocessor
+    from llama_index.core.schema import MetadataMode
+
+    from rank1_hf.integrations.llamaindex import Rank1Rerank
+
+    rerank = Rank1Rerank(ranker=ranker, top_n=2)
+    assert isinstance(rerank, BaseNodePostprocessor)
+    nodes = li_nodes()
+    out = rerank.postprocess_nodes(nodes, query_str=QUERY)
+    assert [(n.node.get_content(), n.score) for n in out] == expected[:2]
+    judged = dict(zip(TEXTS, ranker.judge([(QUERY, t) for t in TEXTS])))
+    for n in out:
+        text = n.node.get_content()
+        assert n.node.metadata == {"source": TEXTS.index(text), "rank1_reasoning": judged[text].reasoning,
+                                   "rank1_outcome": judged[text].outcome}
+        # the reasoning is for the reader, not for the LLM's context or the embedder
+        assert judged[text].reasoning not in n.node.get_content(metadata_mode=MetadataMode.LLM)
+        assert "rank1_outcome" not in n.node.get_content(metadata_mode=MetadataMode.EMBED)
+        assert "source" in n.node.get_content(metadata_mode=MetadataMode.LLM)
+    assert [n.score for n in nodes] == [1.0, 0.9, 0.8, 0.7] and "rank1_outcome" not in nodes[0].node.metadata
+    every = Rank1Rerank(ranker=ranker, top_n=None).postprocess_nodes(nodes, query_str=QUERY)
+    assert [(n.node.get_content(), n.score) for n in every] == expected
+    assert rerank.postprocess_nodes([], query_str=QUERY) == []
+
+
+def test_llamaindex_rerank_in_a_query_engine(llama_index, ranker, expected):
+    from llama_index.core import VectorStoreIndex
+    from llama_index.core.embeddings import MockEmbedding
+    from llama_index.core.llms import MockLLM
+    from llama_index.core.query_engine import RetrieverQueryEngine
+
+    from rank1_hf.integrations.llamaindex import Rank1Rerank
+
+    index = VectorStoreIndex(nodes=[n.node for n in li_nodes()], embed_model=MockEmbedding(embed_dim=8))
+    engine = RetrieverQueryEngine.from_args(index.as_retriever(similarity_top_k=4), llm=MockLLM(),
+                                            node_postprocessors=[Rank1Rerank(ranker=ranker, top_n=3)])
+    response = engine.query(QUERY)
+    assert [(n.node.get_content(), n.score) for n in response.source_nodes] == expected[:3]
+
+
+def test_llamaindex_async_path_awaits_ajudge(llama_index):
+    """apostprocess_nodes awaits the ranker's ajudge (never the blocking judge), then ranks the same way."""
+    from rank1_hf.integrations.llamaindex import Rank1Rerank
+
+    scores = {TEXTS[0]: 0.2, TEXTS[1]: 0.7, TEXTS[2]: 0.2, TEXTS[3]: 0.9}
+
+    class AsyncScripted(Scripted):
+        def judge(self, pairs, *args, **kwargs):
+            raise AssertionError("the async path called the blocking judge")
+
+        async def ajudge(self, pairs, batch_size=None, show_progress_bar=None, *, dataset_prompt=None):
+            await asyncio.sleep(0)
+            return Scripted.judge(self, pairs)
+
+    rerank = Rank1Rerank(ranker=AsyncScripted(scores), top_n=None)
+    out = asyncio.run(rerank.apostprocess_nodes(li_nodes(), query_str=QUERY))
+    assert [(n.node.get_content(), n.score) for n in out] == [(TEXTS[3], 0.9), (TEXTS[1], 0.7), (TEXTS[0], 0.2),
+                                                              (TEXTS[2], 0.2)]  # ties in input order, as Rank1.rank
+    assert asyncio.run(rerank.apostprocess_nodes([], query_str=QUERY)) == []
+
+
+@pytest.mark.skipif(not hasattr(Rank1, "ajudge"), reason="needs the shared engine (issue 21)")
+def test_llamaindex_async_matches_rank(llama_index, ranker, expected):
+    from rank1_hf.integrations.llamaindex import Rank1Rerank
+
+    async def both():
+        rerank = Rank1Rerank(ranker=ranker, top_n=2)
+        return await asyncio.gather(rerank.apostprocess_nodes(li_nodes(), query_str=QUERY),
+                                    rerank.apostprocess_nodes(li_nodes()[:2], query_str=QUERY))
+
+    out, two = asyncio.run(both())
+    assert [(n.node.get_content(), n.score) for n in out] == expected[:2]
+    assert [n.node.get_content() for n in two] == [t for t, _ in expected if t in TEXTS[:2]]
+    assert {n.node.get_content(): n.score for n in two} == pytest.approx(
+        {t: s for t, s in expected if t in TEXTS[:2]}, abs=1e-6)
+
+
+def test_llamaindex_reuses_the_store(llama_index, tiny, tmp_path, expected):
+    from rank1_hf.integrations.llamaindex import Rank1Rerank
+
+    path = tmp_path / "judgements.sqlite"
+    first = Rank1Rerank(ranker=ranker_for(tiny, store=path), top_n=None).postprocess_nodes(li_nodes(), query_str=QUERY)
+    assert [(n.node.get_content(), n.score) for n in first] == expected
+    reader = ranker_for(tiny, store=path)
+    reader.judge_iter = fail  # type: ignore[method-assign]
+    again = Rank1Rerank(ranker=reader, top_n=None).postprocess_nodes(li_nodes(), query_str=QUERY)
+    assert [(n.node.get_content(), n.score, n.node.metadata) for n in again] == [
+        (n.node.get_content(), n.score, n.node.metadata) for n in first]
+    # an instruction makes other pairs: they are judged, not taken from the store
+    with pytest.raises(AssertionError, match="judged again"):
+        Rank1Rerank(ranker=reader, instruction="be strict").postprocess_nodes(li_nodes(), query_str=QUERY)
+
+
+def test_llamaindex_bad_input(llama_index, ranker):
+    from llama_index.core.schema import NodeWithScore, TextNode
+
+    from rank1_hf.integrations.llamaindex import Rank1Rerank
+
+    rerank = Rank1Rerank(ranker=ranker)
+    with pytest.raises(Rank1Error, match="needs the query"):
+        rerank.postprocess_nodes(li_nodes())
+    with pytest.raises(Rank1Error, match=r"node 'blank' \(item 1\) has no text"):
+        rerank.postprocess_nodes([li_nodes()[0], NodeWithScore(node=TextNode(text=" ", id_="blank"))], query_str=QUERY)
+    with pytest.raises(Rank1Error, match="takes NodeWithScore objects; item 0 is str"):
+        rerank.postprocess_nodes(["Cats purr."], query_str=QUERY)
+    with pytest.raises(Rank1Error, match="top_n must be at least 1"):
+        Rank1Rerank(ranker=ranker, top_n=0)
+
+
 # ---------------------------------------------------------------------------------------------- missing packages
 
 
-@pytest.mark.parametrize("module, package, extra", [("pyterrier", "pyterrier", "pyterrier")])
+@pytest.mark.parametrize("module, package, extra", [("pyterrier", "pyterrier", "pyterrier"),
+                                                     ("llamaindex", "llama_index", "llamaindex")])
 def test_missing_package_is_a_clear_error(monkeypatch, module, package, extra):
     monkeypatch.setitem(sys.modules, package, None)
     for name in [n for n in sys.modules if n.startswith(package + ".")]:

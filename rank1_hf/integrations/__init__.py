@@ -6,4 +6,6 @@
   (``pip install 'rank1-hf[rerankers]'``).
 * :mod:`rank1_hf.integrations.pyterrier`: ``Rank1Reranker``, a PyTerrier ``Transformer``
   (``pip install 'rank1-hf[pyterrier]'``).
+* :mod:`rank1_hf.integrations.llamaindex`: ``Rank1Rerank``, a LlamaIndex ``BaseNodePostprocessor``
+  (``pip install 'rank1-hf[llamaindex]'``).
 """
