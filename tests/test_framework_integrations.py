@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import os
 import sys
 
 import pytest
@@ -339,11 +340,97 @@ def test_llamaindex_bad_input(llama_index, ranker):
         Rank1Rerank(ranker=ranker, top_n=0)
 
 
+# ---------------------------------------------------------------------------------------------- Haystack
+
+
+@pytest.fixture(scope="module")
+def haystack():
+    os.environ.setdefault("HAYSTACK_TELEMETRY_ENABLED", "False")  # no network from the tests
+    return pytest.importorskip("haystack", reason="needs haystack-ai (the [haystack] extra)")
+
+
+def hs_documents():
+    from haystack import Document
+
+    return [Document(id=f"h{i}", content=t, meta={"source": i}, score=1.0 - i / 10) for i, t in enumerate(TEXTS)]
+
+
+def test_haystack_ranker_scores_and_orders_documents(haystack, ranker, expected):
+    from rank1_hf.integrations.haystack import Rank1Ranker
+
+    component = Rank1Ranker(ranker=ranker, top_k=3)
+    docs = hs_documents()
+    out = component.run(query=QUERY, documents=docs)["documents"]
+    assert [(d.content, d.score) for d in out] == expected[:3]
+    judged = dict(zip(TEXTS, ranker.judge([(QUERY, t) for t in TEXTS])))
+    for d in out:
+        assert d.id == f"h{TEXTS.index(d.content)}"
+        assert d.meta == {"source": TEXTS.index(d.content), "rank1_reasoning": judged[d.content].reasoning,
+                          "rank1_outcome": judged[d.content].outcome}
+    assert [d.score for d in docs] == [1.0, 0.9, 0.8, 0.7] and docs[0].meta == {"source": 0}  # inputs untouched
+    assert [(d.content, d.score) for d in component.run(QUERY, docs, top_k=1)["documents"]] == expected[:1]
+    every = Rank1Ranker(ranker=ranker, top_k=None).run(QUERY, docs)["documents"]
+    assert [(d.content, d.score) for d in every] == expected
+    assert component.run(query=QUERY, documents=[]) == {"documents": []}
+
+
+def test_haystack_ranker_in_a_pipeline(haystack, ranker, expected):
+    from haystack import Document, Pipeline, component
+
+    from rank1_hf.integrations.haystack import Rank1Ranker
+
+    @component
+    class Retriever:  # a stand-in first stage: every document, worst (by rank1) first
+        @component.output_types(documents=list[Document])
+        def run(self, query: str):
+            order = {t: i for i, (t, _) in enumerate(expected)}
+            return {"documents": sorted(hs_documents(), key=lambda d: -order[d.content])}
+
+    pipeline = Pipeline()
+    pipeline.add_component("retriever", Retriever())
+    pipeline.add_component("ranker", Rank1Ranker(ranker=ranker, top_k=2))
+    pipeline.connect("retriever.documents", "ranker.documents")
+    result = pipeline.run({"retriever": {"query": QUERY}, "ranker": {"query": QUERY}})
+    assert [(d.content, d.score) for d in result["ranker"]["documents"]] == expected[:2]
+
+
+def test_haystack_reuses_the_store(haystack, tiny, tmp_path, expected):
+    from rank1_hf.integrations.haystack import Rank1Ranker
+
+    path = tmp_path / "judgements.sqlite"
+    first = Rank1Ranker(ranker=ranker_for(tiny, store=path), top_k=None).run(QUERY, hs_documents())["documents"]
+    assert [(d.content, d.score) for d in first] == expected
+    reader = ranker_for(tiny, store=path)
+    reader.judge_iter = fail  # type: ignore[method-assign]
+    assert Rank1Ranker(ranker=reader, top_k=None).run(QUERY, hs_documents())["documents"] == first
+    with pytest.raises(AssertionError, match="judged again"):
+        Rank1Ranker(ranker=reader, instruction="be strict").run(QUERY, hs_documents())
+
+
+def test_haystack_bad_input(haystack, ranker):
+    from haystack import Document
+
+    from rank1_hf.integrations.haystack import Rank1Ranker
+
+    component = Rank1Ranker(ranker=ranker)
+    with pytest.raises(Rank1Error, match=r"document 'x' \(item 1\) has no text content"):
+        component.run(QUERY, [hs_documents()[0], Document(id="x", content=None, meta={"k": 1})])
+    with pytest.raises(Rank1Error, match="takes haystack Documents; item 0 is str"):
+        component.run(QUERY, ["Cats purr."])
+    with pytest.raises(Rank1Error, match="needs a query"):
+        component.run("  ", hs_documents())
+    with pytest.raises(Rank1Error, match="top_k must be a positive integer"):
+        Rank1Ranker(ranker=ranker, top_k=0)
+    with pytest.raises(Rank1Error, match="top_k must be a positive integer"):
+        component.run(QUERY, hs_documents(), top_k=-1)
+
+
 # ---------------------------------------------------------------------------------------------- missing packages
 
 
 @pytest.mark.parametrize("module, package, extra", [("pyterrier", "pyterrier", "pyterrier"),
-                                                     ("llamaindex", "llama_index", "llamaindex")])
+                                                     ("llamaindex", "llama_index", "llamaindex"),
+                                                     ("haystack", "haystack", "haystack")])
 def test_missing_package_is_a_clear_error(monkeypatch, module, package, extra):
     monkeypatch.setitem(sys.modules, package, None)
     for name in [n for n in sys.modules if n.startswith(package + ".")]:

@@ -8,4 +8,6 @@
   (``pip install 'rank1-hf[pyterrier]'``).
 * :mod:`rank1_hf.integrations.llamaindex`: ``Rank1Rerank``, a LlamaIndex ``BaseNodePostprocessor``
   (``pip install 'rank1-hf[llamaindex]'``).
+* :mod:`rank1_hf.integrations.haystack`: ``Rank1Ranker``, a Haystack ``@component`` ranker
+  (``pip install 'rank1-hf[haystack]'``).
 """
