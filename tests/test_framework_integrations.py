@@ -186,6 +186,7 @@ def test_pyterrier_empty_and_bad_input(pt, ranker):
     empty = reranker(results_frame().iloc[:0])
     assert len(empty) == 0
     assert list(empty.columns) == ["qid", "query", "docno", "text", "source", "score", "rank", "rank1_outcome"]
+    assert pt.inspect.transformer_inputs(reranker) == [["qid", "query", "docno", "text"]]
     assert pt.inspect.transformer_outputs(reranker, ["qid", "query", "docno", "text"]) == [
         "qid", "query", "docno", "text", "score", "rank", "rank1_outcome"]
     with pytest.raises(Rank1Error, match=r"missing: text \(add the passages"):

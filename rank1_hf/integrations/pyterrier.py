@@ -29,7 +29,7 @@ try:
     import pandas as pd
     import pyterrier as pt
 except ImportError:  # pragma: no cover - exercised by the test that hides pyterrier
-    raise Rank1Error("the PyTerrier integration needs pyterrier (python-terrier): pip install 'rank1-hf[pyterrier]'") from None
+    raise Rank1Error("the PyTerrier integration needs pyterrier: pip install 'rank1-hf[pyterrier]'") from None
 
 __all__ = ["Rank1Reranker"]
 
