@@ -293,7 +293,6 @@ def test_llamaindex_async_path_awaits_ajudge(llama_index):
     assert asyncio.run(rerank.apostprocess_nodes([], query_str=QUERY)) == []
 
 
-@pytest.mark.skipif(not hasattr(Rank1, "ajudge"), reason="needs the shared engine (issue 21)")
 def test_llamaindex_async_matches_rank(llama_index, ranker, expected):
     from rank1_hf.integrations.llamaindex import Rank1Rerank
 
