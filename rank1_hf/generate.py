@@ -59,7 +59,7 @@ class GenerateEngine:
         """No row outlives a step here."""
 
     def step(self, waiting: deque[Request]) -> list[tuple[Request, Generation]]:
-        """One ``generate`` batch of the shortest waiting prompts, under the row and token budgets; the rest
+        """One ``generate`` batch of the shortest waiting prompts, under the row limit and the KV pool; the rest
         stay in ``waiting``."""
         ordered = sorted(waiting, key=lambda r: len(r.ids))
         batch: list[Request] = []
