@@ -1,4 +1,4 @@
-"""Generating rank1 reasoning for many prompts at once, with continuous batching on a fixed-address cache.
+"""Generating rank1 reasoning for many prompts at once, with continuous batching over a paged KV pool.
 
 The engine decodes greedily from token ids until each row closes ``</think>``, emits an end-of-sequence
 token or reaches ``max_new_tokens``, and yields each row with its readout, the " true"/" false" logits
