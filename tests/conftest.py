@@ -36,3 +36,14 @@ def make_pairs(n: int, seed: int = 0, max_words: int = 60) -> list[tuple[str, st
 @pytest.fixture(scope="session")
 def tokenizers():
     return {name: build() for name, (build, _) in FAMILIES.items()}
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> str:
+    """A tiny random Qwen2 with the real Qwen2.5 tokenizer, saved as a local model directory."""
+    path = tmp_path_factory.getbasetemp() / "tiny-qwen"
+    if not path.exists():
+        tok = testing.qwen_tokenizer()
+        testing.tiny_model(tok).save_pretrained(path)
+        tok.save_pretrained(path)
+    return str(path)

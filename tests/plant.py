@@ -62,6 +62,19 @@ def plant_think(model, tokenizer, factor: float = 3.0, tail: str | None = None):
     return plant_rules(model, {a: b for a, b in zip(ids, ids[1:])})
 
 
+def logit_positions(kwargs, rows: int, k: int, width: int) -> torch.Tensor:
+    """The positions of the last ``k`` inputs of a forward call (those with logits), however it was called:
+    explicit position ids, a 2D attention mask (left padding), or neither (no cache, no padding)."""
+    positions = kwargs.get("position_ids")
+    if positions is None:
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() == 2:
+            positions = mask.long().cumsum(-1) - 1
+        else:
+            positions = torch.arange(width - k, width).expand(rows, -1)
+    return positions[:, -k:]
+
+
 def plant_lengths(model, tokenizer, lengths: dict[int, int], never: set[int] = frozenset(), first_counter: int = 1000):
     """Make the model reason for a chosen number of tokens, decided by the prompt's token length.
 
@@ -104,14 +117,7 @@ def plant_lengths(model, tokenizer, lengths: dict[int, int], never: set[int] = f
         logits = output.logits
         k, width = logits.shape[1], ids.shape[1]
         ids = ids[:, width - k :]
-        positions = kwargs.get("position_ids")
-        if positions is None:
-            mask = kwargs.get("attention_mask")
-            if mask is not None and mask.dim() == 2:
-                positions = (mask.long().cumsum(-1) - 1)[:, -k:]
-            else:
-                positions = torch.arange(width - k, width).expand(ids.shape[0], -1)  # no cache, no padding
-        positions = positions[:, -k:].to(ids.device)
+        positions = logit_positions(kwargs, ids.shape[0], k, width).to(ids.device)
         table_on, entry_on = on_device(ids.device)
         target = table_on[ids]
         at_entry = (ids == last_prompt_token) & (positions < entry_on.numel())

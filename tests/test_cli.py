@@ -28,17 +28,6 @@ SAMPLE = sample_paths()
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="session")
-def model_dir(tmp_path_factory) -> str:
-    """A tiny random Qwen2 with the real Qwen2.5 tokenizer, saved as a local model directory."""
-    from rank1_hf.testing import qwen_tokenizer, tiny_model
-
-    path = tmp_path_factory.getbasetemp() / "tiny-qwen"
-    if not path.exists():
-        tok = qwen_tokenizer()
-        tiny_model(tok).save_pretrained(path)
-        tok.save_pretrained(path)
-    return str(path)
 
 
 def _small_run(path: Path, queries: int, per_query: int) -> Path:

@@ -149,16 +149,6 @@ def test_ids_with_whitespace_are_refused_before_loading(files, capsys, no_loadin
     _bad(capsys, _rerank_args(files, run=files / "run2.json"), "run2.json", "qid 'q1'", "docid 'd1'", "twice")
 
 
-@pytest.fixture(scope="session")
-def model_dir(tmp_path_factory) -> str:
-    from rank1_hf.testing import qwen_tokenizer, tiny_model
-
-    path = tmp_path_factory.getbasetemp() / "tiny-qwen-guards"
-    if not path.exists():
-        tok = qwen_tokenizer()
-        tiny_model(tok).save_pretrained(path)
-        tok.save_pretrained(path)
-    return str(path)
 
 
 def test_query_without_documents_is_in_the_summary(model_dir, files, capsys):

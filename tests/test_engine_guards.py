@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 import torch
 from conftest import make_pairs
-from plant import plant_lengths
+from plant import logit_positions, plant_lengths
 from reference import reference_judge
 
 from rank1_hf import Rank1
@@ -34,14 +34,7 @@ def plant_eos(model, tok, lengths: set[int]):
     def hook(module, args, kwargs, output):
         ids, logits = kwargs["input_ids"], output.logits
         k, width = logits.shape[1], ids.shape[1]
-        positions = kwargs.get("position_ids")
-        if positions is None:
-            mask = kwargs.get("attention_mask")
-            if mask is not None and mask.dim() == 2:
-                positions = (mask.long().cumsum(-1) - 1)[:, -k:]
-            else:
-                positions = torch.arange(width - k, width).expand(ids.shape[0], -1)
-        positions = positions[:, -k:]
+        positions = logit_positions(kwargs, ids.shape[0], k, width)
         hit = (ids[:, width - k:] == last_prompt_token) & torch.isin(positions, wanted)
         logits[..., QWEN_EOS] += hit.to(logits.dtype) * 1000.0
         return output

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from rank1_hf import cli
-from test_cli import ROOT, _args, _count, _env, _small_run, _stored, _stored_safe, model_dir  # noqa: F401
+from test_cli import ROOT, _args, _count, _env, _small_run, _stored, _stored_safe
 
 
 def _popen(*args: str) -> subprocess.Popen[str]:

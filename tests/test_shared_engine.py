@@ -40,6 +40,16 @@ def chunks(pairs):
     return [pairs[k * EACH : (k + 1) * EACH] for k in range(CALLERS)]
 
 
+def run_callers(caller, count: int, timeout: float) -> None:
+    """``caller(k)`` for k < count, each in its own (daemon) thread at once; all must end in time."""
+    threads = [threading.Thread(target=caller, args=(k,), daemon=True) for k in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
+    assert not any(t.is_alive() for t in threads), "a caller never got its judgements"
+
+
 def assert_alone(got, alone):
     """Same reasoning, same outcome, scores within 1e-4 (batches differ, so float rounding may)."""
     assert [(j.outcome, j.reasoning, j.reasoning_tokens) for j in got] == [
@@ -61,12 +71,7 @@ def test_threads_each_get_their_own_judgements(planted, engine):
         judged = ranker.judge_with_stats(chunks(pairs)[k])
         got[k], peaks[k] = judged.judgements, judged.stats.peak_rows
 
-    threads = [threading.Thread(target=caller, args=(k,), daemon=True) for k in range(CALLERS)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
-    assert not any(t.is_alive() for t in threads)
+    run_callers(caller, CALLERS, timeout=300)
     for k in range(CALLERS):
         assert_alone(got[k], alone[k])
     # The callers' rows shared steps: some step ran more rows than one caller has.
@@ -183,12 +188,8 @@ def test_an_engine_failure_reaches_every_caller_and_the_next_call_works(planted,
         except RuntimeError as error:
             errors[k] = error
 
-    threads = [threading.Thread(target=caller, args=(k,), daemon=True) for k in range(callers)]
     try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=120)
+        run_callers(caller, callers, timeout=120)
     finally:
         handle.remove()
     assert fired and all(e is not None and "injected" in str(e) for e in errors)
@@ -214,12 +215,8 @@ def test_identical_pairs_in_flight_are_judged_once(planted):
     def caller(k):
         got[k] = ranker.judge([pairs[5]])[0]
 
-    threads = [threading.Thread(target=caller, args=(k,), daemon=True) for k in range(2)]
     try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=60)
+        run_callers(caller, 2, timeout=60)
     finally:
         handle.remove()
         prefills.handle.remove()
