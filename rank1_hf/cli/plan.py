@@ -38,7 +38,8 @@ def reasoning_lengths(values: list[str] | None) -> list[int]:
             try:
                 lengths.append(int(part))
             except ValueError:
-                raise Rank1Error(f"--reasoning-tokens takes whole numbers such as 500,1000,8192, got {value!r}") from None
+                raise Rank1Error(f"--reasoning-tokens takes whole numbers such as 500,1000,8192, "
+                                 f"got {value!r}") from None
     return lengths
 
 
