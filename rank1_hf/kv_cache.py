@@ -208,8 +208,11 @@ def default_kv_memory(model: torch.nn.Module) -> int:
     if not gpus:
         return CPU_KV_MEMORY
     total_layers = sum(layers.values())
-    budgets = []
-    for device, held in gpus.items():
-        free, total = torch.cuda.mem_get_info(device)
-        budgets.append(max(0.0, free - GPU_RESERVE * total) * total_layers / held)
-    return int(min(budgets))
+    return min(card_pool(*torch.cuda.mem_get_info(device), held, total_layers) for device, held in gpus.items())
+
+
+def card_pool(free: float, total: float, held: int, total_layers: int) -> int:
+    """The whole pool one card allows: its ``free`` bytes less :data:`GPU_RESERVE` of its ``total``, which
+    holds the keys and values of the ``held`` layers it has out of ``total_layers`` (every layer gets an
+    equal share of the pool, on its own device). The pool of a split is the least of its cards'."""
+    return int(max(0.0, free - GPU_RESERVE * total) * total_layers / held)

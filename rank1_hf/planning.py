@@ -1,4 +1,5 @@
-"""Planning a device-map split without loading weights: how many decoder layers land on each device.
+"""Planning a device-map split without loading weights: how many decoder layers land on each device, and
+how many pairs' keys and values the KV pool left beside them would hold.
 
 The model is built on the meta device from its config, quantized Linear layers are replaced by
 stand-ins of the right byte size, and the split is computed the way ``from_pretrained`` computes it.
@@ -31,9 +32,10 @@ from rank1_hf.loading import (
     parse_max_memory,
     resolve_dtype,
 )
-from rank1_hf.options import QUANTIZATIONS
+from rank1_hf.kv_cache import CPU_KV_MEMORY, GPU_RESERVE, PAGE_SIZE, card_pool, kv_bytes_per_token
+from rank1_hf.options import QUANTIZATIONS, JudgeOptions, check_count, parse_bytes
 
-__all__ = ["Plan", "format_plan", "plan_device_map"]
+__all__ = ["CardShare", "KvPlan", "Plan", "format_kv_plan", "format_plan", "kv_plan", "plan_device_map"]
 
 class _QuantizedLinearShape(nn.Module):
     """A stand-in for a quantized Linear on the meta device: only its tensors' shapes and dtypes.
@@ -79,6 +81,9 @@ class Plan:
     dtype: dtype of the unquantized weights.
     quantization: "awq", "bnb-4bit", "bnb-8bit" or None; quantized sizes are counted from the real
         quantized layouts (exact for AWQ, within a few percent for bitsandbytes).
+    kv_bytes_per_token: bytes of keys and values one token takes in all layers, as the engine counts them
+        (:func:`rank1_hf.kv_cache.kv_bytes_per_token`, at ``dtype``: quantized weights keep 16-bit keys
+        and values).
     """
 
     device_map: dict[str, DeviceKey]
@@ -88,6 +93,7 @@ class Plan:
     max_memory: dict[DeviceKey, int]
     dtype: torch.dtype
     quantization: str | None
+    kv_bytes_per_token: int
 
 
 def _meta_model(config: PretrainedConfig, dtype: torch.dtype) -> PreTrainedModel:
@@ -174,7 +180,89 @@ def plan_device_map(
         max_memory={k: _size_to_bytes(v) for k, v in budget.items()},
         dtype=torch_dtype,
         quantization=scheme,
+        kv_bytes_per_token=kv_bytes_per_token(model),
     )
+
+
+@dataclass(frozen=True)
+class CardShare:
+    """What one GPU of a plan allows the KV pool (the rule of :func:`rank1_hf.kv_cache.default_kv_memory`).
+
+    budget: its ``max_memory``, taken as the card. weights: bytes planned on it. reserve: ``GPU_RESERVE``
+    of the budget. layers: decoder layers it holds, of total_layers. pool: the whole pool this card allows,
+    (budget - weights - reserve) x total_layers / layers.
+    """
+
+    device: DeviceKey
+    budget: int
+    weights: int
+    reserve: int
+    layers: int
+    total_layers: int
+    pool: int
+
+
+@dataclass(frozen=True)
+class KvPlan:
+    """How many pairs' keys and values the KV pool of a plan holds at a few reasoning lengths.
+
+    bytes_per_token: K+V bytes of one token in all layers. pool_bytes: the pool (``kv_memory`` when given,
+    else the least of ``cards``' shares; on a plan with no GPU layers the CPU default). pool_tokens and
+    pages: the pool as the engine cuts it (``pool_bytes // bytes_per_token`` tokens, pages of ``PAGE_SIZE``).
+    rows: (reasoning tokens, rows that fit, rows the old reserve-at-max engine took) per length asked: a row
+    of prompt + reasoning tokens holds ceil((prompt + reasoning) / PAGE_SIZE) pages; the old engine
+    reserved prompt + max_new_tokens tokens for every row however short its reasoning.
+    """
+
+    bytes_per_token: int
+    dtype: torch.dtype
+    pool_bytes: int
+    pool_tokens: int
+    pages: int
+    source: str  # "kv_memory", "gpus" or "cpu"
+    cards: tuple[CardShare, ...]
+    prompt_tokens: int
+    max_new_tokens: int
+    rows: tuple[tuple[int, int, int], ...]
+
+
+def kv_plan(plan: Plan, reasoning_tokens: list[int] | tuple[int, ...] = (1000,), *, prompt_tokens: int = 500,
+            kv_memory: int | str | None = None, max_new_tokens: int = JudgeOptions.max_new_tokens) -> KvPlan:
+    """The KV pool a plan leaves and the rows it holds at each of ``reasoning_tokens`` (no model needed).
+
+    Without ``kv_memory`` the pool is what ``default_kv_memory`` would give once these weights are on
+    these cards, each GPU's ``max_memory`` taken as the card: per GPU holding layers, budget - weights -
+    ``GPU_RESERVE`` x budget, scaled to the whole pool by the share of layers it holds (each layer keeps its
+    keys and values on its own device); the least of them. A plan with no layer on a GPU gets the CPU default.
+    """
+    for name, value in (("prompt_tokens", prompt_tokens), ("max_new_tokens", max_new_tokens)):
+        check_count(name, value)
+    if not reasoning_tokens:
+        raise Rank1Error("give at least one reasoning length")
+    for value in reasoning_tokens:
+        check_count("reasoning_tokens", value)
+    total_layers = sum(len(ix) for ix in plan.layers.values())
+    cards: list[CardShare] = []
+    for device, ix in plan.layers.items():
+        if isinstance(device, int) and ix:
+            budget, weights = plan.max_memory[device], plan.bytes_per_device.get(device, 0)
+            cards.append(CardShare(device, budget, weights, int(GPU_RESERVE * budget), len(ix), total_layers,
+                                   card_pool(budget - weights, budget, len(ix), total_layers)))
+    cards.sort(key=lambda c: c.device)
+    if kv_memory is not None:
+        pool, source = parse_bytes(kv_memory, "kv_memory"), "kv_memory"
+    elif cards:
+        pool, source = min(c.pool for c in cards), "gpus"
+    else:
+        pool, source = CPU_KV_MEMORY, "cpu"
+    tokens = pool // plan.kv_bytes_per_token
+    pages = tokens // PAGE_SIZE
+    rows = tuple(
+        (r, pages // -(-(prompt_tokens + r) // PAGE_SIZE), tokens // (prompt_tokens + max_new_tokens))
+        for r in reasoning_tokens
+    )
+    return KvPlan(plan.kv_bytes_per_token, plan.dtype, pool, tokens, pages, source, tuple(cards),
+                  prompt_tokens, max_new_tokens, rows)
 
 
 def _ranges(indices: list[int]) -> str:
@@ -224,3 +312,45 @@ def format_plan(plan: Plan) -> str:
     lines.insert(1, "-+-".join("-" * w for w in widths))
     title = f"plan: {plan.quantization or str(plan.dtype).removeprefix('torch.')} weights"
     return title + "\n" + "\n".join(lines)
+
+
+def _size(n: int) -> str:
+    """Bytes in KiB, MiB or GiB, whichever reads best."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n / 2**10:.2f} KiB"
+
+
+def format_kv_plan(kv: KvPlan) -> str:
+    """The KV pool of a plan and the rows it holds: a few lines and a small table."""
+    dtype = str(kv.dtype).removeprefix("torch.")
+    lines = [f"KV cache: {_size(kv.bytes_per_token)} per token (keys + values, all layers, {dtype})"]
+    if kv.source == "kv_memory":
+        lines.append(f"KV pool: {_size(kv.pool_bytes)} (--kv-memory)")
+    elif kv.source == "cpu":
+        lines.append(f"KV pool: {_size(kv.pool_bytes)} (the default with no layer on a GPU)")
+    else:
+        lines.append(f"KV pool: {_size(kv.pool_bytes)} (the default: per GPU, budget - weights - "
+                     f"{GPU_RESERVE:.0%} reserve, over its share of the layers; the least)")
+    if kv.source == "kv_memory" and kv.cards:
+        lines.append(f"  (the default here would be {_size(min(c.pool for c in kv.cards))}:)")
+    for c in kv.cards:
+        left = c.budget - c.weights - c.reserve
+        share = "" if c.layers == c.total_layers else f" x {c.total_layers}/{c.layers} layers"
+        lines.append(f"  cuda:{c.device}: {_size(c.budget)} - {_size(c.weights)} - {_size(c.reserve)} = "
+                     f"{_size(max(0, left))}{share} -> {_size(c.pool)}")
+    lines.append(f"  = {kv.pool_tokens:,} tokens ({kv.pages:,} pages of {PAGE_SIZE})")
+    lines.append(f"rows that fit, each a prompt of {kv.prompt_tokens:,} tokens + its reasoning so far:")
+    head = ("reasoning", "rows", f"rows reserving prompt + {kv.max_new_tokens:,} each (the old engine)")
+    table = [head] + [(f"{r:,}", f"{n:,}", f"{old:,}") for r, n, old in kv.rows]
+    widths = [max(len(row[i]) for row in table) for i in range(3)]
+    body = [" | ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in table]
+    body.insert(1, "-+-".join("-" * w for w in widths))
+    lines += body
+    lines.append("(rows in flight are also capped by batch_size: 32 on a GPU, 16 on a CPU, unless set)")
+    short = [r for r, n, _ in kv.rows if n == 0]
+    if short:
+        lines.append(f"0 rows: not one pair of prompt + {min(short):,} tokens fits; judging stops with an error when a "
+                     f"pair reasons that long (give more --kv-memory, or a lower --max-new-tokens)")
+    return "\n".join(lines)

@@ -223,6 +223,35 @@ def test_score_evaluate_and_plan_commands(model_dir, capsys):
     assert out.startswith("plan: float32 weights") and "cuda:" in out and "lm_head" in out
 
 
+def test_plan_prints_the_rows_that_fit(tmp_path, capsys):
+    """The tiny config of test_loading's KV-plan tests: 512 bytes of K+V a token; on one 40,000,000-byte card
+    its 553,152 bytes of weights leave 40,000,000 - 553,152 - 4,000,000 (10%) = 35,446,848 bytes, 69,232
+    tokens, 2,163 pages of 32."""
+    from transformers import Qwen2Config
+
+    Qwen2Config(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=128, vocab_size=1000, tie_word_embeddings=False,
+                dtype="bfloat16").save_pretrained(tmp_path)
+    assert cli.main(["plan", str(tmp_path), "--max-memory", "0=40000000", "--prompt-tokens", "500",
+                     "--reasoning-tokens", "500,1000", "--reasoning-tokens", "8192"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("plan: bfloat16 weights")
+    assert "KV cache: 0.50 KiB per token" in out and "= 69,232 tokens (2,163 pages of 32)" in out
+    # prompt + reasoning = 1000, 1500, 8692 tokens: 32, 47, 272 pages; reserving 500 + 8192: 69,232 // 8692
+    rows = re.findall(r"^ *([\d,]+) \| +(\d+) \| +(\d+)$", out, re.M)
+    assert rows == [("500", "67", "7"), ("1,000", "46", "7"), ("8,192", "7", "7")]
+
+    assert cli.main(["plan", str(tmp_path), "--max-memory", "0=40000000", "--kv-memory", "64KiB",
+                     "--prompt-tokens", "28", "--reasoning-tokens", "100,1000"]) == 0
+    out = capsys.readouterr().out
+    assert "(--kv-memory)" in out and "= 128 tokens (4 pages of 32)" in out
+    assert re.findall(r"^ *([\d,]+) \| +(\d+) \| +(\d+)$", out, re.M) == [("100", "1", "0"), ("1,000", "0", "0")]
+    assert "0 rows: not one pair of prompt + 1,000 tokens fits" in out
+
+    _bad(capsys, ["plan", str(tmp_path), "--max-memory", "0=1GiB", "--reasoning-tokens", "500,lots"],
+         "--reasoning-tokens")
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 
 

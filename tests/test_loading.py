@@ -18,7 +18,7 @@ from torch import nn
 from rank1_hf.devices import input_device, output_device
 from rank1_hf.errors import Rank1Error
 from rank1_hf.loading import load_model, parse_max_memory
-from rank1_hf.planning import Plan, format_plan, plan_device_map
+from rank1_hf.planning import Plan, format_kv_plan, format_plan, kv_plan, plan_device_map
 
 sys.path.insert(0, str(Path(__file__).parent))
 from awq_fixture import (  # noqa: E402
@@ -318,6 +318,91 @@ def test_plan_from_a_checkpoint_directory(float_checkpoint):
     plan = plan_device_map(float_checkpoint[0], max_memory={"cpu": "1GiB"}, dtype="float32")
     _check_plan(plan, 2)
     assert plan.layers == {"cpu": [0, 1]}
+
+
+# ---- the KV pool a plan leaves: rows that fit ----------------------------------------------------------------
+
+AWQ = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"}
+
+
+def _tiny_config():
+    """4 layers, 2 KV heads of 16 (hidden 64 / 4 heads): 2 (K, V) x 4 x 2 x 16 x 2 bytes = 512 bytes a token."""
+    from transformers import Qwen2Config
+
+    return Qwen2Config(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                       intermediate_size=128, vocab_size=1000, tie_word_embeddings=False, dtype="bfloat16")
+
+
+def test_kv_bytes_per_token_from_the_config():
+    assert plan_device_map(_tiny_config(), max_memory="cpu=1GiB").kv_bytes_per_token == 512
+    assert plan_device_map(_tiny_config(), max_memory="cpu=1GiB", dtype="float32").kv_bytes_per_token == 1024
+    # the rank1 shapes: 2 x layers x KV heads x head 128 x 2 bytes, quantized weights keep 16-bit keys/values
+    for size, kib in (("7b", 56), ("14b", 192), ("32b", 256)):
+        n = QWEN_SHAPES[size]
+        assert 2 * n["num_hidden_layers"] * n["num_key_value_heads"] * 128 * 2 == kib * 1024
+        for plan in (plan_device_map(_qwen_config(size), max_memory="0=200GiB"),
+                     plan_device_map(_qwen_config(size, quantization_config=AWQ), max_memory="0=200GiB"),
+                     plan_device_map(_qwen_config(size), max_memory="0=200GiB", quantization="bnb-4bit")):
+            assert plan.kv_bytes_per_token == kib * 1024, (size, plan.quantization)
+
+
+def test_rows_that_fit_on_one_gpu():
+    plan = plan_device_map(_tiny_config(), max_memory="0=40000000")
+    assert plan.layers == {0: [0, 1, 2, 3]}
+    weights = plan.bytes_per_device[0]
+    # embeddings and head 2 x 1000 x 64 x 2 bytes; a layer 37,120 parameters x 2 bytes; the final norm 64 x 2;
+    # rotary's inv_freq (and its original) 2 x 8 x 4 bytes
+    assert weights == 2 * 1000 * 64 * 2 + 4 * 37_120 * 2 + 64 * 2 + 2 * 8 * 4 == 553_152
+    kv = kv_plan(plan, [500, 1000, 8192], prompt_tokens=500)
+    # the pool: budget - weights - 10% of the budget, all on one card
+    assert kv.source == "gpus" and kv.pool_bytes == 40_000_000 - 553_152 - 4_000_000 == 35_446_848
+    assert kv.pool_tokens == 35_446_848 // 512 == 69_232 and kv.pages == 69_232 // 32 == 2163
+    # a row of prompt + reasoning holds ceil(tokens / 32) pages: 1000 -> 32, 1500 -> 47, 8692 -> 272;
+    # the old engine reserved prompt + 8192 for every row: 69,232 // 8692 = 7
+    assert kv.rows == ((500, 2163 // 32, 7), (1000, 2163 // 47, 7), (8192, 2163 // 272, 7))
+    assert [n for _, n, _ in kv.rows] == [67, 46, 7]
+
+
+def test_rows_that_fit_on_a_two_gpu_split():
+    plan = plan_device_map(_tiny_config(), max_memory="0=400000,1=2000000", device_map="sequential")
+    # embeddings + layer 0 on cuda:0 (128,000 + 74,240 bytes), layers 1-3, the norm and the head on cuda:1
+    assert plan.layers == {0: [0], 1: [1, 2, 3]}
+    assert plan.bytes_per_device == {0: 202_240, 1: 350_912}
+    kv = kv_plan(plan, [14, 100, 1000], prompt_tokens=50, max_new_tokens=200)
+    # each card holds its layers' share of the pool, so it allows (budget - weights - 10%) x 4 / its layers:
+    # cuda:0 (400,000 - 202,240 - 40,000) x 4/1 = 631,040; cuda:1 (2,000,000 - 350,912 - 200,000) x 4/3 = 1,932,117
+    assert [c.pool for c in kv.cards] == [631_040, 1_932_117]
+    assert kv.pool_bytes == 631_040 and kv.pool_tokens == 1232 and kv.pages == 38
+    # rows of 50 + 14 = 64 (2 pages), 150 (5 pages), 1050 (33 pages); reserving 50 + 200: 1232 // 250 = 4
+    assert kv.rows == ((14, 19, 4), (100, 7, 4), (1000, 1, 4))
+
+
+def test_rows_with_kv_memory_given_or_no_gpu():
+    kv = kv_plan(plan_device_map(_tiny_config(), max_memory="0=40000000"), [100], prompt_tokens=28,
+                 kv_memory="64KiB")
+    assert kv.source == "kv_memory" and kv.pool_tokens == 65536 // 512 == 128 and kv.rows == ((100, 1, 0),)
+    cpu = kv_plan(plan_device_map(_tiny_config(), max_memory="cpu=1GiB"), [100], prompt_tokens=28)
+    assert cpu.source == "cpu" and cpu.pool_bytes == 2 * 2**30 and not cpu.cards  # the CPU default
+    with pytest.raises(Rank1Error, match="reasoning_tokens"):
+        kv_plan(plan_device_map(_tiny_config(), max_memory="cpu=1GiB"), [0])
+
+
+def test_memory_guide_rows():
+    """The table of docs/loading.md's memory guide: AWQ checkpoints on a 24 GB card taken as 22.3 GiB."""
+    got = {}
+    for size in ("7b", "14b", "32b"):
+        plan = plan_device_map(_qwen_config(size, quantization_config=AWQ), max_memory="0=22.3GiB")
+        default = kv_plan(plan, [500, 1000, 8192])
+        given = kv_plan(plan, [500, 1000, 8192], kv_memory=f"{22.3 - 1 - plan.total_bytes / 2**30:.2f}GiB")
+        got[size] = (round(plan.total_bytes / 2**30, 2), round(default.pool_bytes / 2**30, 2),
+                     [n for _, n, _ in default.rows], default.rows[0][2],
+                     round(given.pool_bytes / 2**30, 2), [n for _, n, _ in given.rows], given.rows[0][2])
+        print(f"\n{size}: {got[size]}\n{format_kv_plan(default)}")
+    assert got == {
+        "7b": (5.26, 14.81, [270, 184, 31], 31, 16.04, [293, 199, 34], 34),
+        "14b": (9.44, 10.63, [56, 38, 6], 6, 11.86, [63, 43, 7], 7),
+        "32b": (18.34, 1.73, [6, 4, 0], 0, 2.96, [11, 8, 1], 1),
+    }
 
 
 # ---- Rank1 end to end (once rank1_hf.ranker exists) ---------------------------------------------------------

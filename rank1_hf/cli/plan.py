@@ -1,31 +1,58 @@
-"""``rank1-hf plan``: how a model would be split over devices, without loading it."""
+"""``rank1-hf plan``: how a model would be split over devices, and the rows its KV pool holds, without loading it."""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
+from ..errors import Rank1Error
 from ..options import QUANTIZATIONS
 from .common import resolve_model
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Define the ``plan`` subcommand; returns its parser."""
-    p = subparsers.add_parser("plan", help="show how a model would be split over devices, without loading it")
+    p = subparsers.add_parser("plan", help="show how a model would be split over devices, and how many pairs its "
+                                           "KV pool holds, without loading it")
     p.add_argument("model")
     p.add_argument("--max-memory", required=True, help="e.g. 0=40GiB,1=40GiB (GPUs need not exist here)")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--quantization", choices=QUANTIZATIONS)
     p.add_argument("--device-map", default="auto", choices=("auto", "balanced", "balanced_low_0", "sequential"))
+    p.add_argument("--prompt-tokens", type=int, default=500, help="tokens of one pair's prompt (default 500)")
+    p.add_argument("--reasoning-tokens", action="append", metavar="N[,N...]",
+                   help="reasoning lengths to count rows at, repeatable or a comma list (default 1000)")
+    p.add_argument("--max-new-tokens", type=int, default=8192,
+                   help="the reasoning cap, for the reserve-at-max comparison (default 8192)")
+    p.add_argument("--kv-memory", metavar="SIZE",
+                   help="the KV pool, e.g. 12GiB (default: what the GPUs have left, as when judging)")
     p.set_defaults(func=run)
     return p
 
 
+def reasoning_lengths(values: list[str] | None) -> list[int]:
+    """``--reasoning-tokens 500,1000 --reasoning-tokens 8192`` -> [500, 1000, 8192]; default [1000]."""
+    lengths: list[int] = []
+    for value in values or ["1000"]:
+        for part in value.split(","):
+            try:
+                lengths.append(int(part))
+            except ValueError:
+                raise Rank1Error(f"--reasoning-tokens takes whole numbers such as 500,1000,8192, "
+                                 f"got {value!r}") from None
+    return lengths
+
+
 def run(args: argparse.Namespace) -> int:
     """The ``plan`` subcommand."""
-    from ..planning import format_plan, plan_device_map
+    from ..planning import format_kv_plan, format_plan, kv_plan, plan_device_map
 
+    lengths = reasoning_lengths(args.reasoning_tokens)
     plan = plan_device_map(resolve_model(args.model), max_memory=args.max_memory, dtype=args.dtype,
                            quantization=args.quantization, device_map=args.device_map)
+    kv = kv_plan(plan, lengths, prompt_tokens=args.prompt_tokens, kv_memory=args.kv_memory,
+                 max_new_tokens=args.max_new_tokens)
     print(format_plan(plan))
+    print()
+    print(format_kv_plan(kv))
     return 0
