@@ -122,6 +122,10 @@ class Judge:
             batch_size=options.batch_size,
         )
         self.kind = engine_kind(model, options.engine)
+        if self.settings.kv_tokens < options.context_size:
+            logger.warning("the KV pool holds %d tokens, fewer than one pair may reach (context_size=%d): a pair "
+                           "that reasons that long stops with an error; give more kv_memory or lower "
+                           "max_new_tokens", self.settings.kv_tokens, options.context_size)
         self._worker: EngineWorker | None = None
         self._lock = threading.Lock()
 

@@ -53,7 +53,7 @@ class JudgeOptions:
         (only the passage) and flagged ``truncated``.
     batch_size: most pairs decoded together (None: 32 on GPU, 16 on CPU).
     kv_memory: bytes for the keys and values of the pairs in flight, an int or a string such as "12GiB" or
-        "500MB" (None: on CUDA 90% of the memory free once the weights are loaded, less a reserve for
+        "500MB" (None: on CUDA the memory free once the weights are loaded, less 10% of the card kept for
         activations; on CPU 2 GiB). Pairs take it page by page as their reasoning grows.
     token_budget: retired (a pair no longer reserves prompt + max_new_tokens); use kv_memory.
     dataset_prompt: a template with ``FILL_QUERY_HERE`` applied to every query.
