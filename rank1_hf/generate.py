@@ -71,7 +71,7 @@ class GenerateEngine:
         rest = [r for r in waiting if id(r) not in taken]
         waiting.clear()
         waiting.extend(rest)
-        self.rows_stepped = len(batch)
+        self.rows_stepped = 0  # the largest batch that ran to the end (an out-of-memory one is split)
         return self._run_batch(batch) if batch else []
 
     def _run_batch(self, batch: list[Request]) -> list[tuple[Request, Generation]]:
@@ -103,6 +103,7 @@ class GenerateEngine:
             stopping_criteria=StoppingCriteriaList([criteria]),
         )
         generated = out[:, width:].tolist()
+        self.rows_stepped = max(self.rows_stepped, len(batch))
         steps = len(generated[0]) if generated else 0
         self.stats.prefill_tokens += ids.numel()
         self.stats.decode_slots += len(batch) * max(steps - 1, 0)

@@ -91,13 +91,13 @@ INSTRUCTION = "Only passages about cats are relevant."
 def _recording(ranker, monkeypatch) -> list:
     """The (query text, passage text) of every pair rank1 is asked to judge."""
     calls: list = []
-    prepare = ranker.prepare
+    prepare = ranker.core.prepare
 
     def spy(query, passage):
         calls.append((query, passage))
         return prepare(query, passage)
 
-    monkeypatch.setattr(ranker, "prepare", spy)
+    monkeypatch.setattr(ranker.core, "prepare", spy)
     return calls
 
 

@@ -204,7 +204,7 @@ def test_compat_class_applies_the_official_prompt_of_the_task(ranker, monkeypatc
     model = rank1.from_model(ranker.model, ranker.tokenizer, max_output_tokens=MAX_NEW, engine="generate",
                              dataset_prompt=own)
     calls: list = []
-    monkeypatch.setattr(model.ranker, "prepare", recording(model.ranker, calls))
+    monkeypatch.setattr(model.ranker.core, "prepare", recording(model.ranker, calls))
     mteb.evaluate(model, task_class(), cache=None, show_progress_bar=False)
     assert [q for q, _ in calls] == expected
     assert model.ranker.dataset_prompt == own  # the task's prompt did not stick
