@@ -370,3 +370,20 @@ def test_kill_9_then_a_restart_reuses_every_committed_judgement(models, tmp_path
     with Rank1(str(models["slow"]), **SLOW) as reference:
         want = ranked(reference.judge([("kill", d) for d in docs]))
     assert_ranked([(r["index"], r["relevance_score"]) for r in got["results"]], want)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--max-queued-pairs", "2", "--max-documents", "4"], "max_queued_pairs"),
+    (["--max-body-bytes", "0"], "max_body_bytes"),
+    (["--port", "70000"], "--port"),
+    (["--dataset-prompt", "no such dataset"], "unknown dataset prompt"),
+])
+def test_bad_serve_flags_fail_before_the_model_loads(flags, message, tmp_path):
+    import subprocess
+    import sys
+
+    from server_process import ROOT
+
+    out = subprocess.run([sys.executable, "-m", "rank1_hf", "serve", "--model", str(tmp_path / "missing"), *flags],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and message in out.stderr, out.stderr
