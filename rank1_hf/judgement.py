@@ -33,6 +33,13 @@ class Judgement:
     false_logit: float | None
     truncated: bool
 
+    @property
+    def margin(self) -> float:
+        """``true_logit - false_logit``, whose sigmoid is the score (0, score 0.5, for a fallback)."""
+        if self.true_logit is None or self.false_logit is None:
+            return 0.0
+        return self.true_logit - self.false_logit
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -448,8 +448,7 @@ def _values(judgements: Sequence[Judgement], activation_fn: Callable | None) -> 
     """float64 scores, or ``activation_fn`` of the true-false margins (0 for a fallback)."""
     if activation_fn is None:
         return torch.tensor([j.score for j in judgements], dtype=torch.float64)
-    margins = [0.0 if j.true_logit is None or j.false_logit is None else j.true_logit - j.false_logit
-               for j in judgements]
+    margins = [j.margin for j in judgements]
     return torch.as_tensor(activation_fn(torch.tensor(margins, dtype=torch.float64)), dtype=torch.float64)
 
 

@@ -77,6 +77,8 @@ class EngineWorker:
         self._closed = False
         self._thread: threading.Thread | None = None
         self.joined = 0  # prompts that joined an identical one already waiting or in flight
+        self.judged = 0  # prompts the engine finished (each distinct prompt once, however many waited)
+        self.stats = EngineStats()  # all the work of this worker's engines (a replaced engine's too)
         _live.add(self)
 
     # ---- callers' side (any thread) ------------------------------------------------------------------
@@ -193,7 +195,9 @@ class EngineWorker:
             self._pending.extendleft(reversed([self._jobs[r.id] for r in waiting]))
             for ticket in self._open_tickets():
                 ticket.stats.add_since(engine.stats, before, engine.rows_stepped)
+            self.stats.add_since(engine.stats, before, engine.rows_stepped)
             done = [(self._forget(request), generation) for request, generation in finished]
+            self.judged += len(done)
         for job, generation in done:
             for ticket, index in job.waiters:
                 if not ticket.cancelled:

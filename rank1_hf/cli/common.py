@@ -142,12 +142,12 @@ def set_threads(threads: int | None) -> None:
 
 
 def make_ranker(model: str, load: LoadOptions, judge: JudgeOptions, threads: int | None, *,
-                show_progress_bar: bool | None = None):
-    """Load ``model`` into a Rank1 (imports torch/transformers on first use)."""
+                show_progress_bar: bool | None = None, store: str | None = None):
+    """Load ``model`` into a Rank1 (imports torch/transformers on first use), with ``store`` behind it."""
     from ..ranker import Rank1
 
     set_threads(threads)
-    return Rank1(resolve_model(model), load=load, judge=judge, show_progress_bar=show_progress_bar)
+    return Rank1(resolve_model(model), load=load, judge=judge, show_progress_bar=show_progress_bar, store=store)
 
 
 # ---------------------------------------------------------------------------------------------- pre-flight
