@@ -64,7 +64,6 @@ class ServeSettings:
     max_documents: most documents in one request (more: 413).
     max_queued_pairs: most pairs accepted and not yet answered, all requests together (more: 503).
     max_body_bytes: largest request body (more: 413); 16 MiB by default.
-    warmup_tokens: prompt length the engine's cache is made for at start (it grows for longer prompts).
     """
 
     api_key: str | None = None
@@ -72,10 +71,9 @@ class ServeSettings:
     max_documents: int = 1000
     max_queued_pairs: int = 8192
     max_body_bytes: int = 16 * 1024 * 1024
-    warmup_tokens: int = 1024
 
     def __post_init__(self) -> None:
-        for name in ("max_documents", "max_queued_pairs", "max_body_bytes", "warmup_tokens"):
+        for name in ("max_documents", "max_queued_pairs", "max_body_bytes"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise Rank1Error(f"{name} must be a whole number >= 1, got {value!r}")
@@ -450,8 +448,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 def _lifespan(ranker: Rank1, settings: ServeSettings, state: dict[str, bool]):
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        tokens = min(settings.warmup_tokens, ranker.context_size - ranker.max_new_tokens)
-        warming = asyncio.ensure_future(asyncio.to_thread(ranker.warmup, tokens))
+        warming = asyncio.ensure_future(asyncio.to_thread(ranker.warmup))
         warming.add_done_callback(lambda task: state.update(ready=not task.cancelled() and task.exception() is None))
         try:
             yield
