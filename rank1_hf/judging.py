@@ -122,10 +122,10 @@ class Judge:
             batch_size=options.batch_size,
         )
         self.kind = engine_kind(model, options.engine)
-        if self.settings.kv_tokens < options.context_size:
-            logger.warning("the KV pool holds %d tokens, fewer than one pair may reach (context_size=%d): a pair "
-                           "that reasons that long stops with an error; give more kv_memory or lower "
-                           "max_new_tokens", self.settings.kv_tokens, options.context_size)
+        if self.settings.kv_tokens < options.max_new_tokens + _SHORT_PROMPT:
+            logger.warning("the KV pool holds %d tokens, fewer than a %d-token prompt and max_new_tokens=%d: a "
+                           "pair that reasons that long stops with an error; give more kv_memory or lower "
+                           "max_new_tokens", self.settings.kv_tokens, _SHORT_PROMPT, options.max_new_tokens)
         self._worker: EngineWorker | None = None
         self._lock = threading.Lock()
 
@@ -301,6 +301,10 @@ class Judge:
         if not (math.isfinite(t) and math.isfinite(f)):
             return Judgement(0.5, "fallback", reasoning, n, len(prepared.ids), None, None, prepared.truncated)
         return Judgement(score(t, f), outcome, reasoning, n, len(prepared.ids), t, f, prepared.truncated)
+
+
+# A short rank1 prompt, for the warning about a KV pool too small for one full-length reasoning.
+_SHORT_PROMPT = 512
 
 
 class _CallLog:
