@@ -47,3 +47,18 @@ def model_dir(tmp_path_factory) -> str:
         testing.tiny_model(tok).save_pretrained(path)
         tok.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """A tiny random Qwen2 and the real Qwen2.5 tokenizer."""
+    tok = testing.qwen_tokenizer()
+    return testing.tiny_model(tok), tok
+
+
+def ranker_for(tiny, **options):
+    """A ranker over ``tiny`` with short reasoning (6 tokens), for API-level tests."""
+    from rank1_hf.ranker import Rank1
+
+    model, tok = tiny
+    return Rank1.from_model(model, tok, max_new_tokens=6, context_size=512, batch_size=4, **options)

@@ -14,12 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_pairs
+from conftest import make_pairs, ranker_for
 
 from rank1_hf import pipeline
 from rank1_hf.compat import rank1
 from rank1_hf.judgement import Judgement
-from rank1_hf.testing import qwen_tokenizer, tiny_model
 from rank1_hf.prompt import query_text
 from rank1_hf.ranker import Rank1
 from rank1_hf.readout import score
@@ -39,15 +38,6 @@ CE5_RANK = ["query", "documents", "top_k", "return_documents", "batch_size", "sh
             "apply_softmax", "convert_to_numpy", "convert_to_tensor"]
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    tok = qwen_tokenizer()
-    return tiny_model(tok), tok
-
-
-def ranker_for(tiny, **options) -> Rank1:
-    model, tok = tiny
-    return Rank1.from_model(model, tok, max_new_tokens=6, context_size=512, batch_size=4, **options)
 
 
 def positional(fn) -> list[str]:

@@ -9,18 +9,14 @@ from pathlib import Path
 
 import pytest
 
+from test_cli import files  # noqa: F401 - the fixture
+
 from rank1_hf import cli
 from rank1_hf.formats import sample_paths
 
 SAMPLE = sample_paths()
 
 
-@pytest.fixture
-def files(tmp_path):
-    (tmp_path / "q.tsv").write_text("q1\thow do cats purr\nq2\tbread ovens\n")
-    (tmp_path / "c.tsv").write_text("d1\tCats purr with their larynx.\nd2\tDeck ovens bake bread.\n")
-    (tmp_path / "run.trec").write_text("q1 Q0 d1 1 2.0 bm25\nq1 Q0 d2 2 1.0 bm25\nq2 Q0 d2 1 3.0 bm25\n")
-    return tmp_path
 
 
 def _rerank_args(d: Path, *extra: str, **override) -> list[str]:

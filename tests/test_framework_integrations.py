@@ -12,12 +12,11 @@ import os
 import sys
 
 import pytest
+from conftest import ranker_for
 
 from rank1_hf.errors import Rank1Error
 from rank1_hf.judgement import Judgement
-from rank1_hf.ranker import Rank1
 from rank1_hf.store import JudgementStore, settings_key
-from rank1_hf.testing import qwen_tokenizer, tiny_model
 
 # Two queries; the tiny model gives every passage of a query a different score (no ties), so Rank1.rank's
 # order (ties by input position) and the run order (ties by docno) are the same order.
@@ -37,15 +36,6 @@ FIRST_STAGE = [("q2", "d1", 9.0), ("q2", "d5", 8.0), ("q2", "d6", 7.0), ("q2", "
 QUERY, TEXTS = QUERIES["q1"], [DOCS[d] for d in ("d1", "d2", "d3", "d4")]
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    tok = qwen_tokenizer()
-    return tiny_model(tok), tok
-
-
-def ranker_for(tiny, **options) -> Rank1:
-    model, tok = tiny
-    return Rank1.from_model(model, tok, max_new_tokens=6, context_size=512, batch_size=4, **options)
 
 
 @pytest.fixture(scope="module")
