@@ -177,6 +177,10 @@ class ContinuousEngine:
         if self._static is not None and not self.rows:  # capturing writes every slot's scratch column
             self._static.capture_all()
 
+    def close(self) -> None:
+        """Put the model's own output head back (an engine that failed mid-step may still hold it)."""
+        self._head.close()
+
     def _enter_head(self) -> None:
         if not self._head._exit_callbacks:  # type: ignore[attr-defined]
             self._head.enter_context(fast_head(self.model, self.settings.readout))

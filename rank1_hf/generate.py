@@ -55,6 +55,9 @@ class GenerateEngine:
     def warmup(self) -> None:
         """Nothing to prepare ahead."""
 
+    def close(self) -> None:
+        """Nothing held between steps."""
+
     def drop(self, ids: set[int]) -> None:
         """No row outlives a step here."""
 

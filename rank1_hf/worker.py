@@ -43,6 +43,7 @@ class Engine(Protocol):
     def step(self, waiting: deque[Request]) -> list[tuple[Request, Generation]]: ...
     def drop(self, ids: set[int]) -> None: ...
     def warmup(self) -> None: ...
+    def close(self) -> None: ...
 
 
 class Ticket:
@@ -156,7 +157,7 @@ class EngineWorker:
                     self._lock.wait()
                 if self._closed:
                     self._fail_all(Rank1Error("this ranker was closed while judging"))
-                    self._engine = None
+                    self._drop_engine()
                     return
                 calls = list(self._calls)
                 self._calls.clear()
@@ -168,6 +169,11 @@ class EngineWorker:
                 done.set()
             if self._jobs:
                 self._step()
+
+    def _drop_engine(self) -> None:
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            engine.close()
 
     def _engine_now(self) -> Engine:
         if self._engine is None:
@@ -188,7 +194,7 @@ class EngineWorker:
             logger.error("the engine failed: %s", error)
             with self._lock:
                 self._fail_all(error)
-                self._engine = None  # the next call starts a fresh engine
+            self._drop_engine()  # the next call starts a fresh engine
             return
         with self._lock:
             # What the step did not take (or gave back after out of memory) goes back to the queue's front.

@@ -172,6 +172,7 @@ def test_an_engine_failure_reaches_every_caller_and_the_next_call_works(planted,
     callers = 3
     worker = ranker.core.worker
     fired = []
+    head = model.get_output_embeddings()
 
     def hook(module, args, kwargs):
         # Fail once, when every caller's pairs are in the engine or waiting for it.
@@ -194,6 +195,8 @@ def test_an_engine_failure_reaches_every_caller_and_the_next_call_works(planted,
         handle.remove()
     assert fired and all(e is not None and "injected" in str(e) for e in errors)
     assert worker.pending_prompts() == 0
+    wait_until(lambda: worker.engine_name is None)  # the failed engine is dropped
+    assert model.get_output_embeddings() is head  # and gave the model its own output head back
     assert_alone(ranker.judge(pairs[:4]), Rank1.from_model(model, tok, max_new_tokens=MAX_NEW).judge(pairs[:4]))
     ranker.close()
 
