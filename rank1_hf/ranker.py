@@ -245,16 +245,13 @@ class Rank1:
         """:meth:`judge`, with the engine's counts of this call's work (see :class:`Judged`)."""
         pairs = _check_call(pairs, batch_size, dataset_prompt)
         prompt = self._dataset_prompt(dataset_prompt)
-        out: list[Judgement | None] = [None] * len(pairs)
         if self.store is None:
+            out: list[Judgement | None] = [None] * len(pairs)
             judging = self.judge_iter(pairs, show_progress_bar=show_progress_bar, dataset_prompt=prompt)
             for i, judgement in judging:
                 out[i] = judgement
             return Judged(out, judging.stats)  # type: ignore[arg-type]
-        planned, skey = self._plan(pairs, prompt)
-        for key, judgement in reuse.fetch([self.store], skey, planned.found).items():
-            out[planned.first[key]] = judgement
-        todo = [planned.first[key] for key in planned.todo]
+        planned, skey, out, todo = self._stored(pairs, prompt)
         reused = len(pairs) - len(todo)
         if not todo:
             return Judged(self._spread(planned, out), EngineStats(), reused)
@@ -280,16 +277,13 @@ class Rank1:
         committed as it is made."""
         pairs = _check_call(pairs, batch_size, dataset_prompt)
         prompt = self._dataset_prompt(dataset_prompt)
-        out: list[Judgement | None] = [None] * len(pairs)
         if self.store is None:
+            out: list[Judgement | None] = [None] * len(pairs)
             judging = self.core.aiterate(pairs, prompt)
             async for i, judgement in judging:
                 out[i] = judgement
             return Judged(out, judging.stats)  # type: ignore[arg-type]
-        planned, skey = await asyncio.to_thread(self._plan, pairs, prompt)
-        for key, judgement in (await asyncio.to_thread(reuse.fetch, [self.store], skey, planned.found)).items():
-            out[planned.first[key]] = judgement
-        todo = [planned.first[key] for key in planned.todo]
+        planned, skey, out, todo = await asyncio.to_thread(self._stored, pairs, prompt)
         reused = len(pairs) - len(todo)
         if not todo:
             return Judged(self._spread(planned, out), EngineStats(), reused)
@@ -407,15 +401,20 @@ class Rank1:
         """A call's dataset prompt: its own when given, else the ranker's."""
         return self.dataset_prompt if given is None else given
 
-    def _plan(self, pairs: Sequence[Pair], dataset_prompt: str | None) -> tuple[reuse.Reuse, str]:
-        """The store's view of a call: each pair's key, which are stored, which distinct ones to judge."""
+    def _stored(self, pairs: Sequence[Pair], dataset_prompt: str | None
+                ) -> tuple[reuse.Reuse, str, list[Judgement | None], list[int]]:
+        """The store's view of a call: its plan, the settings key, the judgements found (at the first
+        index of their key, None elsewhere) and the input indices left to judge."""
         assert self.store is not None
         skey = self.store.register_settings(self.settings(dataset_prompt))
         planned = reuse.plan(reuse.pair_keys(pairs, dataset_prompt), [self.store], skey)
         reused = sum(key in planned.found for key in planned.keys)
         if reused:
             logger.info("judgement store %s: %d of %d pairs reused", self.store.path, reused, len(pairs))
-        return planned, skey
+        out: list[Judgement | None] = [None] * len(pairs)
+        for key, judgement in reuse.fetch([self.store], skey, planned.found).items():
+            out[planned.first[key]] = judgement
+        return planned, skey, out, [planned.first[key] for key in planned.todo]
 
     @staticmethod
     def _spread(planned: reuse.Reuse, out: list[Judgement | None]) -> list[Judgement]:
