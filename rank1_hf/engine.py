@@ -225,7 +225,9 @@ class ContinuousEngine:
         if self.cache is None:
             s = self.settings
             row_tokens = s.context_size + _CLOSE_MARGIN
-            self.cache = PagedCache(self.model, self.stats.rows_limit, self.kv_tokens // PAGE_SIZE + 1, row_tokens)
+            # Never more pages than every slot could fill: the pool is allocated (zeroed) whole.
+            pool = min(self.kv_tokens, self.stats.rows_limit * -(-row_tokens // PAGE_SIZE) * PAGE_SIZE)
+            self.cache = PagedCache(self.model, self.stats.rows_limit, pool // PAGE_SIZE + 1, row_tokens)
             self._visible = torch.zeros((self.stats.rows_limit, self.cache.capacity + 1), dtype=torch.bool,
                                         device=input_device(self.model))
             self._bind_static()
