@@ -92,6 +92,27 @@ def test_cohere_client_v2(server, reference):
     assert response.id and response.meta.billed_units.search_units == 1
 
 
+def test_concurrent_cohere_clients_each_get_their_own_ranking(server, reference):
+    """8 Cohere SDK clients in threads at once, each with its own query and documents: each gets exactly
+    the library's ranking of its own pairs (their pairs share the server's decode steps)."""
+    import cohere
+    from concurrent.futures import ThreadPoolExecutor
+
+    pairs = make_pairs(8 * 3, seed=31, max_words=20)
+    asks = [(pairs[3 * k][0], [p for _, p in pairs[3 * k : 3 * k + 3]]) for k in range(8)]
+
+    def ask(query_docs):
+        query, docs = query_docs
+        client = cohere.ClientV2(api_key=KEY, base_url=server.url)
+        return client.rerank(model="rank1", query=query, documents=docs)
+
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(ask, asks, timeout=120))
+    for (query, docs), response in zip(asks, responses):
+        assert_ranked([(r.index, r.relevance_score) for r in response.results],
+                      ranked(expected(reference, query, docs)))
+
+
 def test_cohere_client_v1_with_records_and_documents(server, reference):
     import cohere
 
