@@ -11,8 +11,8 @@ right after ``</think>``:
   are reused).
 
 A finished row leaves its slot at once and a waiting request takes it, so no row waits for another.
-The engine only steps: :class:`~rank1_hf.worker.EngineWorker` owns it, in a thread of its own, and feeds
-it the requests of every caller.
+The engine only steps: :class:`~rank1_hf.worker.EngineWorker` owns it, feeds it the requests of every
+caller, and steps it from whichever caller's thread is waiting.
 Every forward call is a plain ``model(...)`` with a :class:`~rank1_hf.kv_cache.PagedCache` as ``cache=``
 and an explicit mask, so the model code stays transformers'.
 """

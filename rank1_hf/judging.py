@@ -1,8 +1,8 @@
 """The judging core: pairs in, :class:`~rank1_hf.judgement.Judgement` out, through one long-lived engine.
 
 :class:`Judge` holds what turns a pair into a judgement: the prompt (cut to fit the context), the engine
-that reasons (chosen once, kept in its :class:`~rank1_hf.worker.EngineWorker` thread and shared by every
-caller), and the judgement built from what the engine returns. Callers in any thread use
+that reasons (chosen once, kept in its :class:`~rank1_hf.worker.EngineWorker` and shared by every caller,
+stepped by whichever caller waits), and the judgement built from what the engine returns. Callers in any thread use
 :meth:`Judge.iterate`; asyncio tasks use :meth:`Judge.aiterate`. Each gets exactly its own judgements,
 equal to judging its pairs alone.
 """
@@ -164,7 +164,7 @@ class Judge:
 
     @property
     def worker(self) -> EngineWorker:
-        """The engine's thread, started on first use and kept until :meth:`close`."""
+        """The shared engine and its queue, made on first use and kept until :meth:`close`."""
         with self._lock:
             if self._worker is None:
                 engine = ContinuousEngine if self.kind == "continuous" else GenerateEngine
@@ -175,7 +175,7 @@ class Judge:
                     return engine(model, settings)
 
                 self._worker = EngineWorker(make)
-                # A ranker nobody holds any more stops its engine's thread, which frees the cache.
+                # A ranker nobody holds any more closes its engine, which frees the cache.
                 weakref.finalize(self, self._worker.close)
             return self._worker
 
@@ -184,7 +184,7 @@ class Judge:
         self.worker.call(lambda engine: engine.warmup())
 
     def close(self) -> None:
-        """Stop the engine's thread and free its cache; a later call starts a new one."""
+        """Free the engine and its cache; a later call starts a new one."""
         with self._lock:
             worker, self._worker = self._worker, None
         if worker is not None:
@@ -242,6 +242,7 @@ class Judge:
                         waiting += len(more)
                 if not waiting:
                     break
+                worker.drive(lambda: not results.empty())  # steps the engine here unless another caller does
                 item = results.get()
                 if isinstance(item, BaseException):
                     waiting = 0
@@ -274,7 +275,7 @@ class Judge:
         judging.stats = ticket.stats
         order = sorted(range(len(ready)), key=lambda i: (len(ready[i].ids), i))
         worker = self.worker
-        worker.submit(ticket, [(i, ready[i].ids, ready[i].prompt) for i in order])
+        worker.submit(ticket, [(i, ready[i].ids, ready[i].prompt) for i in order], background=True)
         log = _CallLog(self.options)
         waiting = len(ready)
         try:

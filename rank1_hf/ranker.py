@@ -212,7 +212,7 @@ class Rank1:
         return self
 
     def close(self) -> None:
-        """Stop the engine's thread and free its cache (and captured steps); a later call makes a new one."""
+        """Free the engine, its cache and captured steps; a later call makes a new one."""
         self.core.close()
 
     def __enter__(self) -> "Rank1":
