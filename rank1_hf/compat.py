@@ -22,6 +22,11 @@ Constructor parameters and their defaults are the reference's. What changes:
   :class:`~rank1_hf.store.JudgementStore`, so a rerun after a crash judges only what is missing.
 * The reasoning is kept: after :meth:`rank1.predict`, :attr:`rank1.last_judgements` holds one
   :class:`~rank1_hf.judgement.Judgement` per pair.
+
+As in the reference, :meth:`rank1.predict` reads ``dataset_prompt`` (and ``force_rethink``, and the readout
+ids ``true_token``/``false_token``) when it runs, so ``model.dataset_prompt = PROMPT_DICT[task]`` between
+calls takes effect. The reference reads nothing else at call time: ``max_output_tokens``, ``context_size``
+and ``batch_size`` shape its vLLM engine once, in the constructor, and here too.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import torch
 
 from .errors import Rank1Error
 from .judgement import Judgement
+from .options import check_dataset_prompt
 from .prompt import Pair, build_prompt, query_text
 from .ranker import Rank1
 
@@ -144,27 +150,44 @@ class rank1:  # noqa: N801 - lower-case on purpose: the reference class is calle
         array instead, so ``mteb.evaluate(rank1(...), tasks)`` works too (see :mod:`rank1_hf.mteb`). Then,
         as the official ``run_mteb.py`` passes ``get_prompt(task, subset)`` as the dataset prompt, each
         task's queries get the official prompt of its name and subset (``task_metadata``, ``hf_subset``),
-        exactly as :class:`~rank1_hf.mteb.Rank1CrossEncoder` gives them; a ``dataset_prompt`` given to the
-        constructor is used for every task instead.
+        exactly as :class:`~rank1_hf.mteb.Rank1CrossEncoder` gives them; a ``dataset_prompt`` set on this
+        object (in the constructor or later) is used for every task instead.
         """
         show = kwargs.get("show_progress_bar")
+        prompt = self._call_time_prompt()
         if inputs1 is not None or inputs2 is not None:
             from .dataset_prompts import official_prompt
             from .mteb import pairs_from_loaders, scores_of
 
             pairs = pairs_from_loaders(inputs1, inputs2)
-            template = None  # None: the ranker's own (the constructor's dataset_prompt)
             task = getattr(kwargs.get("task_metadata"), "name", None)
-            if self.ranker.dataset_prompt is None and task is not None:
-                template = official_prompt(task, kwargs.get("hf_subset"))
-            self.last_judgements = (self.ranker.judge(pairs, show_progress_bar=show, dataset_prompt=template)
+            if prompt is None and task is not None:
+                prompt = official_prompt(task, kwargs.get("hf_subset"))
+            self.last_judgements = (self.ranker.judge(pairs, show_progress_bar=show, dataset_prompt=prompt)
                                     if pairs else [])
             return scores_of(self.last_judgements)
         if input_to_rerank is None:
             raise Rank1Error("predict needs a list of (query, passage[, instruction]) tuples")
         pairs = list(input_to_rerank)
-        self.last_judgements = self.ranker.judge(pairs, show_progress_bar=show) if pairs else []
+        self.last_judgements = self.ranker.judge(pairs, show_progress_bar=show, dataset_prompt=prompt) if pairs else []
         return [j.score for j in self.last_judgements]
+
+    def _call_time_prompt(self) -> str | None:
+        """The dataset prompt as the reference's ``predict`` reads it: ``self.dataset_prompt`` now (an empty
+        one means none); refuses the other attributes it reads at call time when they changed to values
+        this class cannot honour."""
+        if self.force_rethink:
+            raise Rank1Error(FORCE_RETHINK_MESSAGE)
+        if (self.true_token, self.false_token) != tuple(self.ranker.readout):
+            raise Rank1Error(
+                f"true_token/false_token are the readout ids of the loaded tokenizer {tuple(self.ranker.readout)}; "
+                f"rank1-hf cannot read other ids, got ({self.true_token}, {self.false_token})"
+            )
+        prompt = self.dataset_prompt or None
+        if prompt is not None:
+            check_dataset_prompt(prompt)
+            query_text("q", None, prompt)  # a template without the placeholder is a clear error
+        return prompt
 
     # ---- extras --------------------------------------------------------------------------------------
 
@@ -252,7 +275,10 @@ def _warn_ignored(names: list[str]) -> None:
 
 def _judging_options(batch_size: int, context_size: int, max_output_tokens: int, dataset_prompt: str | None,
                      force_rethink: int, passed: dict[str, Any]) -> dict[str, Any]:
-    """Rank1 judging options from the reference's parameters (validated here, before any loading)."""
+    """Rank1 judging options from the reference's parameters (validated here, before any loading).
+
+    The dataset prompt is checked but not passed on: :meth:`rank1.predict` reads ``self.dataset_prompt`` at
+    each call, as the reference does, so the ranker keeps none of its own."""
     if force_rethink:
         raise Rank1Error(FORCE_RETHINK_MESSAGE)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -264,7 +290,6 @@ def _judging_options(batch_size: int, context_size: int, max_output_tokens: int,
         "batch_size": None if batch_size >= REFERENCE_BATCH_SIZE else min(batch_size, MAX_BATCH_SIZE),
         "max_new_tokens": max_output_tokens,
         "context_size": context_size,
-        "dataset_prompt": dataset_prompt,
     }
     options.update({k: passed[k] for k in ("engine", "show_progress_bar", "kv_memory", "store") if k in passed})
     return options

@@ -163,3 +163,96 @@ def test_batch_size_mapping_and_prompts(tiny):
         rank1.from_model(model, tok, dataset_prompt="no placeholder")
     assert compat.predict([]) == [] and compat.last_judgements == []
     assert np.isfinite(compat.predict([("cats", {"title": "", "text": "Cats purr."})])).all()
+
+
+# Two entries of the official PROMPT_DICT (orionw/rank1 prompts.py at 30585c2), transcribed by hand.
+TOUCHE2020 = ("I am looking to write an essay and need to find arguments for or against this statement:\n\n"
+              "FILL_QUERY_HERE\n\nDoes this passage have any argument or evidence that could be used to help me?\n\n")
+CLIMATEFEVER = ("I am looking to write an essay for and need to find evidence the supports or contradict this "
+                "statement:\n\nFILL_QUERY_HERE\n\nIf the passage provides information that supports or contradicts "
+                "it in any way it is relevant so I can cite it.\n\n")
+PROMPTED_PAIRS = [
+    ("what is a cat", {"title": "Felines", "text": "Cats are small carnivorous mammals."}, "Encyclopedias only."),
+    ("how to bake bread", {"title": "", "text": "Bread is baked in an oven."}, "how to bake bread"),
+    (" rain ", {"text": "Clouds bring rain."}, "Weather."),
+]
+
+
+def official_prompts(batch, template):
+    """The strings the official ``predict`` builds (rank1.py at 30585c2, transcribed): the instruction joined
+    when the first row has one, a record passage as "{title} {text}" when it has a title, then return_prompt."""
+    queries, passages = [b[0] for b in batch], [b[1] for b in batch]
+    if len(batch[0]) == 3 and batch[0][2] is not None:
+        queries = [f"{q} {i}".strip() if q.strip() != i.strip() else q.strip() for q, _, i in batch]
+    if isinstance(passages[0], dict):
+        passages = [f"{v['title']} {v['text']}" if "title" in v else v["text"] for v in passages]
+    out = []
+    for query, passage in zip(queries, passages):
+        query = template.replace("FILL_QUERY_HERE", query) if template else query
+        out.append("Determine if the following passage is relevant to the query. Answer only with 'true' or "
+                   f"'false'.\nQuery: {query}\nPassage: {passage}\n<think>")
+    return out
+
+
+def prompts_seen(monkeypatch, compat) -> list[str]:
+    """Record the prompt string of every pair the drop-in's judging core prepares."""
+    seen: list[str] = []
+    prepare = compat.ranker.core.prepare
+
+    def spy(query, passage):
+        prepared = prepare(query, passage)
+        seen.append(prepared.prompt)
+        return prepared
+
+    monkeypatch.setattr(compat.ranker.core, "prepare", spy)
+    return seen
+
+
+@pytest.mark.parametrize("template", [TOUCHE2020, CLIMATEFEVER, "Find passages about FILL_QUERY_HERE for a biology exam"],
+                         ids=["Touche2020", "ClimateFEVER", "template"])
+def test_dataset_prompt_set_after_construction_is_read_when_predict_runs(tiny, monkeypatch, template):
+    """Code written for the official class sets ``model.dataset_prompt = PROMPT_DICT[task]`` on an instance
+    and calls predict: the official predict reads the attribute then, so the prompts (and scores) must be
+    those of that template, and setting it back to None must drop it again."""
+    from rank1_hf.dataset_prompts import OFFICIAL_PROMPTS
+
+    assert template in (OFFICIAL_PROMPTS["Touche2020"], OFFICIAL_PROMPTS["ClimateFEVER"]) or "biology" in template
+    model, tok = tiny
+    compat = rank1.from_model(model, tok, max_output_tokens=MAX_NEW, device="cpu", **FAST)
+    seen = prompts_seen(monkeypatch, compat)
+    compat.dataset_prompt = template
+    scores = compat.predict(PROMPTED_PAIRS)
+    assert sorted(seen) == sorted(official_prompts(PROMPTED_PAIRS, template))
+    # the same scores as a drop-in given the prompt in its constructor
+    given = rank1.from_model(model, tok, max_output_tokens=MAX_NEW, device="cpu", dataset_prompt=template, **FAST)
+    assert given.predict(PROMPTED_PAIRS) == pytest.approx(scores, abs=1e-4)
+    # and back to no prompt: the official code then uses the query as it is
+    seen.clear()
+    compat.dataset_prompt = None
+    compat.predict(PROMPTED_PAIRS[:2])
+    assert sorted(seen) == sorted(official_prompts(PROMPTED_PAIRS[:2], None))
+    # a prompt given to the constructor and changed later: the later one counts
+    seen = prompts_seen(monkeypatch, given)
+    given.dataset_prompt = "Q: FILL_QUERY_HERE"
+    given.predict(PROMPTED_PAIRS[:1])
+    assert seen == official_prompts(PROMPTED_PAIRS[:1], "Q: FILL_QUERY_HERE")
+
+
+def test_attributes_predict_reads_that_cannot_be_honoured_are_refused_at_call_time(tiny):
+    """The official predict also reads force_rethink and the readout ids when it runs: a value set on the
+    instance that rank1-hf cannot honour is an error at that call, not silently ignored."""
+    model, tok = tiny
+    compat = rank1.from_model(model, tok, max_output_tokens=MAX_NEW, device="cpu", **FAST)
+    compat.force_rethink = 1
+    with pytest.raises(Rank1Error, match="force_rethink"):
+        compat.predict([("q", "p")])
+    compat.force_rethink = 0
+    compat.true_token = 1
+    with pytest.raises(Rank1Error, match="true_token/false_token"):
+        compat.predict([("q", "p")])
+    compat.true_token = 830
+    compat.dataset_prompt = "no placeholder"
+    with pytest.raises(Rank1Error, match="FILL_QUERY_HERE"):
+        compat.predict([("q", "p")])
+    compat.dataset_prompt = ""  # empty: no template, as in the official code
+    assert len(compat.predict([("q", "p")])) == 1

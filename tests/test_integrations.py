@@ -125,3 +125,19 @@ def test_rerankers_ranker_passes_the_instruction_through(ranker, monkeypatch):
     calls.clear()
     model.score(QUERY, TEXTS[1])
     assert calls == [(f"{QUERY} {INSTRUCTION}", TEXTS[1])]
+
+
+def test_rerankers_keeps_a_document_id_of_zero(ranker):
+    """doc_id 0 is an id like any other: a document given id 0 (in doc_ids or on a Document) keeps it,
+    wherever it stands; only a missing id falls back to the document's position."""
+    pytest.importorskip("rerankers", reason="needs rerankers (the [rerankers] extra)")
+    from rerankers.documents import Document
+
+    from rank1_hf.integrations.rerankers import Rank1Ranker
+
+    model = Rank1Ranker.from_ranker(ranker)
+    results = model.rank(QUERY, TEXTS, doc_ids=[3, 0, 2, 1])
+    assert {r.document.text: r.document.doc_id for r in results} == dict(zip(TEXTS, [3, 0, 2, 1]))
+    documents = [Document(text=TEXTS[0], doc_id=7), Document(text=TEXTS[1], doc_id=0), Document(text=TEXTS[2])]
+    ids = {r.document.text: r.document.doc_id for r in model.rank(QUERY, documents)}
+    assert ids[TEXTS[1]] == 0 and ids[TEXTS[0]] == 7

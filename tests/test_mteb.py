@@ -207,7 +207,23 @@ def test_compat_class_applies_the_official_prompt_of_the_task(ranker, monkeypatc
     monkeypatch.setattr(model.ranker.core, "prepare", recording(model.ranker, calls))
     mteb.evaluate(model, task_class(), cache=None, show_progress_bar=False)
     assert [q for q, _ in calls] == expected
-    assert model.ranker.dataset_prompt == own  # the task's prompt did not stick
+    assert model.dataset_prompt == own  # the task's prompt did not stick
+
+
+def test_compat_class_reads_its_dataset_prompt_when_mteb_calls_it(ranker, monkeypatch):
+    """A prompt set on the drop-in after construction (as code written for the official class does) is used
+    for every task from the next call on; set back to None, each task gets its official prompt again."""
+    model = rank1.from_model(ranker.model, ranker.tokenizer, max_output_tokens=MAX_NEW, engine="generate")
+    calls: list = []
+    monkeypatch.setattr(model.ranker.core, "prepare", recording(model.ranker, calls))
+    scifact = named(MockRerankingTask, "SciFact")
+    model.dataset_prompt = "own: FILL_QUERY_HERE"
+    mteb.evaluate(model, scifact(), cache=None, show_progress_bar=False)
+    assert [q for q, _ in calls] == [f"own: {Q1}", f"own: {Q1}", f"own: {Q2}", f"own: {Q2}"]
+    calls.clear()
+    model.dataset_prompt = None
+    mteb.evaluate(model, scifact(), cache=None, show_progress_bar=False)
+    assert [q for q, _ in calls] == [SCIFACT.format(Q1), SCIFACT.format(Q1), SCIFACT.format(Q2), SCIFACT.format(Q2)]
 
 
 def test_model_metas():

@@ -205,3 +205,51 @@ def test_unusable_path_gives_rank1error(tmp_path: Path) -> None:
     junk.write_bytes(b"x" * 4096)
     with pytest.raises(Rank1Error, match="junk.db"):
         JudgementStore(junk)  # not an SQLite file
+
+
+def _judgement(score: float) -> Judgement:
+    return Judgement(score, "answered", f"stored {score}", 3, 9, 1.0, -1.0, False)
+
+
+def test_the_first_store_holding_a_pair_wins(tmp_path: Path) -> None:
+    """With several stores (a job's own store, then its sources), a pair held by more than one is taken
+    from the first of them: a later store never overrides an earlier one, whatever order it answers in."""
+    from rank1_hf import reuse
+
+    keys = ["k-both", "k-second", "k-third", "k-none"]
+    stores = [JudgementStore(tmp_path / f"{name}.sqlite") for name in ("own", "second", "third")]
+    stores[0].put_many("s", [("k-both", _judgement(0.25))])
+    stores[1].put_many("s", [("k-both", _judgement(0.75)), ("k-second", _judgement(0.5)), ("k-third", _judgement(0.1))])
+    stores[2].put_many("s", [("k-both", _judgement(0.9)), ("k-third", _judgement(0.6))])
+    planned = reuse.plan(keys, stores, "s")
+    assert planned.found == {"k-both", "k-second", "k-third"} and planned.todo == ["k-none"]
+    got = reuse.fetch(stores, "s", planned.found)
+    assert {k: j.score for k, j in got.items()} == {"k-both": 0.25, "k-second": 0.5, "k-third": 0.1}
+    for store in stores:
+        store.close()
+
+
+def test_a_jobs_sources_never_override_its_own_store(tmp_path: Path, tiny) -> None:
+    """pipeline.judge_items reads its own store first, then ``sources`` in order; nothing is judged."""
+    from conftest import ranker_for
+
+    from rank1_hf import pipeline, reuse
+
+    ranker = ranker_for(tiny)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("judged: every pair is stored")
+
+    ranker.judge_iter = fail  # type: ignore[method-assign]
+    items = [pipeline.Item("q1", f"d{i}", "what is a cat", text, None, i + 1, 1.0)
+             for i, text in enumerate(["Cats purr.", "Dogs bark."])]
+    skey = settings_key(ranker.settings())
+    k0, k1 = reuse.pair_keys([(it.query, it.passage, it.instruction) for it in items], ranker.dataset_prompt)
+    own, source, later = (JudgementStore(tmp_path / f"{name}.sqlite") for name in ("own", "source", "later"))
+    own.put_many(skey, [(k0, _judgement(0.25))])
+    source.put_many(skey, [(k0, _judgement(0.75)), (k1, _judgement(0.5))])
+    later.put_many(skey, [(k0, _judgement(0.9)), (k1, _judgement(0.8))])
+    result = pipeline.judge_items(ranker, items, own, sources=[source, later])
+    assert {docid: j.score for (_, docid), j in result.judgements.items()} == {"d0": 0.25, "d1": 0.5}
+    for store in (own, source, later):
+        store.close()
