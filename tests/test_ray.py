@@ -146,3 +146,60 @@ def test_killed_actor_is_replaced_and_the_run_is_complete(cluster, model_dir, tm
     pipeline.write_outputs(items, result.judgements, tmp_path / "ray.trec", tmp_path / "ray.jsonl")
     _same_runs(tmp_path / "one.trec", tmp_path / "ray.trec")
     _same_traces(tmp_path / "one.jsonl", tmp_path / "ray.jsonl")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_serve_answers_cohere_and_keeps_answering_while_a_replica_is_replaced(cluster, model_dir):
+    import cohere
+    import httpx
+    from ray import serve
+
+    from rank1_hf.ranker import Rank1
+    from rank1_hf.scale import ray_serve
+    from rank1_hf.server import ServeSettings
+
+    options = JudgeOptions(max_new_tokens=8, context_size=512, batch_size=4)
+    query = "how do cats purr"
+    documents = ["Cats purr by vibrating their larynx.", "A deck oven bakes bread.", "Dogs bark.",
+                 "Purring is a sound cats make."]
+    with Rank1(model_dir, judge=options) as local:
+        expected = [j.score for j in local.judge([(query, d) for d in documents])]
+    port = _free_port()
+    app = ray_serve.application(model_dir, judge=options, settings=ServeSettings(api_key="key", model_name="tiny"),
+                                replicas=2, cpus_per_replica=0.5, threads=1)
+    ray_serve.start(app, host="127.0.0.1", port=port)
+    base = f"http://127.0.0.1:{port}"
+    client = cohere.ClientV2(api_key="key", base_url=base, timeout=60)
+
+    def answers() -> None:
+        results = client.rerank(model="tiny", query=query, documents=documents).results
+        assert [r.index for r in results] == sorted(range(4), key=lambda i: -expected[i])
+        assert [r.relevance_score for r in results] == pytest.approx(sorted(expected, reverse=True), abs=1e-4)
+
+    try:
+        answers()
+        assert httpx.post(f"{base}/v2/rerank", json={"model": "tiny", "query": query, "documents": documents},
+                          timeout=30).status_code == 401  # the server's API key, through Serve
+        metrics = httpx.get(f"{base}/metrics", headers={"Authorization": "Bearer key"}, timeout=30).text
+        assert "rank1_requests_total" in metrics
+        replicas = _workers("ServeReplica")
+        assert len(replicas) == 2, [p.cmdline() for p in replicas]
+        os.kill(replicas[0].pid, signal.SIGKILL)
+        deadline, replaced = time.monotonic() + 180, False
+        while time.monotonic() < deadline and not replaced:
+            answers()  # every request is answered, by the live replica meanwhile
+            alive = {p.pid for p in _workers("ServeReplica")} - {replicas[0].pid}
+            status = serve.status().applications[ray_serve.APP_NAME].deployments[ray_serve.APP_NAME]
+            replaced = len(alive) == 2 and status.replica_states.get("RUNNING", 0) == 2
+            time.sleep(1)
+        assert replaced, "Serve did not replace the killed replica within 180 s"
+        answers()
+    finally:
+        serve.shutdown()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 from typing import Any, Sequence
 
 from ..errors import Rank1Error
@@ -40,7 +41,7 @@ def _add_cluster_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..cli import rerank
+    from ..cli import rerank, serve
 
     parser = argparse.ArgumentParser(prog=PROG, description="rank1-hf's rerank and serve on a Ray cluster")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -55,6 +56,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--concurrent-batches", type=int, default=2,
                    help="batches one actor judges at once, sharing its engine (default 2)")
     p.set_defaults(func=_rerank)
+
+    p = serve.add_parser(sub)
+    _add_cluster_arguments(p)
+    g = p.add_argument_group("Ray Serve replicas")
+    g.add_argument("--replicas", type=_actors, default=1, metavar="N|MIN-MAX",
+                   help="replicas, each with its own model (default 1); MIN-MAX autoscales on ongoing requests")
+    g.add_argument("--gpus-per-replica", type=float, help="default: 1 when the cluster has GPUs, else 0")
+    g.add_argument("--cpus-per-replica", type=float, default=1.0, help="default 1")
+    g.add_argument("--max-ongoing-requests", type=int, default=64,
+                   help="requests one replica takes at once, sharing its engine (default 64)")
+    p.set_defaults(func=_serve)
     return parser
 
 
@@ -73,6 +85,7 @@ def _rerank(args: argparse.Namespace) -> int:
                               actors=args.actors, gpus_per_actor=args.gpus_per_actor,
                               cpus_per_actor=args.cpus_per_actor, rows_per_batch=args.rows_per_batch,
                               concurrent_batches=args.concurrent_batches, init=init))
+        _stop_on_sigterm()
         return made[-1]
 
     try:
@@ -80,6 +93,46 @@ def _rerank(args: argparse.Namespace) -> int:
     finally:
         for ranker in made:
             ranker.close()
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import time
+
+    import ray
+    from ray import serve
+
+    from ..cli.common import is_demo, judge_options, load_options, positive, resolve_model
+    from ..cli.serve import API_KEY_ENV
+    from ..server import ServeSettings
+    from .ray_serve import application, start
+
+    if not 0 <= args.port <= 65535:
+        raise Rank1Error(f"--port must be 0..65535, got {args.port}")
+    positive("max-ongoing-requests", args.max_ongoing_requests)
+    settings = ServeSettings(api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+                             model_name=args.served_model_name or args.model, max_documents=args.max_documents,
+                             max_queued_pairs=args.max_queued_pairs, max_body_bytes=args.max_body_bytes)
+    judge = judge_options(args)  # a bad --dataset-prompt fails before anything starts
+    if is_demo(args.model):
+        print("note: --model demo is SmolLM2, not a rank1 model", file=sys.stderr)
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=args.address, **({"num_cpus": args.num_cpus} if args.num_cpus else {}))
+    _stop_on_sigterm()
+    try:
+        start(application(resolve_model(args.model), load_options(args), judge, settings, replicas=args.replicas,
+                          gpus_per_replica=args.gpus_per_replica, cpus_per_replica=args.cpus_per_replica,
+                          max_ongoing_requests=args.max_ongoing_requests, store=args.store, threads=args.threads),
+              host=args.host, port=args.port)
+        print(f"rank1 on Ray Serve: http://{args.host}:{args.port} (Ctrl-C stops it)", file=sys.stderr)
+        while True:  # Serve runs in the cluster; this process only holds it up until Ctrl-C / SIGTERM
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        serve.shutdown()
+        if started:
+            ray.shutdown()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -93,6 +146,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM (a scheduler stopping the job) ends like Ctrl-C: finished judgements committed, Serve shut
+    down. Called once Ray is up: ``ray.init`` installs a handler of its own that would just exit."""
+    import signal
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupt)
 
 
 if __name__ == "__main__":

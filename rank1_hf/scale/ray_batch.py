@@ -51,15 +51,17 @@ def _ray() -> Any:
     return ray
 
 
-def _load_ranker(model: str, load: LoadOptions | None, judge: JudgeOptions | None, threads: int | None) -> Any:
-    """A ranker in this Ray worker (torch's thread count first, when given)."""
+def load_ranker(model: str, load: LoadOptions | None, judge: JudgeOptions | None, threads: int | None,
+                store: str | None = None) -> Any:
+    """A :class:`~rank1_hf.ranker.Rank1` in this Ray worker (torch's thread count first, when given)."""
     from ..ranker import Rank1
 
     if threads is not None:
         import torch
 
         torch.set_num_threads(threads)
-    return Rank1(model, load=load or LoadOptions(), judge=judge or JudgeOptions(), show_progress_bar=False)
+    return Rank1(model, load=load or LoadOptions(), judge=judge or JudgeOptions(), show_progress_bar=False,
+                 store=store)
 
 
 def _values(batch: Any, name: str) -> list[Any] | None:
@@ -88,7 +90,7 @@ class JudgeBatch:
 
     def __init__(self, model: str, load: LoadOptions | None = None, judge: JudgeOptions | None = None,
                  threads: int | None = None) -> None:
-        self.ranker = _load_ranker(model, load, judge, threads)
+        self.ranker = load_ranker(model, load, judge, threads)
 
     def __call__(self, batch: Any) -> Any:
         """The batch's rows with the judgement's columns added, as a ``pyarrow.Table`` (None stays null)."""
@@ -232,5 +234,5 @@ class RayRanker:
 
 def _probe(model: str, load: LoadOptions, judge: JudgeOptions, threads: int | None) -> tuple[dict[str, Any], int]:
     """(settings, engine batch size) of the ranker the actors will load (a Ray task)."""
-    with _load_ranker(model, load, judge, threads) as ranker:
+    with load_ranker(model, load, judge, threads) as ranker:
         return ranker.settings(), ranker.batch_size
