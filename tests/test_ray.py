@@ -163,7 +163,7 @@ def test_ray_serve_answers_cohere_and_keeps_answering_while_a_replica_is_replace
 
     from rank1_hf.ranker import Rank1
     from rank1_hf.scale import ray_serve
-    from rank1_hf.server import ServeSettings
+    from rank1_hf.scale.ray_serve import ServeSettings  # the server's own (one import to move with it)
 
     options = JudgeOptions(max_new_tokens=8, context_size=512, batch_size=4)
     query = "how do cats purr"

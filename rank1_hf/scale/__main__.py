@@ -103,8 +103,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from ..cli.common import is_demo, judge_options, load_options, positive, resolve_model
     from ..cli.serve import API_KEY_ENV
-    from ..server import ServeSettings
-    from .ray_serve import application, start
+    from .ray_serve import ServeSettings, application, start
 
     if not 0 <= args.port <= 65535:
         raise Rank1Error(f"--port must be 0..65535, got {args.port}")
