@@ -203,3 +203,16 @@ def test_ray_serve_answers_cohere_and_keeps_answering_while_a_replica_is_replace
         answers()
     finally:
         serve.shutdown()
+
+
+def test_bad_ray_flags_are_one_line_errors_before_ray_starts(tmp_path, capsys, monkeypatch):
+    from rank1_hf.scale.__main__ import main as scale_main
+
+    args = ["rerank", "--model", "unused", "--sample", "--output", str(tmp_path / "out.trec")]
+    assert scale_main([*args, "--actors", "3-2"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "python -m rank1_hf.scale: error: actors must be N >= 1 or (min, max) with 1 <= min <= max, got (3, 2)"]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert scale_main(args) == 2
+    assert "on Ray the actors are the shards" in capsys.readouterr().err
+    assert not (tmp_path / "out.trec").exists()

@@ -214,9 +214,9 @@ class RayRanker:
             JudgeBatch, fn_constructor_kwargs={"model": self.model, "load": self.load, "judge": self.judge,
                                                "threads": self.threads},
             compute=pool, num_gpus=self.gpus, num_cpus=self.cpus, batch_size=self.rows_per_batch,
-            batch_format="pyarrow",
-            # Ray Data's defaults, stated: a dead actor is restarted, and its batches are sent again.
-            max_restarts=-1, max_task_retries=-1)
+            # Ray Data's pool defaults restart a dead actor and resend its batches (max_restarts and
+            # max_task_retries -1; passing them is deprecated); tests/test_ray.py kills an actor to hold them.
+            batch_format="pyarrow")
         for batch in judged.iter_batches(batch_size=None, batch_format="pyarrow"):
             for row in batch.to_pylist():
                 yield row["index"], Judgement.from_dict(row)
