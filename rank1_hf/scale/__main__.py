@@ -17,6 +17,7 @@ import argparse
 import os
 import sys
 import threading
+from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import Rank1Error
@@ -121,7 +122,8 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         start(application(resolve_model(args.model), load_options(args), judge, settings, replicas=args.replicas,
                           gpus_per_replica=args.gpus_per_replica, cpus_per_replica=args.cpus_per_replica,
-                          max_ongoing_requests=args.max_ongoing_requests, store=args.store, threads=args.threads),
+                          max_ongoing_requests=args.max_ongoing_requests, threads=args.threads,
+                          store=str(Path(args.store).resolve()) if args.store else None),
               host=args.host, port=args.port)
         print(f"rank1 on Ray Serve: http://{args.host}:{args.port} (Ctrl-C stops it)", file=sys.stderr)
         while True:  # Serve runs in the cluster; this process only holds it up until Ctrl-C / SIGTERM
@@ -129,6 +131,7 @@ def _serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
+        _ignore_stop_signals()  # shutting down already: a second SIGTERM / Ctrl-C must not cut it short
         serve.shutdown()
         if started:
             ray.shutdown()
@@ -157,6 +160,14 @@ def _stop_on_sigterm() -> None:
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, interrupt)
+
+
+def _ignore_stop_signals() -> None:
+    import signal
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
 
 
 if __name__ == "__main__":
