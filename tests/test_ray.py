@@ -216,3 +216,25 @@ def test_bad_ray_flags_are_one_line_errors_before_ray_starts(tmp_path, capsys, m
     assert scale_main(args) == 2
     assert "on Ray the actors are the shards" in capsys.readouterr().err
     assert not (tmp_path / "out.trec").exists()
+
+
+def test_judge_batch_on_a_numpy_batch_gives_the_rankers_judgements_and_keeps_other_columns(model_dir):
+    import numpy as np
+
+    from rank1_hf.ranker import Rank1
+    from rank1_hf.scale.ray_batch import JUDGEMENT_COLUMNS, JudgeBatch
+
+    options = JudgeOptions(max_new_tokens=8, context_size=512, batch_size=1)
+    pairs = [("how do cats purr", "Cats purr with their larynx.", None),
+             ("bread", "A deck oven bakes bread.", "Relevant documents must mention a date.")]
+    batch = {"id": np.array([7, 9]), "query": np.array([p[0] for p in pairs]),
+             "passage": np.array([p[1] for p in pairs]), "instruction": np.array([p[2] for p in pairs], dtype=object)}
+    out = JudgeBatch(model_dir, judge=options, threads=1)(batch).to_pylist()
+    with Rank1(model_dir, judge=options) as local:
+        expected = local.judge(pairs)
+    assert [row["id"] for row in out] == [7, 9]
+    floats = ("score", "true_logit", "false_logit")
+    for row, judgement in zip(out, expected):
+        assert {name: row[name] for name in JUDGEMENT_COLUMNS if name not in floats} == \
+            {name: getattr(judgement, name) for name in JUDGEMENT_COLUMNS if name not in floats}
+        assert [row[name] for name in floats] == pytest.approx([getattr(judgement, name) for name in floats], abs=1e-4)

@@ -65,7 +65,7 @@ def load_ranker(model: str, load: LoadOptions | None, judge: JudgeOptions | None
 
 
 def _values(batch: Any, name: str) -> list[Any] | None:
-    """One column of a batch as a Python list (None when absent): numpy dicts, pandas and pyarrow alike."""
+    """One column of a batch as a Python list (None when absent), from a numpy dict or a ``pyarrow.Table``."""
     if isinstance(batch, Mapping):
         column = batch.get(name)
     else:
@@ -84,8 +84,9 @@ class JudgeBatch:
             :class:`~rank1_hf.options.JudgeOptions`.
         threads: torch's CPU thread count in the actor (default: torch's choice).
 
-    A row's ``instruction`` may be None (or the column absent): no instruction. The batch's pairs go to the
-    ranker together, and calls from several threads of one actor share its engine.
+    Batches come as numpy dicts (Ray Data's default) or ``pyarrow`` tables. A row's ``instruction`` may be
+    None (or the column absent): no instruction. The batch's pairs go to the ranker together, and calls
+    from several threads of one actor share its engine.
     """
 
     def __init__(self, model: str, load: LoadOptions | None = None, judge: JudgeOptions | None = None,
