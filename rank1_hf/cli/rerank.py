@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..errors import Rank1Error
 from .common import (DEMO_NOTE, PROG, ProgressBar, add_judge_arguments, add_load_arguments, check_arguments,
@@ -60,8 +60,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 
-def run(args: argparse.Namespace) -> int:
-    """The ``rerank`` subcommand."""
+def run(args: argparse.Namespace, ranker_factory: Callable[..., Any] = make_ranker) -> int:
+    """The ``rerank`` subcommand; ``ranker_factory`` (``make_ranker``'s arguments) makes the ranker
+    (:mod:`rank1_hf.scale` passes one that judges on a Ray actor pool)."""
     from .. import pipeline
     from ..formats import check_tag
 
@@ -118,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
         _check_store(own)  # this process's store, before the model loads (it is created only once judging starts)
         if load.device_map is None:
             load = dataclasses.replace(load, device_map=device_map)
-        ranker = make_ranker(args.model, load, judge_options(args), args.threads)
+        ranker = ranker_factory(args.model, load, judge_options(args), args.threads)
         for source in sources:
             source.check_settings(ranker.settings())
         if shard.world_size == 1:  # under a launcher judge_across_ranks opens the rank's own store
