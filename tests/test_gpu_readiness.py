@@ -9,8 +9,13 @@ checked by running the step's body under a dispatch mode and by standing in for 
 from __future__ import annotations
 
 import logging
+import os
+import re
+import subprocess
+import sys
 import types
 from collections import deque
+from pathlib import Path
 
 import pytest
 import torch
@@ -433,3 +438,33 @@ def test_bnb_4bit_computes_in_the_models_dtype(monkeypatch, dtype):
     monkeypatch.setattr(loading, "_require", lambda *args: None)
     config = types.SimpleNamespace(quantization_config=None)
     assert loading._quantization_config("bnb-4bit", config, dtype).bnb_4bit_compute_dtype == dtype
+
+
+# ---- benchmarks/gpu_run.sh: one device call that surely ends in time -------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+STAGES = ("steps", "gather", "workload", "check")
+
+
+def test_gpu_run_timeouts_add_up_to_under_eight_minutes():
+    script = (ROOT / "benchmarks" / "gpu_run.sh").read_text()
+    stages = dict(re.findall(r"^stage (\w+) (\d+) ", script, re.M))
+    setup = [int(s) for s in re.findall(r"^\s*timeout (\d+) ", script, re.M)]  # the install and the version check
+    assert set(stages) == set(STAGES) and len(setup) == 2
+    assert sum(int(s) + 5 for s in stages.values()) + sum(setup) <= 480  # timeout -k 5: 5 s more each
+
+
+def test_gpu_run_dry_run_on_cpu_prints_every_stage(tmp_path):
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable, PYTHONPATH=str(ROOT))
+    run = subprocess.run(["timeout", "480", "bash", "benchmarks/gpu_run.sh", "--shape", "tiny"], cwd=ROOT, env=env,
+                         capture_output=True, text=True)
+    out = run.stdout
+    assert run.returncode == 0, out[-3000:] + run.stderr[-3000:]
+    for stage in STAGES:
+        assert f"=== {stage}: exit 0" in out, out[-3000:]
+        assert (tmp_path / f"{stage}.log").read_text().strip()
+    for row in ("| continuous | 1 |", "| continuous-eager | 2 |", "| whole pages, 1.5x buckets |",
+                "| continuous | 4 |", "| small random Qwen2 packed as AWQ int4 vs bf16 twin (cpu) | PASS |"):
+        assert row in out, row
+    assert out.count("graphs: 0 captured") == 2  # reported by both gpu_throughput runs (none on CPU)
+    assert "=== done in" in out
