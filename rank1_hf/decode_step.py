@@ -36,6 +36,7 @@ from collections.abc import Iterator
 import torch
 from transformers import PreTrainedModel
 
+from .awq import AwqLinear
 from .devices import input_device, use_device
 from .head import greedy_tokens
 from .kv_cache import PagedCache, Placement
@@ -46,14 +47,23 @@ _MIN_WIDTH = 256
 
 
 def graphable(model: PreTrainedModel) -> bool:
-    """Whether a model can run captured decode steps: plain floating weights, all on one CUDA device.
+    """Whether a model can run captured decode steps: all on one CUDA device, with capturable layers.
 
-    Device-map splits (accelerate hooks), bitsandbytes and AWQ models keep the eager step.
+    Device-map splits (accelerate hooks; offloaded weights sit on meta or cpu) keep the eager step.
     """
-    if getattr(model.config, "quantization_config", None) is not None:
+    devices = {p.device for p in model.parameters()}
+    return len(devices) == 1 and next(iter(devices)).type == "cuda" and capturable_layers(model)
+
+
+def capturable_layers(model: PreTrainedModel) -> bool:
+    """Floating weights, or rank1_hf's own AWQ int4 layers (awq.AwqLinear: plain tensor ops around torch's
+    int4 matmul, which a graph records like any kernel, as gpt-fast's int4 path does). Other quantized
+    models (bitsandbytes, AWQ through another library) keep the eager step: their kernels are not ours to
+    check for host syncs (tests/test_gpu_readiness.py audits the AWQ step on CPU)."""
+    awq = {id(p) for m in model.modules() if isinstance(m, AwqLinear) for p in m.parameters()}
+    if getattr(model.config, "quantization_config", None) is not None and not awq:
         return False
-    devices = {p.device for p in model.parameters()}  # offloaded weights sit on meta or cpu
-    return len(devices) == 1 and next(iter(devices)).type == "cuda" and all(p.is_floating_point() for p in model.parameters())
+    return all(p.is_floating_point() or id(p) in awq for p in model.parameters())
 
 
 def pick(logits: torch.Tensor, readout: torch.Tensor, out: torch.Tensor) -> None:

@@ -468,3 +468,36 @@ def test_gpu_run_dry_run_on_cpu_prints_every_stage(tmp_path):
         assert row in out, row
     assert out.count("graphs: 0 captured") == 2  # reported by both gpu_throughput runs (none on CPU)
     assert "=== done in" in out
+
+
+# ---- quantized models ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def awq_model(tokenizers, tmp_path_factory):
+    from awq_fixture import build_awq_checkpoint
+
+    target = tmp_path_factory.mktemp("awq") / "tiny-awq"
+    build_awq_checkpoint(tokenizers["qwen"], target, seed=0)
+    return loading.load_model(str(target))[0]
+
+
+def test_rank1_awq_layers_are_capturable_and_other_quantized_models_are_not(awq_model, tokenizers):
+    assert any(isinstance(m, decode_step.AwqLinear) for m in awq_model.modules())
+    assert decode_step.capturable_layers(awq_model)
+    plain = tiny_model(tokenizers["qwen"], "qwen2", layers=1)
+    assert decode_step.capturable_layers(plain)
+    plain.config.quantization_config = {"quant_method": "bitsandbytes"}  # quantized by another library
+    assert not decode_step.capturable_layers(plain)
+
+
+def test_the_awq_step_body_copies_no_host_value_and_reads_no_device_value(awq_model, gpu_argmax):
+    cache = PagedCache(awq_model, 4, pages=24, row_tokens=100)
+    visible = torch.zeros((4, cache.capacity + 1), dtype=torch.bool)
+    static = StaticDecode(awq_model, cache, visible, readout=(11, 12), pad_id=0)
+    static.run(*_rows(static, [5, 9, 3]))
+    audit = _audited(static, [6, 10, 4])
+    layouts = {m.layout for m in awq_model.modules() if isinstance(m, decode_step.AwqLinear)}
+    kernel = {"cpu": "_weight_int4pack_mm_for_cpu", "dequant": "aten.mm"}[layouts.pop()]
+    assert any(kernel in op for op, _ in audit.trace)  # the int4 layers ran under the audit
+    assert audit.problems == []
