@@ -28,7 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from rank1_hf.decode_step import buckets, width_buckets  # noqa: E402
 from rank1_hf.kv_cache import PAGE_SIZE  # noqa: E402
 
-SHAPES = {"7b": dict(layers=28, heads=28, kv_heads=4, head_dim=128), "tiny": dict(layers=2, heads=4, kv_heads=2, head_dim=16)}
+SHAPES = {
+    "7b": dict(layers=28, heads=28, kv_heads=4, head_dim=128),
+    "tiny": dict(layers=2, heads=4, kv_heads=2, head_dim=16),
+}
 
 
 def elementwise(pool: torch.Tensor, table: torch.Tensor, width: int, capacity: int) -> torch.Tensor:
@@ -99,9 +102,11 @@ def main() -> None:
     table = torch.cat([table, torch.zeros((rows, 1), dtype=torch.long, device=device)], 1)  # the scratch column
     widest = next(b for b in old_buckets if b >= hi)
     assert torch.equal(elementwise(pool, table[:, :-1], widest, capacity), pagewise(pool, table, widest))
+    before = lambda: elementwise(pool, table[:, :-1], widest, capacity)  # noqa: E731
+    now = lambda: pagewise(pool, table, widest)  # noqa: E731
     for name, width, written_width, index_per_row, fn in (
-        ("element-wise, powers of two", old_w, old_w, old_w, lambda: elementwise(pool, table[:, :-1], widest, capacity)),
-        ("whole pages, 1.5x buckets", new_w, new_w_pages, new_w_pages / PAGE_SIZE, lambda: pagewise(pool, table, widest)),
+        ("element-wise, powers of two", old_w, old_w, old_w, before),
+        ("whole pages, 1.5x buckets", new_w, new_w_pages, new_w_pages / PAGE_SIZE, now),
     ):
         written = rows * written_width * token_bytes * model_bytes
         index = rows * index_per_row * 8 * model_bytes

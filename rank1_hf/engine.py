@@ -180,7 +180,7 @@ class ContinuousEngine:
             except (torch.OutOfMemoryError, RuntimeError) as error:
                 if not is_oom(error):
                     raise
-                self._restart_smaller([], deque(), error)  # the next step makes a smaller pool and captures again
+                self._restart_smaller([], deque(), error)  # the next step: a smaller pool, captured again
 
     def close(self) -> None:
         """Put the model's own output head back (an engine that failed mid-step may still hold it)."""

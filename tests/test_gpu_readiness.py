@@ -22,7 +22,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from rank1_hf import Rank1, decode_step, devices, engine, kv_cache, loading
+from rank1_hf import Rank1, decode_step, devices, engine, loading
 from rank1_hf.decode_step import StaticDecode, additive_mask, readout_ids
 from rank1_hf.engine import ContinuousEngine
 from rank1_hf.kv_cache import PagedCache, default_kv_memory
@@ -195,7 +195,8 @@ class FakeCuda:
 
         self.failed = False
         for name, value in dict(Stream=Stream, CUDAGraph=Graph, stream=StreamContext, set_device=set_device,
-                                current_device=lambda: fake.device, current_stream=lambda device=None: Stream("current"),
+                                current_device=lambda: fake.device,
+                                current_stream=lambda device=None: Stream("current"),
                                 synchronize=lambda device=None: None, graph_pool_handle=lambda: "POOL").items():
             monkeypatch.setattr(torch.cuda, name, value)
 
@@ -299,8 +300,11 @@ def test_warmup_captures_largest_bucket_first_and_out_of_memory_there_restarts_s
     monkeypatch.setattr(engine, "graphable", lambda model: True)
     monkeypatch.setattr(engine, "StaticDecode", Capturing)
     ranker = Rank1.from_model(model, tok, max_new_tokens=6, engine="continuous", batch_size=4)
-    monkeypatch.setattr(Capturing, "_capture",
-                        lambda self, rows, width: order.append((rows, width)) or StaticDecode._capture(self, rows, width))
+    def capture(self, rows, width):
+        order.append((rows, width))
+        return StaticDecode._capture(self, rows, width)
+
+    monkeypatch.setattr(Capturing, "_capture", capture)
     ranker.warmup()
     static = ranker.core.worker.call(lambda e: e._static)
     assert order[0] == (static.rows[-1], static.widths[-1]) and len(order) == len(static.rows) * len(static.widths)
@@ -359,7 +363,8 @@ def test_eager_attention_engine_builds_its_mask_with_additive_mask(tokenizers, m
     model.set_attn_implementation("eager")
     assert model.config._attn_implementation == "eager"
     calls = []
-    monkeypatch.setattr(engine, "additive_mask", lambda mask, dtype: calls.append(mask.device) or additive_mask(mask, dtype))
+    monkeypatch.setattr(engine, "additive_mask",
+                        lambda mask, dtype: calls.append(mask.device) or additive_mask(mask, dtype))
     Rank1.from_model(model, tok, max_new_tokens=4, engine="continuous").judge([("cat", "a cat")])
     assert calls  # prefill and every decode step
 
