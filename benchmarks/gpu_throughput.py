@@ -1,23 +1,26 @@
-"""Decode-step cost and throughput on a lent GPU (issue 5's GPU part): a few minutes on one H100/H200.
+"""Decode-step cost and throughput on a lent GPU (issues 5, 37, 38): a few minutes on one H100/H200.
 
     python benchmarks/gpu_throughput.py                 # 7B-shaped Qwen2, random weights, bfloat16
     python benchmarks/gpu_throughput.py --shape tiny    # a smoke run (CPU is fine)
 
-Prints, as markdown to paste into benchmarks/RESULTS.md with the card's name and the date:
-1. ms per decode step at batch 1, 16 and 64 for each engine, with the memory-bandwidth floor beside it
-   (weight bytes / measured device-to-device copy bandwidth: a decode step must read every weight once);
-2. with --long (rank1's real lengths: prompts of about 500 tokens, reasoning from 1,000 to 1,256 tokens):
-   ms per decode step at batch 1, 16, 64 and 128, beside a floor that adds the key/value bytes each step
-   must read (batch x tokens in the cache x bytes per token) to the weight bytes;
+Prints, as markdown to paste into benchmarks/RESULTS.md with the card's name and the date, each line
+flushed as soon as it is measured (a call cut short keeps every figure measured before):
+1. ms per decode step at each batch for each engine, with the memory-bandwidth floor beside it (weight
+   bytes + the key/value bytes each step must read, over measured device-to-device copy bandwidth), the
+   time and memory of capturing every decode bucket (``warmup``) and the graphs captured so far;
+2. with --long (rank1's real lengths): each row's cache holds ~1,500 tokens when the steps are timed, as
+   after a 500-token prompt and 1,000 reasoning tokens. The tokens are prefilled (a ~1,500-token prompt)
+   rather than decoded, so each (engine, batch) takes seconds rather than minutes;
 3. pairs/s of each engine on workload 1 of benchmarks/throughput.py (heavy-tailed planted lengths), and
    how many rows reason exactly as the eager continuous engine does (bfloat16: different GEMM shapes can
    flip near-ties), with the largest score difference.
-Reasoning lengths are planted (tests/plant.py) so each step count is known in advance.
+Reasoning lengths are planted (tests/plant.py) so each step count is known in advance. ``--budget`` skips
+what would start after that many seconds, so the script ends inside a device call's limit.
 
 Engines: "generate" (model.generate), "continuous" (engine v2; on one GPU its decode steps are CUDA graphs,
 rank1_hf/decode_step.py) and "continuous-eager" (the same engine with graphs turned off).
 
-    python benchmarks/gpu_throughput.py --long --batches 1 16 64 128 --repeats 1 --skip-workload
+    python benchmarks/gpu_throughput.py --long --batches 1 16 64 128 --skip-workload
     python benchmarks/gpu_throughput.py --pairs 64 --skip-steps
 """
 
@@ -39,6 +42,7 @@ from plant import plant_lengths  # noqa: E402
 from throughput import workload  # noqa: E402
 
 from rank1_hf import Rank1  # noqa: E402
+from rank1_hf import decode_step  # noqa: E402
 from rank1_hf import engine as engine_module  # noqa: E402
 from rank1_hf.testing import qwen_tokenizer, same_length_pairs, tiny_model  # noqa: E402
 from rank1_hf.prompt import build_prompt  # noqa: E402
@@ -87,23 +91,85 @@ def engine_named(ranker: Rank1, name: str, batch: int):
         engine_module.graphable = saved
 
 
-def step_ms(ranker: Rank1, tok, engine: str, batch: int, steps: int, first: int = 1, words: int = 40) -> float:
-    """ms per decode step: judge ``batch`` pairs planted to reason ``steps`` tokens, minus a ``first``-step run
-    (so the figure is the cost of a step with ``first``..``steps`` reasoning tokens in the cache)."""
-    # one prompt length, so every row gets the planted length; distinct, as identical pairs are judged once
-    pairs = same_length_pairs(tok, batch, "passage " * words)
-    n = len(tok(build_prompt(*pairs[0]))["input_ids"])
-    times = []
-    with engine_named(ranker, engine, batch) as named:
-        for length in (1, first, steps):  # the first run only warms up (allocator, kernels, lazy init, capture)
-            handle = plant_lengths(ranker.model, tok, {n: length})
-            sync()
+class Captures:
+    """Decode-step graphs captured and failed, counted at StaticDecode._capture (every engine's)."""
+
+    def __init__(self):
+        self.captured = self.failed = 0
+        self._saved = decode_step.StaticDecode._capture
+        counts, capture = self, self._saved
+
+        def counted(static, rows, width):
+            graph = capture(static, rows, width)
+            if graph is None:
+                counts.failed += 1
+            else:
+                counts.captured += 1
+            return graph
+
+        decode_step.StaticDecode._capture = counted
+
+    def __str__(self) -> str:
+        return f"{self.captured} captured" + (f", {self.failed} FAILED" if self.failed else "")
+
+
+class DecodeClock:
+    """Wall time of each continuous-engine decode step (its results are read on the host, so each
+    time is the step's whole cost: host work, replay or eager forward, the copy back)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+        self._saved = engine_module.ContinuousEngine._decode
+        clock, decode = self, self._saved
+
+        def timed(engine, rows):
             start = time.perf_counter()
-            named.judge(pairs)
-            sync()
-            times.append(time.perf_counter() - start)
-            handle.remove()
-    return 1000 * (times[2] - times[1]) / (steps - first)
+            decode(engine, rows)
+            clock.times.append(time.perf_counter() - start)
+
+        engine_module.ContinuousEngine._decode = timed
+
+    def remove(self) -> None:
+        engine_module.ContinuousEngine._decode = self._saved
+
+
+def memory() -> float:
+    return torch.cuda.memory_reserved() / 2**30 if torch.cuda.is_available() else 0.0
+
+
+def measure(ranker: Rank1, tok, engine: str, batch: int, first: int, steps: int,
+            words: int) -> tuple[float, float, float]:
+    """(ms per decode step, s to warm up, GiB the warm-up reserved) for ``batch`` rows each holding a
+    prompt of about ``words`` tokens: the median of the last ``steps`` decode steps of a run planted to
+    reason ``first + steps`` tokens (the first steps meet the allocator and lazy captures).
+
+    ``generate`` has no decode hook: its figure is (run with ``first + steps`` tokens - run with
+    ``first``) / steps."""
+    pairs = same_length_pairs(tok, batch, "passage " * words)  # one prompt length: every row reasons alike
+    n = len(tok(build_prompt(*pairs[0]))["input_ids"])
+    with engine_named(ranker, engine, batch) as named:
+        before = memory()
+        sync()
+        start = time.perf_counter()
+        named.warmup()  # the pool and, on a GPU, every decode bucket's graph
+        sync()
+        warm, held = time.perf_counter() - start, memory() - before
+        runs = []
+        for length in ((first + steps,) if engine.startswith("continuous") else (first, first + steps)):
+            handle = plant_lengths(ranker.model, tok, {n: length})
+            clock = DecodeClock()
+            try:
+                sync()
+                start = time.perf_counter()
+                named.judge(pairs)
+                sync()
+                runs.append(time.perf_counter() - start)
+            finally:
+                clock.remove()
+                handle.remove()
+    if engine.startswith("continuous"):
+        return 1000 * statistics.median(clock.times[-steps:]), warm, held
+    return 1000 * (runs[1] - runs[0]) / steps, warm, held
 
 
 class ForwardClock:
@@ -136,15 +202,17 @@ class ForwardClock:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="7b", choices=sorted(SHAPES))
-    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=32, help="decode steps timed per (engine, batch)")
     ap.add_argument("--pairs", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--budget", type=float, default=float("inf"), help="start nothing after this many seconds")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
-    ap.add_argument("--long", action="store_true", help="rank1's lengths: ~500-token prompts, 1000-1256 reasoning tokens")
+    ap.add_argument("--long", action="store_true", help="rank1's lengths: ~1,500 tokens per row when timed")
     ap.add_argument("--skip-workload", action="store_true")
     ap.add_argument("--skip-steps", action="store_true", help="only the workload-1 run")
     ap.add_argument("--engines", nargs="+", default=["generate", "continuous-eager", "continuous"])
     args = ap.parse_args()
+    began = time.perf_counter()
+    captures = Captures()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     name = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
@@ -157,39 +225,49 @@ def main() -> None:
     print(f"# {name}, {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, shape {args.shape}, {dtype}")
     print(f"weights {weight_bytes / 2**30:.2f} GiB, copy bandwidth {bandwidth / 2**30:.0f} GiB/s, "
           f"bandwidth floor {floor_ms:.2f} ms per decode step\n")
-    start, steps, words = (1000, 1256, 490) if args.long else (1, args.steps, 40)
-    ranker = Rank1.from_model(model, tok, max_new_tokens=max(steps, 1200) + 8)
+    first, steps = 8, args.steps
+    words = 1470 if args.long else 40  # about one token a word: ~500 prompt tokens + ~1,000 reasoning tokens
     prompt_tokens = len(tok(build_prompt("a query", "passage " * words))["input_ids"])
+    # Rows as long as the run needs (the captured widths stop at the capacity, as they would for users
+    # who set context_size to their lengths).
+    ranker = Rank1.from_model(model, tok, max_new_tokens=first + steps + 8,
+                              context_size=prompt_tokens + first + steps + 16)
     from rank1_hf.kv_cache import kv_bytes_per_token
 
     kv_token = kv_bytes_per_token(model)
-    # Engines alternate and each figure is the median of --repeats measurements, so a machine that
-    # warms up (clocks, lazily loaded kernels, host memory growing) does not favour the engine run last.
-    measured: dict[tuple[str, int], list[float]] = {}
-    for _ in range(0 if args.skip_steps else args.repeats):
-        for batch in args.batches:
-            for engine in args.engines:
-                measured.setdefault((engine, batch), []).append(
-                    step_ms(ranker, tok, engine, batch, steps, start, words))
-    context = prompt_tokens + (start + steps) / 2  # tokens in each row's cache, on average over the steps timed
-    print(f"prompt {prompt_tokens} tokens, reasoning {start}..{steps}: KV {kv_token / 2**10:.0f} KiB per token\n")
-    print(f"| engine | batch | ms / decode step (median of {args.repeats}) | all | floor ms (weights + KV) | x floor | tokens/s |")
-    print("|---|---|---|---|---|---|---|")
-    for (engine, batch), values in sorted(measured.items()):
-        ms = statistics.median(values)
-        floor = 1000 * (weight_bytes + batch * context * kv_token) / bandwidth
-        print(f"| {engine} | {batch} | {ms:.2f} | {' '.join(f'{v:.1f}' for v in values)} | {floor:.2f} | "
-              f"{ms / floor:.2f} | {batch * 1000 / ms:.0f} |")
-    sys.stdout.flush()
+    context = prompt_tokens + first + steps / 2  # tokens in each row's cache, on average over the steps timed
+    if not args.skip_steps:
+        print(f"prompt {prompt_tokens} tokens, reasoning {first}..{first + steps}: KV {kv_token / 2**10:.0f} KiB per "
+              f"token; each step timed with ~{context:.0f} tokens in every row's cache\n")
+        print("| engine | batch | ms / decode step (median) | floor ms (weights + KV) | x floor | tokens/s "
+              "| warm-up s | warm-up GiB | graphs so far |")
+        print("|---|---|---|---|---|---|---|---|---|", flush=True)
+    # Engines alternate within a batch, so a machine that warms up (clocks, lazily loaded kernels) does
+    # not favour the engine run last.
+    for batch in [] if args.skip_steps else args.batches:
+        for engine in args.engines:
+            if time.perf_counter() - began > args.budget:
+                print(f"| {engine} | {batch} | skipped: past the {args.budget:.0f} s budget |", flush=True)
+                continue
+            ms, warm, held = measure(ranker, tok, engine, batch, first, steps, words)
+            floor = 1000 * (weight_bytes + batch * context * kv_token) / bandwidth
+            print(f"| {engine} | {batch} | {ms:.2f} | {floor:.2f} | {ms / floor:.2f} | {batch * 1000 / ms:.0f} | "
+                  f"{warm:.1f} | {held:.2f} | {captures} |", flush=True)
     if args.skip_workload:
+        print(f"\ngraphs: {captures}", flush=True)
         return
     pairs, planted, never = workload(1, tok, args.pairs)
+    ranker = Rank1.from_model(model, tok, max_new_tokens=max(planted.values()) + 8)
     handle = plant_lengths(model, tok, planted, never)
     print("\n| engine (workload 1) | pairs | s | pairs/s | generated tokens/s | steps | s in forward | slot eff "
           "| same reasoning as eager | max score diff |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     eager = None
-    for engine in ("continuous-eager", *args.engines, "continuous"):  # eager first: the others compare to it
+    # eager first: the others compare to it
+    for engine in dict.fromkeys(("continuous-eager", *args.engines, "continuous")):
+        if time.perf_counter() - began > args.budget:
+            print(f"| {engine} | skipped: past the {args.budget:.0f} s budget |", flush=True)
+            continue
         clock = ForwardClock(model)
         sync()
         start = time.perf_counter()
@@ -204,8 +282,8 @@ def main() -> None:
         diff = max(abs(a.score - b.score) for a, b in zip(judged, eager))
         print(f"| {engine} | {len(pairs)} | {elapsed:.1f} | {len(pairs) / elapsed:.2f} | "
               f"{st.generated_tokens / elapsed:.0f} | {st.steps} | {clock.total:.1f} | "
-              f"{st.generated_tokens / max(st.decode_slots, 1):.3f} | {same:.3f} | {diff:.2e} |")
-        sys.stdout.flush()
+              f"{st.generated_tokens / max(st.decode_slots, 1):.3f} | {same:.3f} | {diff:.2e} |", flush=True)
+    print(f"\ngraphs: {captures}", flush=True)
     handle.remove()
 
 

@@ -15,8 +15,9 @@ from torch import nn
 from transformers import PreTrainedModel
 
 
-def _module_device(module: nn.Module) -> torch.device:
-    """Where a module computes: its accelerate hook's execution device, else its weights' device.
+def module_device(module: nn.Module) -> torch.device:
+    """Where a module computes: its accelerate hook's execution device, else its weights' (or, for a
+    quantized layer holding only buffers, its buffers') device.
 
     Offloaded (cpu/disk) modules keep their weights on the meta device or on cpu and run on the
     hook's execution device, so the hook has to be asked first.
@@ -27,21 +28,31 @@ def _module_device(module: nn.Module) -> torch.device:
         device = getattr(h, "execution_device", None)
         if device is not None:
             return torch.device(f"cuda:{device}" if isinstance(device, int) else device)
-    for tensor in module.parameters():
+    for tensor in (*module.parameters(), *module.buffers()):
         if tensor.device.type != "meta":
             return tensor.device
     return torch.device("cpu")
 
 
+def use_device(device: torch.device) -> None:
+    """Make ``device`` the calling thread's current CUDA device (nothing for other devices).
+
+    Whichever thread drives an engine, its steps and captures must run on the engine's device: a thread's
+    current device starts as cuda:0, where a rank on cuda:1 would capture on the wrong stream (and open a
+    context). Set, not restored: restoring cuda:0 would open that context after all."""
+    if device.type == "cuda" and device.index is not None and torch.cuda.current_device() != device.index:
+        torch.cuda.set_device(device)
+
+
 def input_device(model: PreTrainedModel) -> torch.device:
     """The device input ids must be on: the one the token embeddings compute on."""
-    return _module_device(model.get_input_embeddings())
+    return module_device(model.get_input_embeddings())
 
 
 def output_device(model: PreTrainedModel) -> torch.device:
     """The device logits come out on: the one ``lm_head`` computes on."""
     head = model.get_output_embeddings()
-    return _module_device(head) if head is not None else input_device(model)
+    return module_device(head) if head is not None else input_device(model)
 
 
 def mapped_device(module_name: str, device_map: Mapping[str, Union[int, str]]) -> Union[int, str, None]:
@@ -52,3 +63,12 @@ def mapped_device(module_name: str, device_map: Mapping[str, Union[int, str]]) -
             if len(prefix) > best_len:
                 best, best_len = device, len(prefix)
     return best
+
+
+def free_memory(device: torch.device) -> tuple[int, int]:
+    """(free, total) bytes of a CUDA device, counting as free what torch's caching allocator holds
+    without using (an earlier engine's pool, a model converted in place): ``mem_get_info`` alone sees
+    that as taken, so a pool sized from it would come out too small."""
+    free, total = torch.cuda.mem_get_info(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return free + max(0, cached), total

@@ -28,8 +28,8 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
-from .decode_step import StaticDecode, graphable, pick
-from .devices import input_device
+from .decode_step import StaticDecode, additive_mask, graphable, is_oom, pick, readout_ids
+from .devices import input_device, use_device
 from .engine_types import DecodeSettings, EngineStats, Generation, Request
 from .errors import Rank1Error
 from .head import fast_head
@@ -38,10 +38,6 @@ from .readout import closing_ids, forced_readout
 from .stopping import ThinkEnd
 
 logger = logging.getLogger(__name__)
-
-
-def is_oom(error: BaseException) -> bool:
-    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
 # Row states. A READING row closed </think> cleanly: its next decode step's logits are its readout.
@@ -93,6 +89,7 @@ class ContinuousEngine:
 
     def __init__(self, model: PreTrainedModel, settings: DecodeSettings, prefill_tokens: int = 8192):
         self.model = model
+        self.device = input_device(model)  # made current around every step: any thread may drive the engine
         self.settings = settings
         self.prefill_tokens = prefill_tokens
         self.stats = EngineStats(rows_limit=settings.batch_size)  # rows_limit shrinks on out-of-memory
@@ -131,6 +128,7 @@ class ContinuousEngine:
         """Admit from the left of ``waiting``, decode one token for every row, and return the rows that
         finished, each with its readout. After out of memory the rows in flight go back to the left of
         ``waiting`` (nothing was returned for them) and the engine continues with half as many slots."""
+        use_device(self.device)
         finished: list[_Row] = []
         self.rows_stepped = 0
         try:
@@ -161,6 +159,7 @@ class ContinuousEngine:
     @torch.inference_mode()
     def drop(self, ids: set[int]) -> None:
         """Rows whose requests nobody waits for any more leave their slots now."""
+        use_device(self.device)
         for row in self.rows:
             if row.request.id in ids:
                 row.state = DONE
@@ -173,9 +172,15 @@ class ContinuousEngine:
     @torch.inference_mode()
     def warmup(self) -> None:
         """Make the cache now and, on a GPU, capture every decode bucket."""
+        use_device(self.device)
         self._cache_now()
         if self._static is not None and not self.rows:  # capturing writes every slot's scratch column
-            self._static.capture_all()
+            try:
+                self._static.capture_all()
+            except (torch.OutOfMemoryError, RuntimeError) as error:
+                if not is_oom(error):
+                    raise
+                self._restart_smaller([], deque(), error)  # the next step: a smaller pool, captured again
 
     def close(self) -> None:
         """Put the model's own output head back (an engine that failed mid-step may still hold it)."""
@@ -284,7 +289,7 @@ class ContinuousEngine:
 
     def _logits(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, device) -> torch.Tensor:
         if not self._sdpa:  # eager attention adds its mask
-            mask = torch.zeros(mask.shape, dtype=self.model.dtype).masked_fill_(~mask, torch.finfo(self.model.dtype).min)
+            mask = additive_mask(mask, self.model.dtype)
         out = self.model(
             input_ids=ids.to(device),
             attention_mask=mask.to(device),  # 4D: transformers uses it as given
@@ -334,7 +339,7 @@ class ContinuousEngine:
     def _pick(self, logits: torch.Tensor) -> list[tuple[float, float, float]]:
         """(greedy token, true logit, false logit) per row of (rows, vocab) logits: one device-to-host copy."""
         picked = torch.empty((len(logits), 3), dtype=torch.float64, device=logits.device)
-        pick(logits, torch.tensor(self.settings.readout, device=logits.device), picked)
+        pick(logits, readout_ids(self.settings.readout, logits.device), picked)
         return picked.tolist()
 
     def _apply(self, rows: list[_Row], picked: list[tuple[float, float, float]]) -> None:

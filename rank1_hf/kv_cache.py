@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache
 
+from .devices import free_memory, module_device
+
 # Tokens per page: the measured candidates and the choice are in benchmarks/RESULTS.md (issue 23).
 PAGE_SIZE = 32
 
@@ -66,6 +68,7 @@ class PagedCache(Cache):
         self.free = list(range(self.pages - 1, 0, -1))  # a stack; page 0 is never given out
         self.placement: Placement | None = None
         self._tables: dict[torch.device, torch.Tensor] = {}  # fixed-address copies of the table
+        self._pinned: torch.Tensor | None = None  # the host's table staged for asynchronous copies to a GPU
         self._dirty = False
         self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -112,13 +115,21 @@ class PagedCache(Cache):
     def attach(self, device: torch.device) -> None:
         """Give ``device`` its copy of the table now (a capture must find it there)."""
         if device not in self._tables:
-            self._tables[device] = self.table.to(device)
+            # One column more than the host's, always page 0: the scratch column of the widest step reads it.
+            table = torch.zeros((self.slots, self.row_pages + 1), dtype=torch.long, device=device)
+            table[:, :-1].copy_(self.table)
+            self._tables[device] = table
+            if device.type == "cuda" and self._pinned is None:
+                self._pinned = torch.empty_like(self.table).pin_memory()
 
     def sync(self) -> None:
         """Copy the host's table into every device copy (before a forward call, outside any capture)."""
         if self._dirty:
+            source = self.table
+            if self._pinned is not None:  # the staged copy stays unchanged until the step's results are read
+                source = self._pinned.copy_(self.table)  # (a host sync) after which the next sync may reuse it
             for table in self._tables.values():
-                table.copy_(self.table, non_blocking=False)
+                table[:, :-1].copy_(source, non_blocking=True)
             self._dirty = False
 
     def place(self, placement: Placement) -> None:
@@ -127,7 +138,8 @@ class PagedCache(Cache):
         self._on_device = {}
 
     def _indices(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(write, read) pool indices on ``device``: (rows, width_in) and (rows, width). Device work only."""
+        """Pool indices on ``device``: (rows, width_in) token rows written, (rows * pages read,) whole pages
+        read (the width rounded up to pages). Device work only."""
         found = self._on_device.get(device)
         if found is None:
             self.attach(device)
@@ -138,11 +150,8 @@ class PagedCache(Cache):
             column = positions.clamp(max=self.capacity - 1)
             write = rows.gather(1, column // size) * size + column % size
             write = torch.where(positions >= self.capacity, 0, write)
-            read_positions = torch.arange(p.width, device=device).clamp(max=self.capacity - 1)
-            read = rows[:, read_positions // size] * size + read_positions % size
-            if p.width > self.capacity:  # the scratch column of a padded step: page 0
-                read[:, self.capacity :] = 0
-            found = self._on_device[device] = (write, read)
+            read = rows[:, : -(-p.width // size)].reshape(-1)  # past the capacity: the extra column, page 0
+            found = self._on_device[device] = (write.reshape(-1), read)
         return found
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
@@ -153,10 +162,16 @@ class PagedCache(Cache):
             self.keys[layer_idx] = key_states.new_zeros(shape)
             self.values[layer_idx] = value_states.new_zeros(shape)
         keys, values = self.keys[layer_idx], self.values[layer_idx]
-        write, read = self._indices(keys.device)
-        keys[write] = key_states.transpose(1, 2)
-        values[write] = value_states.transpose(1, 2)
-        return keys[read].transpose(1, 2), values[read].transpose(1, 2)
+        write, pages = self._indices(keys.device)
+        rows, width, size = key_states.shape[0], self.placement.width, self.page_size
+        out = []
+        # Whole rows in, whole pages out: index_copy_/index_select move contiguous blocks (a token's heads,
+        # a page's tokens) where element-wise indexing reads one index per element.
+        for pool, states in ((keys, key_states), (values, value_states)):
+            pool.index_copy_(0, write, states.transpose(1, 2).reshape(-1, *pool.shape[1:]))
+            read = pool.view(self.pages, size, *pool.shape[1:]).index_select(0, pages)
+            out.append(read.view(rows, -1, *pool.shape[1:])[:, :width].transpose(1, 2))
+        return out[0], out[1]
 
     # The few Cache queries transformers may make of a cache it did not build.
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -199,16 +214,14 @@ def default_kv_memory(model: torch.nn.Module) -> int:
     :data:`CPU_KV_MEMORY`."""
     layers: dict[torch.device, int] = {}
     for name, module in model.named_modules():
-        if name.endswith("k_proj"):
-            tensor = next(iter(module.parameters()), None)
-            tensor = tensor if tensor is not None else next(iter(module.buffers()), None)
-            if tensor is not None:
-                layers[tensor.device] = layers.get(tensor.device, 0) + 1
+        if name.endswith("k_proj"):  # its keys and values live where it computes (an offloaded layer: a GPU)
+            device = module_device(module)
+            layers[device] = layers.get(device, 0) + 1
     gpus = {d: n for d, n in layers.items() if d.type == "cuda"}
     if not gpus:
         return CPU_KV_MEMORY
     total_layers = sum(layers.values())
-    return min(card_pool(*torch.cuda.mem_get_info(device), held, total_layers) for device, held in gpus.items())
+    return min(card_pool(*free_memory(device), held, total_layers) for device, held in gpus.items())
 
 
 def card_pool(free: float, total: float, held: int, total_layers: int) -> int:

@@ -287,7 +287,7 @@ def _size_to_bytes(value: int | str) -> int:
     return int(convert_file_size_to_int(value))
 
 
-def _quantization_config(quantization: Any, config: PretrainedConfig, dtype: torch.dtype, on_gpu: bool) -> Any:
+def _quantization_config(quantization: Any, config: PretrainedConfig, dtype: torch.dtype) -> Any:
     """The transformers quantization config for ``load_model(quantization=...)`` (None for none)."""
     if quantization is None or (isinstance(quantization, str) and quantization.lower() in ("", "none")):
         return None
@@ -315,13 +315,9 @@ def _quantization_config(quantization: Any, config: PretrainedConfig, dtype: tor
         # forward pass; the cast is expected, the flood of warnings is not useful.
         warnings.filterwarnings("ignore", message=r"MatMul8bitLt: inputs will be cast", category=UserWarning)
         return BitsAndBytesConfig(load_in_8bit=True)
-    # nf4 with float16 compute on GPU (the fast bnb kernels); on CPU the compute dtype follows the
-    # model's dtype (float32 by default), which keeps CPU results close to full precision.
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_compute_dtype=torch.float16 if on_gpu and dtype != torch.float32 else dtype,
-    )
+    # nf4 computing in the model's dtype: bfloat16 for the bfloat16-trained rank1 checkpoints (float16
+    # could overflow their activations; bnb's kernels are as fast in either), float32 on CPU by default.
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
 
 
 def _choose_pad_token(tokenizer: PreTrainedTokenizerBase) -> str | None:
@@ -400,8 +396,8 @@ def load_model(
         max_memory: per-device budget, ``{0: "40GiB", 1: "40GiB", "cpu": "100GiB"}`` or the same as a
             string ``"0=40GiB,1=40GiB,cpu=100GiB"``.
         offload_folder: directory for weights offloaded to disk (needed when any go there).
-        quantization: ``None``, ``"bnb-4bit"`` (nf4; float16 compute on GPU, the model dtype - float32
-            by default - on CPU), ``"bnb-8bit"`` (LLM.int8), or a transformers ``BitsAndBytesConfig`` (or
+        quantization: ``None``, ``"bnb-4bit"`` (nf4, computing in the model's dtype: the checkpoint's
+            on GPU, float32 by default on CPU), ``"bnb-8bit"`` (LLM.int8), or a transformers ``BitsAndBytesConfig`` (or
             other quantization config) passed through. AWQ checkpoints need no flag.
         trust_remote_code: run code shipped with the checkpoint (off unless asked; rank1 needs none).
         revision: hub revision (branch, tag or commit).
@@ -424,7 +420,7 @@ def load_model(
     on_gpu = _map_uses_gpu(resolved_map)
 
     torch_dtype = resolve_dtype(dtype, config, on_gpu=on_gpu)
-    quant_config = _quantization_config(quantization, config, torch_dtype, on_gpu)
+    quant_config = _quantization_config(quantization, config, torch_dtype)
 
     if is_awq_config(config):
         model = _load_awq(name, config, torch_dtype, resolved_map, max_memory, trust_remote_code, revision)

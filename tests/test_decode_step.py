@@ -8,7 +8,7 @@ from reference import reference_judge
 from test_judge import EOS, MAX_NEW, assert_agree, planted
 
 from rank1_hf import Rank1, decode_step, engine
-from rank1_hf.decode_step import buckets, graphable
+from rank1_hf.decode_step import buckets, graphable, width_buckets
 from rank1_hf.testing import tiny_model
 
 
@@ -17,6 +17,16 @@ def test_buckets_are_powers_of_two_up_to_the_limit():
     assert buckets(16) == [1, 2, 4, 8, 16]
     assert buckets(12) == [1, 2, 4, 8, 12]
     assert buckets(321, 64) == [64, 128, 256, 321]
+
+
+def test_width_buckets_add_the_page_multiple_halfway_between_powers_of_two():
+    assert width_buckets(2049, 256, 32) == [256, 384, 512, 768, 1024, 1536, 2048, 2049]
+    assert width_buckets(600, 256, 32) == [256, 384, 512, 600]  # 768 is past the limit
+    assert width_buckets(65, 16, 32) == [16, 32, 64, 65]  # 24 and 48 round up to the next power
+    for limit in (65, 600, 2049, 9281):
+        b = width_buckets(limit, min(256, limit), 32)
+        assert b == sorted(set(b)) and b[-1] == limit
+        assert all(later <= 1.5 * earlier for earlier, later in zip(b, b[1:-1])), b
 
 
 def test_a_cpu_model_keeps_the_eager_step(tokenizers):
@@ -54,6 +64,7 @@ def test_static_step_matches_reference_with_padded_buckets(tokenizers, family, m
         rows = {r for r, _ in shapes.seen}
         widths = {w for _, w in shapes.seen}
         assert rows <= set(buckets(batch_size)), rows
-        assert len(widths) >= 2 and all(w in {16, 32, 64, 128, 256} or w % 64 == 1 for w in widths), widths
+        # powers of two, the page multiple halfway to the next, or the capacity + 1 (a whole number of pages + 1)
+        assert len(widths) >= 2 and all(w in {16, 32, 64, 96, 128, 192, 256} or w % 32 == 1 for w in widths), widths
         if batch_size == 16:
             assert 16 in rows  # 10 rows in flight padded up to the slot count
