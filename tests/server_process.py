@@ -47,12 +47,18 @@ def save_tiny_model(path: Path, seed: int = 0, planted: bool = True) -> Path:
 class Server:
     """``rank1-hf serve --model <dir> --port <free> <args>``, its log in ``log``."""
 
-    def __init__(self, model: Path, args: list[str], log: Path, env: dict[str, str] | None = None):
+    def __init__(self, model: Path, args: list[str], log: Path, env: dict[str, str] | None = None,
+                 script: str | None = None):
+        """``script``: Python code run instead of ``rank1-hf serve``, given the model and port as argv[1:3]."""
+        self.model = model
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
-        command = [sys.executable, "-m", "rank1_hf", "serve", "--model", str(model), "--port", str(self.port),
-                   "--threads", "1", *args]
+        if script is None:
+            command = [sys.executable, "-m", "rank1_hf", "serve", "--model", str(model), "--port", str(self.port),
+                       "--threads", "1", *args]
+        else:
+            command = [sys.executable, "-c", script, str(model), str(self.port), *args]
         full_env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_WAIT_POLICY": "PASSIVE", **(env or {})}
         self._log_file = open(log, "w")
         self.process = subprocess.Popen(command, cwd=ROOT, env=full_env, stdout=self._log_file,
