@@ -65,9 +65,12 @@ class Server:
                                         stderr=subprocess.STDOUT)
 
     def wait_healthy(self, timeout: float = 180.0) -> "Server":
+        """This server once /health answers 200; otherwise it is stopped (a fixture that fails here never
+        reaches its own stop) and the error raised."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                self.stop()
                 raise RuntimeError(f"the server exited with {self.process.returncode}:\n{self.log.read_text()}")
             try:
                 if httpx.get(self.url + "/health", timeout=2).status_code == 200:
@@ -75,6 +78,7 @@ class Server:
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
+        self.stop()
         raise TimeoutError(f"the server was not healthy within {timeout} s:\n{self.log.read_text()}")
 
     def metrics(self, headers: dict[str, str] | None = None) -> dict[str, float]:
