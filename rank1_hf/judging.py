@@ -131,13 +131,14 @@ class Judge:
 
     # ---- prompts -------------------------------------------------------------------------------------
 
-    def prepare(self, query: str, passage: str) -> Prepared:
+    def prepare(self, query: str, passage: str, budget: int | None = None) -> Prepared:
         """Prompt and token ids for one (joined query, passage text), cutting the passage if it must.
 
-        The prompt may use at most ``context_size - max_new_tokens`` tokens. Only the passage is cut, at a
-        token boundary, and the template around it stays whole.
+        The prompt may use at most ``context_size - max_new_tokens`` tokens (or ``budget``, when smaller).
+        Only the passage is cut, at a token boundary, and the template around it stays whole.
         """
-        budget = self.options.context_size - self.options.max_new_tokens
+        limit = self.options.context_size - self.options.max_new_tokens
+        budget = limit if budget is None else min(budget, limit)
         prompt = build_prompt(query, passage)
         ids = self.tokenizer(prompt)["input_ids"]
         if len(ids) <= budget:

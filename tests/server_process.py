@@ -47,21 +47,30 @@ def save_tiny_model(path: Path, seed: int = 0, planted: bool = True) -> Path:
 class Server:
     """``rank1-hf serve --model <dir> --port <free> <args>``, its log in ``log``."""
 
-    def __init__(self, model: Path, args: list[str], log: Path, env: dict[str, str] | None = None):
+    def __init__(self, model: Path, args: list[str], log: Path, env: dict[str, str] | None = None,
+                 script: str | None = None):
+        """``script``: Python code run instead of ``rank1-hf serve``, given the model and port as argv[1:3]."""
+        self.model = model
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
-        command = [sys.executable, "-m", "rank1_hf", "serve", "--model", str(model), "--port", str(self.port),
-                   "--threads", "1", *args]
+        if script is None:
+            command = [sys.executable, "-m", "rank1_hf", "serve", "--model", str(model), "--port", str(self.port),
+                       "--threads", "1", *args]
+        else:
+            command = [sys.executable, "-c", script, str(model), str(self.port), *args]
         full_env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_WAIT_POLICY": "PASSIVE", **(env or {})}
         self._log_file = open(log, "w")
         self.process = subprocess.Popen(command, cwd=ROOT, env=full_env, stdout=self._log_file,
                                         stderr=subprocess.STDOUT)
 
     def wait_healthy(self, timeout: float = 180.0) -> "Server":
+        """This server once /health answers 200; otherwise it is stopped (a fixture that fails here never
+        reaches its own stop) and the error raised."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                self.stop()
                 raise RuntimeError(f"the server exited with {self.process.returncode}:\n{self.log.read_text()}")
             try:
                 if httpx.get(self.url + "/health", timeout=2).status_code == 200:
@@ -69,6 +78,7 @@ class Server:
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
+        self.stop()
         raise TimeoutError(f"the server was not healthy within {timeout} s:\n{self.log.read_text()}")
 
     def metrics(self, headers: dict[str, str] | None = None) -> dict[str, float]:

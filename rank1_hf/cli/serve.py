@@ -1,6 +1,6 @@
 """``rank1-hf serve``: an HTTP rerank server (Cohere v1/v2, Jina/vLLM and TEI shapes) on one model.
 
-The app is :mod:`rank1_hf.server`'s; this module checks the flags, loads the model, and runs uvicorn.
+The app is :mod:`rank1_hf.serve`'s; this module checks the flags, loads the model, and runs uvicorn.
 SIGTERM (or Ctrl-C) stops accepting connections, lets the requests in flight finish for up to
 ``--graceful-timeout`` seconds (then cancels them), stops the engine, closes the store, and exits 0.
 fastapi and uvicorn (the ``[serve]`` extra) are imported only when the command runs.
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import sys
 from typing import Any
 
@@ -36,7 +37,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=int, default=16 * 1024 * 1024,
                    help="largest request body; more gets 413 (default 16 MiB)")
     p.add_argument("--graceful-timeout", type=float, default=30.0,
-                   help="seconds SIGTERM waits for requests in flight before cancelling them (default 30)")
+                   help="seconds SIGTERM waits for requests in flight before cancelling them; must be > 0 "
+                        "(default 30)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     add_judge_arguments(p)
     add_load_arguments(p.add_argument_group("model loading"))
@@ -49,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from ..server import ServeSettings, create_app
+        from ..serve import ServeSettings, create_app
     except ImportError as error:
         raise Rank1Error(f"serve needs the [serve] extra (pip install 'rank1-hf[serve]'): {error}") from None
     if not 0 <= args.port <= 65535:
@@ -63,15 +65,38 @@ def run(args: argparse.Namespace) -> int:
         max_body_bytes=args.max_body_bytes,
     )
     judge = judge_options(args)  # a bad --dataset-prompt fails before the model loads
-    if is_demo(args.model):
-        print(f"note: {DEMO_NOTE}", file=sys.stderr)
-    ranker = make_ranker(args.model, load_options(args), judge, args.threads, show_progress_bar=False,
-                         store=args.store)
-    config = uvicorn.Config(create_app(ranker, settings), host=args.host, port=args.port,
-                            log_level=args.log_level, timeout_graceful_shutdown=args.graceful_timeout)
-    with _quiet_signals():
-        uvicorn.Server(config).run()
+    sock = bind(args.host, args.port)  # so does a busy port
+    try:
+        if is_demo(args.model):
+            print(f"note: {DEMO_NOTE}", file=sys.stderr)
+        ranker = make_ranker(args.model, load_options(args), judge, args.threads, show_progress_bar=False,
+                             store=args.store)
+        config = uvicorn.Config(create_app(ranker, settings), host=args.host, port=sock.getsockname()[1],
+                                log_level=args.log_level, timeout_graceful_shutdown=args.graceful_timeout)
+        address = f"[{args.host}]" if ":" in args.host else args.host
+        print(f"rank1-hf: serving on http://{address}:{config.port} (Ctrl-C or SIGTERM stops)", file=sys.stderr)
+        with _quiet_signals():
+            uvicorn.Server(config).run(sockets=[sock])  # uvicorn logs no address for a socket it is given
+    finally:
+        sock.close()
     return 0
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A socket bound to (host, port), before the model loads: a busy or unusable address is a one-line
+    error at once (uvicorn listens on this socket once the app starts; connections before then are refused)."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as error:
+        raise Rank1Error(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart reuses the port
+        sock.bind((host, port))
+    except OSError as error:
+        sock.close()
+        raise Rank1Error(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+    return sock
 
 
 class _quiet_signals:

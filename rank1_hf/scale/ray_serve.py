@@ -1,7 +1,7 @@
 """The HTTP rerank server on Ray Serve: the same FastAPI app as ``rank1-hf serve``, one ranker per replica.
 
 :func:`application` is a Serve deployment of :class:`Rank1Replica`, an ingress whose app is
-:func:`rank1_hf.server.create_app` on the replica's own ranker (built in the replica, after the model
+:func:`rank1_hf.serve.create_app` on the replica's own ranker (built in the replica, after the model
 loads: the app needs a loaded ranker). So every route, the API key, the body and queue limits and the
 Prometheus metrics are the server's own; each replica has its own engine, and ``/metrics`` shows the
 counts of the replica that answers (Ray's own ``ray_serve_*`` metrics cover the whole deployment).
@@ -22,7 +22,7 @@ from typing import Any
 from ray import serve
 
 from ..options import JudgeOptions, LoadOptions
-from ..server import ServeSettings, create_app  # the app factory (moves with the server package)
+from ..serve import ServeSettings, create_app
 from .ray_batch import load_ranker
 
 logger = logging.getLogger(__name__)
