@@ -540,12 +540,15 @@ def write_outputs(
 
 
 def check_writable(path: formats.PathLike) -> None:
-    """Fail early (before hours of judging) when ``path`` clearly cannot be written."""
+    """Fail early (before hours of judging) when ``path`` clearly cannot be written. Missing folders are
+    fine (the writers make them) when the nearest existing one is writable."""
     p = Path(path)
     if p.is_dir():
         raise Rank1Error(f"{p}: cannot write: is a directory")
     parent = p.parent if str(p.parent) else Path(".")
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
     if not parent.is_dir():
-        raise Rank1Error(f"{p}: cannot write: directory {parent} does not exist")
+        raise Rank1Error(f"{p}: cannot write: {parent} is not a directory")
     if not os.access(parent, os.W_OK):
         raise Rank1Error(f"{p}: cannot write: directory {parent} is not writable")

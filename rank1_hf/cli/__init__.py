@@ -54,10 +54,54 @@ class _Parser(argparse.ArgumentParser):
         # argparse would print the whole usage block first; one line is easier to read in logs.
         raise _UsageError(f"{message} (see {self.prog} --help)")
 
+    def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> argparse.Namespace:  # type: ignore[override]
+        # argparse reports a subcommand's unknown option from the top parser, pointing at the top help:
+        # name the subcommand's help instead, with the nearest option it does have.
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            raise _UsageError(_unknown_options(unknown, self._command_parser(getattr(parsed, "command", None))))
+        return parsed
+
+    def _command_parser(self, command: str | None) -> argparse.ArgumentParser:
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction) and command in action.choices:
+                return action.choices[command]
+        return self
+
+
+def _unknown_options(unknown: list[str], parser: argparse.ArgumentParser) -> str:
+    """``unrecognized arguments: --topk 2; did you mean --top-k? (see rank1-hf rerank --help)``."""
+    import difflib
+
+    known = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+    hints = []
+    for word in unknown:
+        if word.startswith("-"):
+            close = difflib.get_close_matches(word.split("=", 1)[0], known, n=1, cutoff=0.6)
+            if close:
+                hints.append((word.split("=", 1)[0], close[0]))
+    if len(hints) == 1:
+        hint = f"; did you mean {hints[0][1]}?"
+    else:
+        hint = "; did you mean " + ", ".join(f"{near} for {word}" for word, near in hints) + "?" if hints else ""
+    return f"unrecognized arguments: {' '.join(unknown)}{hint} (see {parser.prog} --help)"
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("rank1-hf")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        from .. import __version__
+
+        return __version__
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``rank1-hf`` parser: one subcommand per module of this package."""
     parser = _Parser(prog=PROG, description="rank1 reasoning rerankers on plain Hugging Face transformers")
+    parser.add_argument("--version", action="version", version=f"{PROG} {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for command in (rerank, score, evaluate, plan, compare, serve):
         command.add_parser(sub)

@@ -14,7 +14,7 @@ from ..comparison import (FIGURE_FILES, PERMUTATIONS, SEED, TEST_MEASURE, Varian
 from ..errors import Rank1Error
 from ..options import LoadOptions
 from .common import (PROG, ProgressBar, add_judge_arguments, add_load_arguments, check_arguments,
-                     check_load_options, judge_options, load_options, make_ranker, read_inputs)
+                     check_load_options, check_model, judge_options, load_options, make_ranker, read_inputs)
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -75,6 +75,8 @@ def run(args: argparse.Namespace) -> int:
     for name in ("a", "b"):  # both variants' loading flags, before A is loaded and judged
         check_load_options(load_options(args, prefix=f"{name}-"), prefix=f"{name}-")
     items, qrels, no_documents = read_inputs(args, measures=[*args.measures, args.test_measure])
+    for name in ("a", "b"):
+        check_model(getattr(args, name), f"--{name}", getattr(args, f"{name}_revision"))
     report_dir = Path(args.report)
     if report_dir.exists() and not report_dir.is_dir():
         raise Rank1Error(f"{report_dir}: not a directory")

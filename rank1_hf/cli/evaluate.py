@@ -13,7 +13,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser("evaluate", help="score runs against qrels (the figures trec_eval gives on the same files)")
     p.add_argument("--run", required=True, nargs="+", help="TREC, JSON {qid: {docid: score}} or mteb predictions")
     p.add_argument("--qrels", required=True, help="TREC qrels or BEIR qrels TSV (query-id corpus-id score)")
-    p.add_argument("--measures", nargs="+", default=list(DEFAULT_MEASURES))
+    p.add_argument("--measures", nargs="+", default=list(DEFAULT_MEASURES),
+                   help=f"ir_measures names (default {' '.join(DEFAULT_MEASURES)})")
     p.set_defaults(func=run)
     return p
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from ..errors import Rank1Error
 from .common import (DEMO_NOTE, PROG, ProgressBar, add_judge_arguments, add_load_arguments, check_arguments,
-                     check_load_options, distinct_paths, is_demo, judge_options, load_options, make_ranker,
+                     check_load_options, check_model, distinct_paths, is_demo, judge_options, load_options, make_ranker,
                      read_inputs)
 
 
@@ -108,6 +108,8 @@ def run(args: argparse.Namespace) -> int:
         # The stores after the first are only read: they must exist and, once the model is loaded, hold
         # judgements made with this run's settings.
         sources = [stack.enter_context(JudgementStore(p, readonly=True)) for p in store_paths[1:]]
+        _check_store(own)  # this process's store, before the model loads (it is created only once judging starts)
+        check_model(args.model, "--model", args.revision)  # the last check: it may ask the network
         device_map = None
         if shard.world_size > 1:
             import torch
@@ -115,7 +117,6 @@ def run(args: argparse.Namespace) -> int:
             # Data parallel: one whole model per process, on "its" GPU when there are GPUs.
             if torch.cuda.is_available():
                 device_map = f"cuda:{shard.local_rank % torch.cuda.device_count()}"
-        _check_store(own)  # this process's store, before the model loads (it is created only once judging starts)
         if load.device_map is None:
             load = dataclasses.replace(load, device_map=device_map)
         ranker = make_ranker(args.model, load, judge_options(args), args.threads)
