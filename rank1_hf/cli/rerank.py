@@ -46,6 +46,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="judge only shard I (0-based) of N (pairs chosen by a hash of their store key) into the "
                         "first --store, and write no run file; then a run without --shard, given all the "
                         "shards' stores, writes the outputs")
+    p.add_argument("--drop-rest", action="store_true",
+                   help="write only the reranked top-k; by default the run's documents below the top-k follow them, "
+                        "in first-stage order, so the output is as deep as the input and evaluates like with like")
     p.add_argument("--tag", default="rank1", help="run tag in the TREC file (default rank1)")
     p.add_argument("--measures", nargs="+", default=list(DEFAULT_MEASURES), help="measures for --qrels")
     p.add_argument("--flush-every", type=int, help="judgements per store commit (default: the batch size); a SIGKILL loses fewer than this")
@@ -158,14 +161,18 @@ def run(args: argparse.Namespace) -> int:
         print(f"{PROG}: rank {shard.rank}/{shard.world_size}: judged {summary.judged_here} pairs into {own}; "
               "rank 0 writes the outputs", file=sys.stderr)
         return 0
-    reranked = pipeline.write_outputs(items, result.judgements, output, traces, tag)
+    rest = None if args.drop_rest else pipeline.first_stage_rest(args.run, args.top_k)
+    reranked = pipeline.write_outputs(items, result.judgements, output, traces, tag, rest)
     print("rank1-hf rerank" + (" (DEMO model, not rank1)" if demo else ""))
     print(f"model: {args.model}" + (f" ({DEMO_NOTE})" if demo else ""))
     if shard.world_size > 1:
         print(f"processes: {shard.world_size}")
     for line in summary.lines():
         print(line)
-    print(f"run: {output}")
+    if demo and not summary.outcomes.get("answered"):
+        print("note: the demo model is not rank1: it seldom closes </think>; its scores show the pipeline only")
+    print(f"run: {output}" + ("" if args.drop_rest else
+                                  f" (the reranked top {args.top_k}, then the rest of the input in its order)"))
     print(f"traces: {traces}")
     print("store: " + (f"{own} and the other ranks' beside it" if shard.world_size > 1 else str(own))
           + (f", reused from {', '.join(map(str, store_paths[1:]))}" if store_paths[1:] else ""))
@@ -179,8 +186,9 @@ def run(args: argparse.Namespace) -> int:
             print("evaluation: none of the run's queries is in the qrels")
             return 0
         table = format_table({
-            f"input (top {args.top_k})": evaluate(pipeline.first_stage_run(items), judged, args.measures),
-            "reranked": evaluate(reranked, judged, args.measures),
+            ("input" if rest else f"input (top {args.top_k})"):
+                evaluate(pipeline.first_stage_run(items, rest), judged, args.measures),
+            ("reranked top-k, then the rest" if rest else "reranked"): evaluate(reranked, judged, args.measures),
         })
         print()
         print(f"evaluation over the {len(judged)} queries with qrels:")
