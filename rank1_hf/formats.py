@@ -564,6 +564,16 @@ def write_jsonl(path: PathLike, rows: Iterable[Mapping[str, Any]]) -> None:
     _write_atomic(path, (json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
+def write_text(path: PathLike, text: str) -> None:
+    """Write ``text`` atomically (an HTML report, ...)."""
+    _write_atomic(path, [text])
+
+
+def read_jsonl(path: PathLike) -> list[dict[str, Any]]:
+    """Every object of a JSONL file (errors name the file and line)."""
+    return [row for _, row in _json_rows(path)]
+
+
 def sample_paths() -> dict[str, Path]:
     """Paths of the bundled sample collection: queries, instructions, corpus, qrels and run."""
     folder = resources.files("rank1_hf").joinpath("data").joinpath("sample")

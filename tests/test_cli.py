@@ -85,8 +85,9 @@ def test_rerank_end_to_end_then_everything_reused(model_dir, tmp_path, capsys):
     assert len(lines) == 12 and all(len(line.split()) == 6 for line in lines)
     traces = [json.loads(line) for line in (tmp_path / "out" / "reranked.traces.jsonl").read_text().splitlines()]
     assert [(t["qid"], t["docid"]) for t in traces] == [tuple(line.split()[0:3:2]) for line in lines]
-    assert set(traces[0]) == {"qid", "docid", "score", "outcome", "reasoning", "reasoning_tokens",
-                              "prompt_tokens", "truncated", "true_logit", "false_logit"}
+    assert set(traces[0]) == {"qid", "docid", "rank", "score", "outcome", "reasoning", "full_reasoning",
+                              "reasoning_tokens", "prompt_tokens", "truncated", "true_logit", "false_logit",
+                              "first_stage_rank", "first_stage_score", "query", "instruction", "passage"}
     assert (tmp_path / "out" / "rank1-judgements.sqlite").exists()
 
     before = out.read_text()

@@ -41,7 +41,7 @@ import sys
 from typing import Any, Sequence
 
 from ..errors import Rank1Error
-from . import compare, evaluate, plan, rerank, score, serve
+from . import compare, evaluate, plan, report, rerank, score, serve
 from .common import PROG
 
 
@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="rank1 reasoning rerankers on plain Hugging Face transformers")
     parser.add_argument("--version", action="version", version=f"{PROG} {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for command in (rerank, score, evaluate, plan, compare, serve):
+    for command in (rerank, score, evaluate, plan, compare, report, serve):
         command.add_parser(sub)
     return parser
 
