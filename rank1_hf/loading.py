@@ -330,6 +330,23 @@ def check_load_options(
         raise Rank1Error(f"offload folder {os.fspath(offload_folder)} is not a directory")
 
 
+@contextmanager
+def quiet_progress_bars() -> Iterator[None]:
+    """transformers' progress bars (weights loading, GGUF conversion) off for the block, unless this
+    package's logger is enabled for INFO (``logging.basicConfig(level=logging.INFO)`` asks for them)."""
+    from transformers.utils import logging as hf_logging
+
+    if logging.getLogger("rank1_hf").isEnabledFor(logging.INFO) or not hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()
+
+
+@quiet_progress_bars()
 def load_model(
     model_name_or_path: str,
     *,

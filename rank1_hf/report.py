@@ -30,7 +30,7 @@ table.metrics{width:auto}table.metrics td.num{text-align:right;font-variant-nume
 table.metrics tr.reranked td{background:#e3f1e6}
 section.query{border-top:3px solid #1f3a5f;margin-top:22px;padding-top:6px}
 section.query h2{font-size:17px;margin:6px 0}.instruction{color:#555;font-style:italic}
-td.rank{width:3.5em;text-align:right;font-variant-numeric:tabular-nums}
+td.score{white-space:nowrap}td.rank{width:3.5em;text-align:right;font-variant-numeric:tabular-nums}
 .up{color:#1a7f37;font-weight:600}.down{color:#b42318;font-weight:600}.same{color:#888}
 .bar{display:inline-block;height:10px;background:#2b6cb0;vertical-align:middle;margin-right:6px}
 .outcome{font-size:12px;padding:1px 6px;border-radius:8px;color:#fff}
@@ -132,7 +132,7 @@ def _row(r: Mapping[str, Any], grades: Mapping[str, int] | None) -> str:
              f'<span class="down">&#9660; {-moved}</span>' if moved < 0 else '<span class="same">=</span>')
     score = float(r["score"])
     cells = [f'<td class="rank">{r["rank"]}</td>', f'<td class="rank">{r["first_stage_rank"]}</td>', f"<td>{arrow}</td>",
-             f'<td><span class="bar" style="width:{round(score * 60)}px"></span>{score:.3f}</td>',
+             f'<td class="score"><span class="bar" style="width:{round(score * 60)}px"></span>{score:.3f}</td>',
              f'<td><span class="outcome {e(r["outcome"])}">{e(r["outcome"])}</span></td>']
     if grades is not None:
         grade = grades.get(r["docid"])
@@ -140,7 +140,7 @@ def _row(r: Mapping[str, Any], grades: Mapping[str, int] | None) -> str:
                      f'<td class="rel {"relpos" if grade > 0 else "rel0"}">{grade}</td>')
     reasoning = f'<div class="label">reasoning the score was read after</div><pre>{e(r["reasoning"])}</pre>'
     full = r.get("full_reasoning")
-    if full and full != r["reasoning"]:
+    if full and full.strip() != r["reasoning"].strip():
         reasoning += f'<div class="label">full reasoning generated (cut above before the readout)</div><pre>{e(full)}</pre>'
     cells.append(f'<td><details><summary>{e(r["docid"])}: {e(_preview(r["passage"]))}</summary>'
                  f'<div class="label">passage</div><pre>{e(r["passage"])}</pre>{reasoning}</details></td>')

@@ -85,3 +85,32 @@ def test_log_tells_the_token_cap_from_the_models_end_of_sequence(caplog):
         log.close(EngineStats())
     assert "3 of 4 pairs did not close </think>" in caplog.text
     assert "1 reached max_new_tokens=8, 2 ended their sequence (EOS) before it" in caplog.text
+
+
+def test_progress_off_a_terminal_is_one_line_every_interval(capsys):
+    from rank1_hf.cli.common import ProgressBar
+
+    bar = ProgressBar(True, pipeline.Shard(), terminal=False, every_s=0.0)
+    bar.start(3, 0)
+    for _ in range(3):
+        bar.update(1)
+    bar.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 3 and lines[0].startswith("rank1: 1/3 pairs (33%), ") and "pairs/s" in lines[0]
+    assert "left" in lines[0] and lines[-1].endswith("done")
+    quiet = ProgressBar(True, pipeline.Shard(), terminal=False, every_s=3600.0)
+    quiet.start(3, 0)
+    quiet.update(1)
+    assert capsys.readouterr().err == ""  # not before the interval
+
+
+def test_loading_shows_no_transformers_progress_bars_unless_logging_asks(model_dir, capfd, caplog):
+    import logging
+
+    from rank1_hf.loading import load_model
+
+    load_model(model_dir)
+    assert "Loading weights" not in capfd.readouterr().err
+    with caplog.at_level(logging.INFO, logger="rank1_hf"):
+        load_model(model_dir)
+    assert "Loading weights" in capfd.readouterr().err

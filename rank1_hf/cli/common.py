@@ -219,24 +219,53 @@ def distinct_paths(paths: list[Path]) -> list[Path]:
 
 
 class ProgressBar:
-    """A tqdm bar over the pairs this process judges (pairs/s and ETA), or nothing."""
+    """Progress over the pairs this process judges: a tqdm bar on a terminal; elsewhere (a log file, a
+    job scheduler) one line every ``every_s`` seconds with pairs done, rate and time left; or nothing."""
 
-    def __init__(self, enabled: bool, shard: Any) -> None:
+    def __init__(self, enabled: bool, shard: Any, *, terminal: bool | None = None, every_s: float = 30.0) -> None:
         self.enabled, self.shard, self.bar = enabled, shard, None
+        self.terminal = sys.stderr.isatty() if terminal is None else terminal
+        self.every_s, self.todo, self.done, self.started, self.last = every_s, 0, 0, 0.0, 0.0
+
+    @property
+    def _desc(self) -> str:
+        return "rank1" if self.shard.world_size == 1 else f"rank1 [{self.shard.rank}/{self.shard.world_size}]"
 
     def start(self, todo: int, reused: int) -> None:
         if not self.enabled or todo == 0:
             return
+        if not self.terminal:
+            import time
+
+            self.todo, self.done, self.started = todo, 0, time.monotonic()
+            self.last = self.started
+            return
         from tqdm.auto import tqdm
 
-        desc = "rank1" if self.shard.world_size == 1 else f"rank1 [{self.shard.rank}/{self.shard.world_size}]"
-        self.bar = tqdm(total=todo, unit="pair", desc=desc, dynamic_ncols=True, position=self.shard.rank)
+        self.bar = tqdm(total=todo, unit="pair", desc=self._desc, dynamic_ncols=True, position=self.shard.rank)
 
     def update(self, n: int) -> None:
         if self.bar is not None:
             self.bar.update(n)
+        elif self.todo:
+            import time
+
+            self.done += n
+            now = time.monotonic()
+            if now - self.last >= self.every_s or self.done == self.todo:
+                self.last = now
+                print(self.line(self.done, self.todo, now - self.started), file=sys.stderr, flush=True)
+
+    def line(self, done: int, todo: int, elapsed_s: float) -> str:
+        """``rank1: 40/150 pairs (27%), 0.26 pairs/s, about 7 min left``."""
+        rate = done / elapsed_s if elapsed_s > 0 else 0.0
+        left = (todo - done) / rate if rate > 0 else None
+        eta = ("done" if done >= todo else "time left unknown" if left is None else
+               f"about {left / 60:.0f} min left" if left >= 90 else f"about {left:.0f} s left")
+        return f"{self._desc}: {done}/{todo} pairs ({100 * done // todo}%), {rate:.2f} pairs/s, {eta}"
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+        self.todo = 0

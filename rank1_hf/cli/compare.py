@@ -53,7 +53,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=SEED, help=f"seed of the paired test (default {SEED})")
     p.add_argument("--no-figures", action="store_true", help="text report only")
     p.add_argument("--flush-every", type=int, help="judgements per store commit (default: the batch size)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress (default: a bar on a terminal, a line every 30 s elsewhere)")
     add_judge_arguments(p)
     p.set_defaults(func=run)
     return p
@@ -93,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         for name in ("A", "B"):
             model, load = getattr(args, name.lower()), load_options(args, prefix=f"{name.lower()}-")
             label = getattr(args, f"{name.lower()}_label") or _label(model, load)
-            bar = ProgressBar(enabled=not args.no_progress and sys.stderr.isatty(), shard=pipeline.Shard())
+            bar = ProgressBar(enabled=not args.no_progress, shard=pipeline.Shard())
             print(f"{name}: loading {label}", file=sys.stderr)
             try:
                 variants[name] = judge_variant(

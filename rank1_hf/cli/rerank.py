@@ -54,8 +54,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--flush-every", type=int, help="judgements per store commit (default: the batch size); a SIGKILL loses fewer than this")
     p.add_argument("--flush-seconds", type=float, default=5.0, help="commit at least this often (default 5)")
     p.add_argument("--wait-timeout", type=float, help="launcher rank 0: seconds to wait for the other ranks (default forever)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--progress", action="store_true", help="a progress bar even when stderr is not a terminal")
+    p.add_argument("--no-progress", action="store_true", help="no progress at all")
+    p.add_argument("--progress-every", type=float, metavar="SECONDS",
+                   help="one progress line (pairs done, rate, time left) every SECONDS instead of a bar; the default "
+                        "when stderr is not a terminal, every 30 s")
+    p.add_argument("--progress", action="store_true", help=argparse.SUPPRESS)  # kept for old scripts: the default now
     add_judge_arguments(p)
     add_load_arguments(p.add_argument_group("model loading"))
     p.set_defaults(func=run)
@@ -70,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_arguments(args, "rerank", models=(args.model,),
                     positives=("top_k", "batch_size", "flush_every", "flush_seconds", "max_new_tokens",
-                               "context_size", "wait_timeout"))
+                               "context_size", "wait_timeout", "progress_every"))
     demo = is_demo(args.model)
     tag = "demo-smollm2" if demo else args.tag
     check_tag(tag)  # used only when the run is written, hours from now: checked first
@@ -128,8 +131,8 @@ def run(args: argparse.Namespace) -> int:
         if shard.world_size == 1:  # under a launcher judge_across_ranks opens the rank's own store
             # A rollback journal (not WAL): the store may be on a network filesystem.
             store = stack.enter_context(JudgementStore(own, journal="delete"))
-        bar = ProgressBar(enabled=args.progress or (not args.no_progress and sys.stderr.isatty()),
-                           shard=job_shard or shard)
+        bar = ProgressBar(enabled=not args.no_progress, shard=job_shard or shard,
+                          terminal=False if args.progress_every else None, every_s=args.progress_every or 30.0)
         judging = dict(flush_every=args.flush_every, flush_seconds=args.flush_seconds,
                        progress=bar.update, on_start=bar.start)
         try:
