@@ -1,4 +1,4 @@
-"""The ``rank1-hf`` command line: rerank, score, evaluate, plan, compare (one module each).
+"""The ``rank1-hf`` command line: rerank, score, evaluate, plan, compare, report, serve (one module each).
 
 Examples::
 
@@ -13,6 +13,7 @@ Examples::
     rank1-hf evaluate --run rank1.trec --qrels qrels.txt
     rank1-hf plan jhu-clsp/rank1-32b --max-memory 0=40GiB,1=40GiB
     rank1-hf serve --model jhu-clsp/rank1-7b --port 8000 --store judgements.sqlite   # HTTP rerank API
+    rank1-hf report rank1.trec --qrels qrels.txt                             # rank1.html, readable offline
 
 Errors in the user's input or setup print one line, ``rank1-hf: error: ...``, and exit with status 2.
 Ctrl-C (or SIGTERM) exits with 130 after committing finished judgements to the store: rerunning the same
@@ -29,8 +30,9 @@ final run given all their ``--store`` files writes the outputs: see rank1_hf.pip
 Passages too long for --context-size are cut (the passage only; the template's tail stays whole) and the
 summary counts them and names the first ten, since a cut passage may hide the relevant part.
 
-Input validation (files, ids, output paths, the judgement store) happens before the model is loaded, and
-torch/transformers are imported only when a model is needed, so mistakes are reported in a second.
+Input validation (flags, files, ids, output paths, the judgement store, whether --model can be found at
+all: :mod:`rank1_hf.cli.preflight`) happens before torch or transformers are imported, so mistakes are
+reported in about half a second.
 """
 
 from __future__ import annotations
