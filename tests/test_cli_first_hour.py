@@ -135,7 +135,7 @@ def test_output_folders_are_made(model_dir, tmp_path, capsys):
     out = tmp_path / "new" / "deeper" / "rank1.trec"
     args = ["rerank", "--model", model_dir, "--run", str(SAMPLE["run"]), "--queries", str(SAMPLE["queries"]),
             "--corpus", str(SAMPLE["corpus"]), "--top-k", "1", "--max-new-tokens", "2", "--threads", "1",
-            "--output", str(out), "--no-progress"]
+            "--output", str(out), "--store", str(tmp_path / "s.sqlite"), "--no-progress"]
     assert cli.main(args) == 0, capsys.readouterr().err
     assert out.is_file() and out.with_name("rank1.traces.jsonl").is_file()
     assert [json.loads(line)["qid"] for line in out.with_name("rank1.traces.jsonl").read_text().splitlines()]
