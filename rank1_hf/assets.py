@@ -96,6 +96,9 @@ def smollm2(cache_dir: Path | None = None) -> Path:
     if importlib.util.find_spec("gguf") is None:
         raise Rank1Error("reading the SmolLM2 GGUF needs the gguf package: pip install gguf")
 
+    from .loading import quiet_progress_bars
+
+    @quiet_progress_bars()  # the GGUF conversion's and weight loading's bars, unless logging asks for them
     def build(tmp: Path) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig

@@ -118,8 +118,30 @@ def _tsv_rows(path: PathLike, what: str) -> Iterator[tuple[int, str, str]]:
             continue
         ident, tab, text = line.partition("\t")
         if not tab:
-            raise Rank1Error(f"{path} line {lineno}: expected '{what}<TAB>text', found no tab")
+            raise Rank1Error(f"{path} line {lineno}: expected '{what}<TAB>text', found no tab{_kind_hint(line)}")
         yield lineno, ident.strip(), text
+
+
+def _kind_hint(line: str) -> str:
+    """What kind of file a line that does not fit looks like, as a suffix for the error ("" when unclear):
+    the mistake is usually the wrong file given to the right flag."""
+    text = line.strip()
+    if text.startswith("{"):
+        try:
+            row = json.loads(text)
+        except ValueError:
+            return " (the line is JSON: a JSONL corpus or queries file, or a JSON run?)"
+        if isinstance(row, dict) and ("_id" in row or "text" in row):
+            return " (this looks like a JSONL corpus or queries file)"
+        return " (the line is JSON)"
+    fields = text.split()
+    if len(fields) == 6 and fields[1] == "Q0":
+        return " (this looks like a TREC run)"
+    if len(fields) == 4 and fields[1] in ("0", "Q0") and fields[3].lstrip("-").isdigit():
+        return " (this looks like TREC qrels)"
+    if "\t" in line and len(line.split("\t")) == 2:
+        return " (this looks like an id<TAB>text queries or passages file)"
+    return ""
 
 
 def check_id(ident: str, what: str, where: str) -> None:
@@ -160,13 +182,17 @@ def _id_text_file(
         )
     else:
         rows = _tsv_rows(path, what)
+    lines = 0
     for lineno, ident, text in rows:
+        lines += 1
         check_id(ident, what, f"{path} line {lineno}")  # every row's, held or not: the file is wrong
         if keep is not None and ident not in keep:
             continue
         if allow_empty and ident and not text.strip():
             continue
         _add(table, ident, text, what, path, lineno)
+    if not lines and not allow_empty:
+        raise Rank1Error(f"{path}: the file is empty (no {what}<TAB>text lines or JSON records)")
     return table
 
 
@@ -206,7 +232,9 @@ def read_corpus(path: PathLike, keep: Container[str] | None = None) -> dict[str,
     if not _is_jsonl(path):
         return _id_text_file(path, "docid", (), keep=keep)
     corpus: dict[str, str] = {}
+    lines = 0
     for lineno, row in _json_rows(path):
+        lines = lineno
         docid = _field(row, ("_id", "doc_id", "docid"), path, lineno).strip()
         check_id(docid, "docid", f"{path} line {lineno}")
         if keep is not None and docid not in keep:
@@ -219,6 +247,8 @@ def read_corpus(path: PathLike, keep: Container[str] | None = None) -> dict[str,
             raise Rank1Error(f"{path} line {lineno}: docid {docid!r} has empty text")
         record = {"text": text} if title is None else {"title": title, "text": text}
         _add(corpus, docid, passage_text(record), "docid", path, lineno)
+    if not lines:
+        raise Rank1Error(f"{path}: the file is empty (no JSON records)")
     return corpus
 
 
@@ -240,6 +270,7 @@ def _read_run_lines(path: PathLike) -> Iterator[tuple[int, str, str, float]]:
         if len(fields) != 6:
             raise Rank1Error(
                 f"{path} line {lineno}: expected 6 fields 'qid Q0 docid rank score tag', got {len(fields)}"
+                + _kind_hint(line)
             )
         qid, _, docid, rank, score_text, _ = fields
         try:
@@ -326,6 +357,11 @@ def _read_json_run(path: PathLike, subset: str | None, split: str | None) -> dic
     except (OSError, UnicodeDecodeError) as e:
         raise Rank1Error(f"{path}: cannot read: {e}") from None
     except json.JSONDecodeError as e:
+        if e.msg == "Extra data" and e.lineno > 1:  # one object per line: JSONL, not a JSON run
+            first = next(line for _, line in _lines(path) if line.strip())
+            raise Rank1Error(f"{path} line {e.lineno}: one JSON object per line (JSONL){_kind_hint(first)}, not a "
+                             "run: a run is TREC text (qid Q0 docid rank score tag) or one JSON object "
+                             "{qid: {docid: score}}") from None
         raise Rank1Error(f"{path} line {e.lineno}: invalid JSON: {e.msg}") from None
     if isinstance(data, dict) and "mteb_model_meta" in data:
         data = _pick(path, _pick(path, {k: v for k, v in data.items() if k != "mteb_model_meta"}, subset, "subset"),
@@ -393,7 +429,7 @@ def read_qrels(path: PathLike) -> Qrels:
             raise Rank1Error(
                 f"{path} line {lineno}: expected 4 fields 'qid 0 docid grade' (TREC) or 3 "
                 f"'query-id corpus-id score' (BEIR), got {len(fields)}"
-                + (f" after {width} on the first line" if lineno > 1 and width in (3, 4) else "")
+                + (f" after {width} on the first line" if lineno > 1 and width in (3, 4) else _kind_hint(line))
             )
         qid, docid, grade = (fields[0], fields[2], fields[3]) if width == 4 else fields
         try:
@@ -422,11 +458,13 @@ def check_run(
         if not docs:  # nothing to judge: the query text is not needed (the job reports such queries)
             continue
         if qid not in queries:
-            raise Rank1Error(f"{_where(run_path, qid, None)}: qid {qid!r} is not in the queries")
+            hint = "" if queries else " (the queries hold none of the run's qids: the queries of another dataset?)"
+            raise Rank1Error(f"{_where(run_path, qid, None)}: qid {qid!r} is not in the queries{hint}")
         for docid, _ in docs:
             if docid not in corpus:
                 where = _where(run_path, qid, docid)
-                raise Rank1Error(f"{where}: docid {docid!r} (qid {qid!r}) is not in the corpus")
+                hint = "" if corpus else " (the corpus holds none of the run's docids: the corpus of another dataset?)"
+                raise Rank1Error(f"{where}: docid {docid!r} (qid {qid!r}) is not in the corpus{hint}")
 
 
 def _where(run_path: PathLike | None, qid: str, docid: str | None) -> str:
@@ -455,6 +493,10 @@ def _first_line(run_path: PathLike, qid: str, docid: str | None) -> int | None:
 def _write_atomic(path: PathLike, lines: Iterable[str]) -> None:
     """Write text to a temp file beside ``path`` and rename it over, so readers never see half a file."""
     target = Path(path)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)  # an output in a new folder: make the folder
+    except OSError as e:
+        raise Rank1Error(f"{target}: cannot write: cannot make its folder: {e.strerror or e}") from None
     # Not tempfile.mkstemp: its 0600 mode would survive the rename; 0666 lets the umask decide as usual.
     tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
@@ -520,6 +562,16 @@ def write_run(path: PathLike, run: Mapping[str, Iterable[tuple[str, float]]], ta
 def write_jsonl(path: PathLike, rows: Iterable[Mapping[str, Any]]) -> None:
     """Write one JSON object per line, atomically (non-ASCII text is kept as UTF-8)."""
     _write_atomic(path, (json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def write_text(path: PathLike, text: str) -> None:
+    """Write ``text`` atomically (an HTML report, ...)."""
+    _write_atomic(path, [text])
+
+
+def read_jsonl(path: PathLike) -> list[dict[str, Any]]:
+    """Every object of a JSONL file (errors name the file and line)."""
+    return [row for _, row in _json_rows(path)]
 
 
 def sample_paths() -> dict[str, Path]:

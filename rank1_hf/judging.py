@@ -314,7 +314,7 @@ class _CallLog:
 
     def __init__(self, options: JudgeOptions):
         self.options = options
-        self.count = self.cut = self.unfinished = 0
+        self.count = self.cut = self.unfinished = self.capped = 0
 
     def add(self, index: int, judgement: Judgement) -> None:
         self.count += 1
@@ -323,6 +323,7 @@ class _CallLog:
             logger.info("pair %d: passage cut to fit context_size=%d", index, self.options.context_size)
         if judgement.outcome != "answered":
             self.unfinished += 1
+            self.capped += judgement.reasoning_tokens >= self.options.max_new_tokens
             logger.debug("pair %d: %s (reasoning unfinished after %d tokens)", index, judgement.outcome,
                          judgement.reasoning_tokens)
 
@@ -331,8 +332,10 @@ class _CallLog:
             logger.warning("%d of %d passages were cut to fit context_size=%d (the passage only; the template "
                            "stays whole)", self.cut, self.count, self.options.context_size)
         if self.unfinished:
-            logger.info("%d of %d pairs did not close </think> within max_new_tokens=%d and were forced to "
-                        "an answer", self.unfinished, self.count, self.options.max_new_tokens)
+            # A row that ran out of tokens generated exactly the cap; fewer means the model's own end-of-sequence.
+            logger.info("%d of %d pairs did not close </think> and were forced to an answer: %d reached "
+                        "max_new_tokens=%d, %d ended their sequence (EOS) before it", self.unfinished, self.count,
+                        self.capped, self.options.max_new_tokens, self.unfinished - self.capped)
         if stats.oom_retries:
             logger.warning("%d out-of-memory retries (the batch was split and run again)", stats.oom_retries)
 

@@ -39,7 +39,7 @@ from transformers import (
 )
 
 from rank1_hf.errors import Rank1Error
-from rank1_hf.options import QUANTIZATIONS
+from rank1_hf.options import QUANTIZATIONS, DeviceKey, MaxMemory, parse_max_memory
 
 __all__ = [
     "is_awq_config",
@@ -48,8 +48,6 @@ __all__ = [
     "resolve_dtype",
 ]
 
-DeviceKey = Union[int, str]
-MaxMemory = dict[DeviceKey, Union[int, str]]
 DtypeLike = Union[str, torch.dtype, None]
 
 
@@ -77,9 +75,6 @@ _PAD_CANDIDATES = (
     "<|pad|>",
     "<|endoftext|>",  # Qwen2.5's own pad
 )
-
-_SIZE_RE = re.compile(r"^\d+(\.\d+)?\s*([KMGT]i?B)$", re.IGNORECASE)
-
 
 # --------------------------------------------------------------------------------------------------
 # small helpers
@@ -241,46 +236,6 @@ def _map_uses_disk(device_map: str | dict[str, Any], max_memory: MaxMemory | Non
     return bool(max_memory) and "disk" in max_memory
 
 
-def parse_max_memory(spec: str | Mapping[Any, Any]) -> MaxMemory:
-    """Parse ``"0=40GiB,1=40GiB,cpu=100GiB"`` (or check a dict) into accelerate's ``max_memory``.
-
-    Keys: GPU index (``0``, ``cuda:1``), ``cpu``, ``disk`` or ``mps``. Values: a size with a unit
-    (``40GiB``, ``500MB``; binary units are powers of 1024, decimal ones of 1000) or a byte count.
-    """
-    if isinstance(spec, Mapping):
-        items = [(str(k), str(v)) for k, v in spec.items()]
-    else:
-        items = []
-        for part in str(spec).split(","):
-            if not part.strip():
-                continue
-            key, sep, value = part.partition("=")
-            if not sep:
-                raise Rank1Error(f"bad max_memory entry '{part.strip()}'; write DEVICE=SIZE, e.g. 0=40GiB,cpu=100GiB")
-            items.append((key, value))
-    if not items:
-        raise Rank1Error("empty max_memory; write DEVICE=SIZE pairs, e.g. 0=40GiB,cpu=100GiB")
-    result: MaxMemory = {}
-    for raw_key, raw_value in items:
-        key_text, value = raw_key.strip().lower(), raw_value.strip()
-        key: DeviceKey
-        if key_text.isdigit():
-            key = int(key_text)
-        elif key_text.startswith("cuda:") and key_text[5:].isdigit():
-            key = int(key_text[5:])
-        elif key_text in ("cpu", "disk", "mps"):
-            key = key_text
-        else:
-            raise Rank1Error(f"bad max_memory device '{raw_key.strip()}'; use a GPU index (0, 1, ...), cpu or disk")
-        if value.isdigit():
-            result[key] = int(value)
-        elif _SIZE_RE.match(value):
-            result[key] = value.replace(" ", "")
-        else:
-            raise Rank1Error(f"bad max_memory size '{value}' for device {key}; write e.g. 40GiB, 500MB or a byte count")
-    return result
-
-
 def _size_to_bytes(value: int | str) -> int:
     from accelerate.utils import convert_file_size_to_int
 
@@ -371,6 +326,23 @@ def check_load_options(
         raise Rank1Error(f"offload folder {os.fspath(offload_folder)} is not a directory")
 
 
+@contextmanager
+def quiet_progress_bars() -> Iterator[None]:
+    """transformers' progress bars (weights loading, GGUF conversion) off for the block, unless this
+    package's logger is enabled for INFO (``logging.basicConfig(level=logging.INFO)`` asks for them)."""
+    from transformers.utils import logging as hf_logging
+
+    if logging.getLogger("rank1_hf").isEnabledFor(logging.INFO) or not hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()
+
+
+@quiet_progress_bars()
 def load_model(
     model_name_or_path: str,
     *,

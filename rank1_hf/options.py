@@ -9,13 +9,21 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping, Union
 
 from .errors import Rank1Error
 
 ENGINES = ("auto", "continuous", "generate")
 #: The quantization names ``load_model(quantization=...)`` accepts (besides a BitsAndBytesConfig).
 QUANTIZATIONS = ("bnb-4bit", "bnb-8bit")
+#: The dtype names load_model accepts (rank1_hf.loading maps them to torch dtypes), "torch." prefix allowed.
+DTYPE_NAMES = ("auto", "float16", "fp16", "half", "bfloat16", "bf16", "float32", "fp32", "float",
+               "torch.float16", "torch.bfloat16", "torch.float32")
+
+DeviceKey = Union[int, str]
+MaxMemory = dict[DeviceKey, Union[int, str]]
+
+_SIZE_RE = re.compile(r"^\d+(\.\d+)?\s*([KMGT]i?B)$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -116,3 +124,43 @@ def parse_bytes(value: Any, name: str) -> int:
     if number < 1:
         raise Rank1Error(f"{name} must be at least 1 byte, got {value!r}")
     return number
+
+
+def parse_max_memory(spec: str | Mapping[Any, Any]) -> MaxMemory:
+    """Parse ``"0=40GiB,1=40GiB,cpu=100GiB"`` (or check a dict) into accelerate's ``max_memory``.
+
+    Keys: GPU index (``0``, ``cuda:1``), ``cpu``, ``disk`` or ``mps``. Values: a size with a unit
+    (``40GiB``, ``500MB``; binary units are powers of 1024, decimal ones of 1000) or a byte count.
+    """
+    if isinstance(spec, Mapping):
+        items = [(str(k), str(v)) for k, v in spec.items()]
+    else:
+        items = []
+        for part in str(spec).split(","):
+            if not part.strip():
+                continue
+            key, sep, value = part.partition("=")
+            if not sep:
+                raise Rank1Error(f"bad max_memory entry '{part.strip()}'; write DEVICE=SIZE, e.g. 0=40GiB,cpu=100GiB")
+            items.append((key, value))
+    if not items:
+        raise Rank1Error("empty max_memory; write DEVICE=SIZE pairs, e.g. 0=40GiB,cpu=100GiB")
+    result: MaxMemory = {}
+    for raw_key, raw_value in items:
+        key_text, value = raw_key.strip().lower(), raw_value.strip()
+        key: DeviceKey
+        if key_text.isdigit():
+            key = int(key_text)
+        elif key_text.startswith("cuda:") and key_text[5:].isdigit():
+            key = int(key_text[5:])
+        elif key_text in ("cpu", "disk", "mps"):
+            key = key_text
+        else:
+            raise Rank1Error(f"bad max_memory device '{raw_key.strip()}'; use a GPU index (0, 1, ...), cpu or disk")
+        if value.isdigit():
+            result[key] = int(value)
+        elif _SIZE_RE.match(value):
+            result[key] = value.replace(" ", "")
+        else:
+            raise Rank1Error(f"bad max_memory size '{value}' for device {key}; write e.g. 40GiB, 500MB or a byte count")
+    return result

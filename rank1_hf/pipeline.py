@@ -35,7 +35,8 @@ Two ways to spread a job over machines, both ending in outputs identical to a si
 
 Ranking rule: :func:`rank1_hf.formats.ranked` (score descending, ties by docid descending, as trec_eval
 re-sorts), for the first-stage top-k, the reranked run, the traces and the evaluation alike, so the file on
-disk, the traces and every evaluation tool agree. Only the top-k pairs are reranked and written. The run
+disk, the traces and every evaluation tool agree. Only the top-k pairs are reranked; the documents below
+them can follow in their first-stage order (:func:`reranked_run`'s ``rest``, the CLI's default). The run
 file's scores are made strictly decreasing (:func:`rank1_hf.formats.untied_scores`); the traces keep each
 judgement's raw score.
 """
@@ -66,9 +67,23 @@ if TYPE_CHECKING:  # importing the ranker pulls in torch; the pipeline itself do
 
 logger = logging.getLogger(__name__)
 
+#: One line each in the run summary: what an outcome means.
+OUTCOME_MEANINGS = {
+    "answered": "the model closed </think> itself; the score was read right after it",
+    "forced": "the reasoning stopped before </think> (the token cap or the model's end-of-sequence); it was cut "
+              "back to its last sentence and </think> added, and the score read after that, as rank1's "
+              "reference does",
+    "fallback": "no score could be read (non-finite logits); the score is 0.5",
+}
+
+#: A trace record: the judgement, where the pair stood before and after, and the texts it was made from
+#: (a passage costs about what its reasoning does, and carrying it spares readers a join against a corpus
+#: that may hold millions of passages). ``reasoning`` is the text the score was read after (cut back to its
+#: last sentence for a forced pair); ``full_reasoning`` everything generated.
 TRACE_FIELDS = (
-    "qid", "docid", "score", "outcome", "reasoning", "reasoning_tokens", "prompt_tokens", "truncated",
-    "true_logit", "false_logit",
+    "qid", "docid", "rank", "score", "outcome", "reasoning", "full_reasoning", "reasoning_tokens",
+    "prompt_tokens", "truncated", "true_logit", "false_logit", "first_stage_rank", "first_stage_score",
+    "query", "instruction", "passage",
 )
 
 
@@ -160,14 +175,21 @@ class Summary:
             f"reused from store: {self.reused}",
             f"judged now: {self.judged_now}",
             "outcomes: " + ", ".join(f"{k} {self.outcomes.get(k, 0)}" for k in ("answered", "forced", "fallback")),
+            *(f"  {k} {n}: {OUTCOME_MEANINGS[k]}" for k in ("answered", "forced", "fallback")
+              if (n := self.outcomes.get(k, 0))),
             f"truncated: {len(self.truncated)}",
             f"elapsed: {self.elapsed_s:.1f} s ({rate})",
         ]
+        if self.outcomes and not self.outcomes.get("answered"):
+            out.append("note: no pair was answered: every score was read after reasoning the model did not finish. "
+                       "Raise --max-new-tokens (rank1's reasoning runs to about 1000 tokens; the reference allows "
+                       "8192)")
         if self.truncated:
             # Passages longer than the context were cut (passage only, template kept whole); name a few.
             names = ", ".join(f"{q}/{d}" for q, d in self.truncated[:10])
             more = f" and {len(self.truncated) - 10} more" if len(self.truncated) > 10 else ""
-            out[4] += f" (passage cut to fit context_size: {names}{more})"
+            i = next(i for i, line in enumerate(out) if line.startswith("truncated:"))
+            out[i] += f" (passage cut to fit context_size: {names}{more})"
         if self.no_documents:
             # A JSON run can name a query with no documents: nothing to judge, but not silently dropped.
             names = ", ".join(self.no_documents[:10])
@@ -498,29 +520,52 @@ def _collect(ranker: "Rank1", items: Sequence[Item], stores: Sequence[JudgementS
 # ---------------------------------------------------------------------------------------------- outputs
 
 
-def reranked_run(items: Sequence[Item], judgements: Mapping[tuple[str, str], Judgement]) -> formats.Run:
-    """qid -> [(docid, score)], ranked by :func:`rank1_hf.formats.ranked` (see the module docstring)."""
+def reranked_run(items: Sequence[Item], judgements: Mapping[tuple[str, str], Judgement],
+                 rest: Mapping[str, Sequence[tuple[str, float]]] | None = None) -> formats.Run:
+    """qid -> [(docid, score)], ranked by :func:`rank1_hf.formats.ranked` (see the module docstring).
+
+    ``rest``: the first-stage documents below the top-k (:func:`first_stage_rest`), ranked after the
+    reranked ones in their first-stage order, with scores -1, -2, ... (below any rank1 score, which lies
+    in [0, 1]), so the run is as deep as its input and evaluates like with like.
+    """
     run: formats.Run = {}
     for it in items:
         run.setdefault(it.qid, []).append((it.docid, judgements[(it.qid, it.docid)].score))
-    return {qid: formats.ranked(docs) for qid, docs in sorted(run.items())}
+    out = {qid: formats.ranked(docs) for qid, docs in run.items()}
+    for qid, docs in (rest or {}).items():
+        if docs:
+            out.setdefault(qid, []).extend((docid, -float(i)) for i, (docid, _) in enumerate(docs, 1))
+    return dict(sorted(out.items()))
 
 
-def first_stage_run(items: Sequence[Item]) -> formats.Run:
-    """The input run as the job saw it (after top_k), for comparing against the reranked one."""
+def first_stage_rest(run_path: formats.PathLike, top_k: int) -> formats.Run:
+    """The first-stage documents of each query below its top ``top_k``, in first-stage order."""
+    return {qid: docs[top_k:] for qid, docs in formats.read_run(run_path).items() if docs[top_k:]}
+
+
+def first_stage_run(items: Sequence[Item], rest: Mapping[str, Sequence[tuple[str, float]]] | None = None) -> formats.Run:
+    """The input run as the job saw it (after top_k, and ``rest`` below it when given), for comparing
+    against the reranked one."""
     run: formats.Run = {}
     for it in items:
         run.setdefault(it.qid, []).append((it.docid, it.first_stage_score))
+    for qid, docs in (rest or {}).items():
+        run.setdefault(qid, []).extend(docs)
     return run
 
 
 def trace_rows(items: Sequence[Item], judgements: Mapping[tuple[str, str], Judgement]) -> list[dict[str, Any]]:
-    """One record per pair (fields :data:`TRACE_FIELDS`), in the order of the reranked run."""
+    """One record per judged pair (fields :data:`TRACE_FIELDS`), in the order of the reranked run."""
+    by_pair = {(it.qid, it.docid): it for it in items}
     rows = []
     for qid, docs in reranked_run(items, judgements).items():
-        for docid, _ in docs:
-            d = judgements[(qid, docid)].to_dict()
-            rows.append({name: (qid if name == "qid" else docid if name == "docid" else d[name]) for name in TRACE_FIELDS})
+        for rank, (docid, _) in enumerate(docs, 1):
+            it, j = by_pair[(qid, docid)], judgements[(qid, docid)]
+            d = j.to_dict()
+            d.update(qid=qid, docid=docid, rank=rank, reasoning=j.scored_reasoning, full_reasoning=j.reasoning,
+                     first_stage_rank=it.first_stage_rank, first_stage_score=it.first_stage_score,
+                     query=it.query, instruction=it.instruction, passage=it.passage)
+            rows.append({name: d[name] for name in TRACE_FIELDS})
     return rows
 
 
@@ -530,9 +575,11 @@ def write_outputs(
     output: formats.PathLike,
     traces: formats.PathLike | None,
     tag: str = "rank1",
+    rest: Mapping[str, Sequence[tuple[str, float]]] | None = None,
 ) -> formats.Run:
-    """Write the reranked TREC run and (optionally) the JSONL traces, each atomically; returns the run."""
-    run = reranked_run(items, judgements)
+    """Write the reranked TREC run (with ``rest`` below the reranked documents, see :func:`reranked_run`)
+    and (optionally) the JSONL traces of the judged pairs, each atomically; returns the run."""
+    run = reranked_run(items, judgements, rest)
     formats.write_run(output, run, tag)
     if traces is not None:
         formats.write_jsonl(traces, trace_rows(items, judgements))
@@ -540,12 +587,15 @@ def write_outputs(
 
 
 def check_writable(path: formats.PathLike) -> None:
-    """Fail early (before hours of judging) when ``path`` clearly cannot be written."""
+    """Fail early (before hours of judging) when ``path`` clearly cannot be written. Missing folders are
+    fine (the writers make them) when the nearest existing one is writable."""
     p = Path(path)
     if p.is_dir():
         raise Rank1Error(f"{p}: cannot write: is a directory")
     parent = p.parent if str(p.parent) else Path(".")
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
     if not parent.is_dir():
-        raise Rank1Error(f"{p}: cannot write: directory {parent} does not exist")
+        raise Rank1Error(f"{p}: cannot write: {parent} is not a directory")
     if not os.access(parent, os.W_OK):
         raise Rank1Error(f"{p}: cannot write: directory {parent} is not writable")

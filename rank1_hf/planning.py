@@ -138,7 +138,8 @@ def plan_device_map(
         if quantization is not None and quantization not in QUANTIZATIONS:
             raise Rank1Error(f"unknown quantization '{quantization}'; use one of: {', '.join(QUANTIZATIONS)}")
         scheme = quantization
-        torch_dtype = _parse_dtype(dtype) or _checkpoint_dtype(config)
+        # "auto" as load_model resolves it: the checkpoint's dtype on GPUs, float32 on a CPU-only budget.
+        torch_dtype = resolve_dtype(dtype, config, on_gpu=any(isinstance(k, int) for k in budget))
 
     model = _meta_model(config, torch_dtype)
     if scheme is not None:

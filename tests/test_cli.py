@@ -85,8 +85,9 @@ def test_rerank_end_to_end_then_everything_reused(model_dir, tmp_path, capsys):
     assert len(lines) == 12 and all(len(line.split()) == 6 for line in lines)
     traces = [json.loads(line) for line in (tmp_path / "out" / "reranked.traces.jsonl").read_text().splitlines()]
     assert [(t["qid"], t["docid"]) for t in traces] == [tuple(line.split()[0:3:2]) for line in lines]
-    assert set(traces[0]) == {"qid", "docid", "score", "outcome", "reasoning", "reasoning_tokens",
-                              "prompt_tokens", "truncated", "true_logit", "false_logit"}
+    assert set(traces[0]) == {"qid", "docid", "rank", "score", "outcome", "reasoning", "full_reasoning",
+                              "reasoning_tokens", "prompt_tokens", "truncated", "true_logit", "false_logit",
+                              "first_stage_rank", "first_stage_score", "query", "instruction", "passage"}
     assert (tmp_path / "out" / "rank1-judgements.sqlite").exists()
 
     before = out.read_text()
@@ -321,7 +322,8 @@ def test_non_utf8_bytes(files, capsys):
 
 
 def test_unwritable_output_path(files, capsys):
-    _bad(capsys, _rerank_args(files, output=files / "missing-dir" / "out.trec"), "missing-dir", "cannot write")
+    (files / "a-file").write_text("x")
+    _bad(capsys, _rerank_args(files, output=files / "a-file" / "out.trec"), "a-file", "cannot write", "not a directory")
     _bad(capsys, _rerank_args(files, output=files), "is a directory")
 
 
@@ -337,8 +339,9 @@ def test_unknown_model_offline_exits_2_without_traceback(files):
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("rank1-hf: error:")]
-    assert errors == ["rank1-hf: error: cannot load model 'org-that-does-not-exist/rank1-nope': not a local "
-                      "directory and the Hugging Face hub is unreachable (offline)"]
+    assert errors == ["rank1-hf: error: --model org-that-does-not-exist/rank1-nope: not a local folder and not in "
+                      "the hub cache, and HF_HUB_OFFLINE is set; download it where the hub is reachable or pass a "
+                      "local folder"]
 
 
 def test_late_error_keeps_finished_judgements(model_dir, files, capsys, monkeypatch):

@@ -66,6 +66,9 @@ def test_ctrl_c_exits_130_without_traceback_in_every_command(files, capsys, monk
     from rank1_hf import evaluate as evaluate_module
     from rank1_hf.cli import compare, rerank, score
 
+    for name in ("m", "no-model-here", "model-a", "model-b"):  # model folders the pre-flight accepts
+        (files / name).mkdir()
+        (files / name / "config.json").write_text("{}")
     if command == "score":
         monkeypatch.setattr(score, "make_ranker", _interrupt)
         args = ["score", "--model", str(files / "m"), "--query", "cats", "--passage", "Cats purr."]
@@ -99,7 +102,8 @@ def test_ctrl_c_exits_130_without_traceback_in_every_command(files, capsys, monk
 
 
 def test_traces_path_is_checked_before_loading(files, capsys, no_loading):
-    _bad(capsys, _rerank_args(files, "--traces", str(files / "missing-dir" / "t.jsonl")), "missing-dir", "cannot write")
+    (files / "a-file").write_text("x")
+    _bad(capsys, _rerank_args(files, "--traces", str(files / "a-file" / "t.jsonl")), "a-file", "cannot write")
     _bad(capsys, _rerank_args(files, "--traces", str(files / "out.trec")), "--traces", "same file as --output")
 
 
@@ -121,14 +125,14 @@ def test_every_store_is_checked_before_loading(files, capsys, no_loading):
 def test_other_arguments_are_checked_before_loading(files, capsys, no_loading):
     _bad(capsys, _rerank_args(files, "--wait-timeout", "0"), "--wait-timeout must be positive")
     _bad(capsys, _rerank_args(files, "--dtype", "float17"), "unknown dtype")
-    _bad(capsys, _rerank_args(files, "--max-memory", "0=lots"), "bad max_memory size")
+    _bad(capsys, _rerank_args(files, "--max-memory", "0=lots"), "--max-memory", "bad max_memory size")
     _bad(capsys, ["score", "--model", str(files / "m"), "--query", "q", "--passage", "p", "--dtype", "float17"],
          "unknown dtype")
     _bad(capsys, ["score", "--model", str(files / "m"), "--query", "q", "--passage", "p",
-                  "--max-new-tokens", "100", "--context-size", "50"], "max_new_tokens < context_size")
+                  "--max-new-tokens", "100", "--context-size", "50"], "--max-new-tokens < --context-size")
     # compare: B's loading flags before A is loaded and judged
     _bad(capsys, _compare_args(files, "--b-dtype", "float17"), "--b-", "unknown dtype")
-    _bad(capsys, _compare_args(files, "--a-device-map", "nowhere:7"), "--a-", "bad device_map")
+    _bad(capsys, _compare_args(files, "--a-device-map", "nowhere:7"), "--a-device-map", "bad value")
 
 
 # ---------------------------------------------------------------------------------------------- inputs

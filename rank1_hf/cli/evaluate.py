@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 
@@ -13,7 +14,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser("evaluate", help="score runs against qrels (the figures trec_eval gives on the same files)")
     p.add_argument("--run", required=True, nargs="+", help="TREC, JSON {qid: {docid: score}} or mteb predictions")
     p.add_argument("--qrels", required=True, help="TREC qrels or BEIR qrels TSV (query-id corpus-id score)")
-    p.add_argument("--measures", nargs="+", default=list(DEFAULT_MEASURES))
+    p.add_argument("--measures", nargs="+", default=list(DEFAULT_MEASURES),
+                   help=f"ir_measures names (default {' '.join(DEFAULT_MEASURES)})")
     p.set_defaults(func=run)
     return p
 
@@ -24,8 +26,13 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluate import evaluate, format_table
 
     qrels = formats.read_qrels(args.qrels)
-    rows = {}
-    for path in args.run:
-        rows[path] = evaluate(formats.read_run(path), qrels, args.measures)
+    runs = {path: formats.read_run(path) for path in args.run}
+    depths = {path: max((len(docs) for docs in run.values()), default=0) for path, run in runs.items()}
+    if len(set(depths.values())) > 1:
+        # R@100 of a top-10 run against R@100 of a top-100 one makes reranking look harmful.
+        print("warning: the runs have different depths (" + ", ".join(f"{p}: {d} per query" for p, d in depths.items())
+              + "); measures deeper than the shallowest favour the deeper runs (a reranked run written with "
+              "--drop-rest holds only the top-k)", file=sys.stderr)
+    rows = {path: evaluate(run, qrels, args.measures) for path, run in runs.items()}
     print(format_table(rows))
     return 0

@@ -14,11 +14,16 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Define the ``plan`` subcommand; returns its parser."""
     p = subparsers.add_parser("plan", help="show how a model would be split over devices, and how many pairs its "
                                            "KV pool holds, without loading it")
-    p.add_argument("model")
+    p.add_argument("model", help="hub id or local directory (only its config.json is read); 'demo' = the bundled "
+                                 "SmolLM2 demo")
     p.add_argument("--max-memory", required=True, help="e.g. 0=40GiB,1=40GiB (GPUs need not exist here)")
-    p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--quantization", choices=QUANTIZATIONS)
-    p.add_argument("--device-map", default="auto", choices=("auto", "balanced", "balanced_low_0", "sequential"))
+    p.add_argument("--dtype", default="auto",
+                   help="auto (default: the checkpoint's dtype when the budget names a GPU, float32 on a CPU-only "
+                        "budget, as loading does), float16, bfloat16 or float32")
+    p.add_argument("--quantization", choices=QUANTIZATIONS, help="plan for quantization on load (AWQ is read from "
+                                                                 "the checkpoint)")
+    p.add_argument("--device-map", default="auto", choices=("auto", "balanced", "balanced_low_0", "sequential"),
+                   help="how accelerate splits the layers (default auto)")
     p.add_argument("--prompt-tokens", type=int, default=500, help="tokens of one pair's prompt (default 500)")
     p.add_argument("--reasoning-tokens", action="append", metavar="N[,N...]",
                    help="reasoning lengths to count rows at, repeatable or a comma list (default 1000)")
@@ -45,9 +50,18 @@ def reasoning_lengths(values: list[str] | None) -> list[int]:
 
 def run(args: argparse.Namespace) -> int:
     """The ``plan`` subcommand."""
-    from ..planning import format_kv_plan, format_plan, kv_plan, plan_device_map
+    from ..options import LoadOptions, parse_bytes
+    from .common import check_model
+    from .preflight import check_load_flags
 
     lengths = reasoning_lengths(args.reasoning_tokens)
+    check_load_flags(LoadOptions(dtype=args.dtype, max_memory=args.max_memory))
+    if args.kv_memory is not None:
+        parse_bytes(args.kv_memory, "--kv-memory")
+    check_model(args.model)
+
+    from ..planning import format_kv_plan, format_plan, kv_plan, plan_device_map
+
     plan = plan_device_map(resolve_model(args.model), max_memory=args.max_memory, dtype=args.dtype,
                            quantization=args.quantization, device_map=args.device_map)
     kv = kv_plan(plan, lengths, prompt_tokens=args.prompt_tokens, kv_memory=args.kv_memory,

@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 from ..errors import Rank1Error
 from .common import (DEMO_NOTE, PROG, ProgressBar, add_judge_arguments, add_load_arguments, check_arguments,
-                     check_load_options, distinct_paths, is_demo, judge_options, load_options, make_ranker,
+                     check_load_options, check_model, distinct_paths, is_demo, judge_options, load_options, make_ranker,
                      read_inputs)
 
 
@@ -46,13 +46,19 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="judge only shard I (0-based) of N (pairs chosen by a hash of their store key) into the "
                         "first --store, and write no run file; then a run without --shard, given all the "
                         "shards' stores, writes the outputs")
+    p.add_argument("--drop-rest", action="store_true",
+                   help="write only the reranked top-k; by default the run's documents below the top-k follow them, "
+                        "in first-stage order, so the output is as deep as the input and evaluates like with like")
     p.add_argument("--tag", default="rank1", help="run tag in the TREC file (default rank1)")
     p.add_argument("--measures", nargs="+", default=list(DEFAULT_MEASURES), help="measures for --qrels")
     p.add_argument("--flush-every", type=int, help="judgements per store commit (default: the batch size); a SIGKILL loses fewer than this")
     p.add_argument("--flush-seconds", type=float, default=5.0, help="commit at least this often (default 5)")
     p.add_argument("--wait-timeout", type=float, help="launcher rank 0: seconds to wait for the other ranks (default forever)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--progress", action="store_true", help="a progress bar even when stderr is not a terminal")
+    p.add_argument("--no-progress", action="store_true", help="no progress at all")
+    p.add_argument("--progress-every", type=float, metavar="SECONDS",
+                   help="one progress line (pairs done, rate, time left) every SECONDS instead of a bar; the default "
+                        "when stderr is not a terminal, every 30 s")
+    p.add_argument("--progress", action="store_true", help=argparse.SUPPRESS)  # kept for old scripts: the default now
     add_judge_arguments(p)
     add_load_arguments(p.add_argument_group("model loading"))
     p.set_defaults(func=run)
@@ -68,7 +74,7 @@ def run(args: argparse.Namespace, ranker_factory: Callable[..., Any] = make_rank
 
     check_arguments(args, "rerank", models=(args.model,),
                     positives=("top_k", "batch_size", "flush_every", "flush_seconds", "max_new_tokens",
-                               "context_size", "wait_timeout"))
+                               "context_size", "wait_timeout", "progress_every"))
     demo = is_demo(args.model)
     tag = "demo-smollm2" if demo else args.tag
     check_tag(tag)  # used only when the run is written, hours from now: checked first
@@ -109,6 +115,8 @@ def run(args: argparse.Namespace, ranker_factory: Callable[..., Any] = make_rank
         # The stores after the first are only read: they must exist and, once the model is loaded, hold
         # judgements made with this run's settings.
         sources = [stack.enter_context(JudgementStore(p, readonly=True)) for p in store_paths[1:]]
+        _check_store(own)  # this process's store, before the model loads (it is created only once judging starts)
+        check_model(args.model, "--model", args.revision)  # the last check: it may ask the network
         device_map = None
         if shard.world_size > 1:
             import torch
@@ -116,7 +124,6 @@ def run(args: argparse.Namespace, ranker_factory: Callable[..., Any] = make_rank
             # Data parallel: one whole model per process, on "its" GPU when there are GPUs.
             if torch.cuda.is_available():
                 device_map = f"cuda:{shard.local_rank % torch.cuda.device_count()}"
-        _check_store(own)  # this process's store, before the model loads (it is created only once judging starts)
         if load.device_map is None:
             load = dataclasses.replace(load, device_map=device_map)
         ranker = ranker_factory(args.model, load, judge_options(args), args.threads)
@@ -125,8 +132,8 @@ def run(args: argparse.Namespace, ranker_factory: Callable[..., Any] = make_rank
         if shard.world_size == 1:  # under a launcher judge_across_ranks opens the rank's own store
             # A rollback journal (not WAL): the store may be on a network filesystem.
             store = stack.enter_context(JudgementStore(own, journal="delete"))
-        bar = ProgressBar(enabled=args.progress or (not args.no_progress and sys.stderr.isatty()),
-                           shard=job_shard or shard)
+        bar = ProgressBar(enabled=not args.no_progress, shard=job_shard or shard,
+                          terminal=False if args.progress_every else None, every_s=args.progress_every or 30.0)
         judging = dict(flush_every=args.flush_every, flush_seconds=args.flush_seconds,
                        progress=bar.update, on_start=bar.start)
         try:
@@ -158,14 +165,18 @@ def run(args: argparse.Namespace, ranker_factory: Callable[..., Any] = make_rank
         print(f"{PROG}: rank {shard.rank}/{shard.world_size}: judged {summary.judged_here} pairs into {own}; "
               "rank 0 writes the outputs", file=sys.stderr)
         return 0
-    reranked = pipeline.write_outputs(items, result.judgements, output, traces, tag)
+    rest = None if args.drop_rest else pipeline.first_stage_rest(args.run, args.top_k)
+    reranked = pipeline.write_outputs(items, result.judgements, output, traces, tag, rest)
     print("rank1-hf rerank" + (" (DEMO model, not rank1)" if demo else ""))
     print(f"model: {args.model}" + (f" ({DEMO_NOTE})" if demo else ""))
     if shard.world_size > 1:
         print(f"processes: {shard.world_size}")
     for line in summary.lines():
         print(line)
-    print(f"run: {output}")
+    if demo and not summary.outcomes.get("answered"):
+        print("note: the demo model is not rank1: it seldom closes </think>; its scores show the pipeline only")
+    print(f"run: {output}" + ("" if args.drop_rest else
+                                  f" (the reranked top {args.top_k}, then the rest of the input in its order)"))
     print(f"traces: {traces}")
     print("store: " + (f"{own} and the other ranks' beside it" if shard.world_size > 1 else str(own))
           + (f", reused from {', '.join(map(str, store_paths[1:]))}" if store_paths[1:] else ""))
@@ -179,8 +190,9 @@ def run(args: argparse.Namespace, ranker_factory: Callable[..., Any] = make_rank
             print("evaluation: none of the run's queries is in the qrels")
             return 0
         table = format_table({
-            f"input (top {args.top_k})": evaluate(pipeline.first_stage_run(items), judged, args.measures),
-            "reranked": evaluate(reranked, judged, args.measures),
+            ("input" if rest else f"input (top {args.top_k})"):
+                evaluate(pipeline.first_stage_run(items, rest), judged, args.measures),
+            ("reranked top-k, then the rest" if rest else "reranked"): evaluate(reranked, judged, args.measures),
         })
         print()
         print(f"evaluation over the {len(judged)} queries with qrels:")

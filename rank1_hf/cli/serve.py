@@ -25,10 +25,11 @@ API_KEY_ENV = "RANK1_HF_API_KEY"
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Define the ``serve`` subcommand; returns its parser."""
     p = subparsers.add_parser("serve", help="serve rerank requests over HTTP (Cohere, Jina/vLLM, TEI APIs)")
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True,
+                   help="hub id or local directory; 'demo' = the bundled SmolLM2 demo (not rank1)")
     p.add_argument("--served-model-name", help="the model name in responses (default: --model)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     p.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV} if set)")
     p.add_argument("--store", help="judgement store (SQLite): reuse stored judgements, commit each new one")
     p.add_argument("--max-documents", type=int, default=1000, help="most documents per request (default 1000)")
@@ -39,7 +40,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--graceful-timeout", type=float, default=30.0,
                    help="seconds SIGTERM waits for requests in flight before cancelling them; must be > 0 "
                         "(default 30)")
-    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
+                   help="uvicorn's log level (default info)")
     add_judge_arguments(p)
     add_load_arguments(p.add_argument_group("model loading"))
     p.set_defaults(func=run)
