@@ -13,11 +13,14 @@ import os
 import signal
 import socket
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import Rank1Error
 from .common import (DEMO_NOTE, add_judge_arguments, add_load_arguments, is_demo, judge_options, load_options,
                      make_ranker, positive)
+
+if TYPE_CHECKING:
+    from ..serve import ServeSettings
 
 API_KEY_ENV = "RANK1_HF_API_KEY"
 
@@ -48,24 +51,31 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
-def run(args: argparse.Namespace) -> int:
-    """The ``serve`` subcommand: checks, load, warm up in the background, serve until SIGTERM."""
-    try:
-        import uvicorn
+def serve_settings(args: argparse.Namespace) -> "ServeSettings":
+    """The app's settings from serve's flags (the port checked too): for ``rank1-hf serve`` and Ray Serve."""
+    from ..serve import ServeSettings
 
-        from ..serve import ServeSettings, create_app
-    except ImportError as error:
-        raise Rank1Error(f"serve needs the [serve] extra (pip install 'rank1-hf[serve]'): {error}") from None
     if not 0 <= args.port <= 65535:
         raise Rank1Error(f"--port must be 0..65535, got {args.port}")
-    positive("graceful-timeout", args.graceful_timeout)
-    settings = ServeSettings(
+    return ServeSettings(
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
         model_name=args.served_model_name or args.model,
         max_documents=args.max_documents,
         max_queued_pairs=args.max_queued_pairs,
         max_body_bytes=args.max_body_bytes,
     )
+
+
+def run(args: argparse.Namespace) -> int:
+    """The ``serve`` subcommand: checks, load, warm up in the background, serve until SIGTERM."""
+    try:
+        import uvicorn
+
+        from ..serve import create_app
+    except ImportError as error:
+        raise Rank1Error(f"serve needs the [serve] extra (pip install 'rank1-hf[serve]'): {error}") from None
+    settings = serve_settings(args)
+    positive("graceful-timeout", args.graceful_timeout)
     judge = judge_options(args)  # a bad --dataset-prompt fails before the model loads
     sock = bind(args.host, args.port)  # so does a busy port
     try:

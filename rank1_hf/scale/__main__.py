@@ -103,15 +103,11 @@ def _serve(args: argparse.Namespace) -> int:
     from ray import serve
 
     from ..cli.common import is_demo, judge_options, load_options, positive, resolve_model
-    from ..cli.serve import API_KEY_ENV
-    from .ray_serve import ServeSettings, application, start
+    from ..cli.serve import serve_settings
+    from .ray_serve import application, start
 
-    if not 0 <= args.port <= 65535:
-        raise Rank1Error(f"--port must be 0..65535, got {args.port}")
+    settings = serve_settings(args)
     positive("max-ongoing-requests", args.max_ongoing_requests)
-    settings = ServeSettings(api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
-                             model_name=args.served_model_name or args.model, max_documents=args.max_documents,
-                             max_queued_pairs=args.max_queued_pairs, max_body_bytes=args.max_body_bytes)
     judge = judge_options(args)  # a bad --dataset-prompt fails before anything starts
     if is_demo(args.model):
         print("note: --model demo is SmolLM2, not a rank1 model", file=sys.stderr)
