@@ -160,7 +160,7 @@ def main() -> None:
     start, steps, words = (1000, 1256, 490) if args.long else (1, args.steps, 40)
     ranker = Rank1.from_model(model, tok, max_new_tokens=max(steps, 1200) + 8)
     prompt_tokens = len(tok(build_prompt("a query", "passage " * words))["input_ids"])
-    from rank1_hf.kv_cache import kv_bytes_per_token
+    from rank1_hf.kv_budget import kv_bytes_per_token
 
     kv_token = kv_bytes_per_token(model)
     # Engines alternate and each figure is the median of --repeats measurements, so a machine that

@@ -29,7 +29,7 @@ from .engine_types import DecodeSettings, EngineStats, Generation
 from .errors import Rank1Error
 from .generate import GenerateEngine
 from .judgement import Judgement
-from .kv_cache import default_kv_memory, kv_bytes_per_token
+from .kv_budget import pool_tokens
 from .options import JudgeOptions
 from .prompt import Pair, build_prompt, unpack_pair
 from .readout import readout_ids, score
@@ -118,7 +118,7 @@ class Judge:
             detector=self.detector,
             tokenizer=tokenizer,
             context_size=options.context_size,
-            kv_tokens=max(1, (options.kv_memory or default_kv_memory(model)) // kv_bytes_per_token(model)),
+            kv_tokens=pool_tokens(model, options.kv_memory),
             batch_size=options.batch_size,
         )
         self.kind = engine_kind(model, options.engine)
