@@ -28,7 +28,7 @@ from transformers import PreTrainedModel
 from .engine_types import DecodeSettings, EngineStats, Generation, Request
 from .readout import closing_ids, forced_readout
 from .runner import ModelRunner, is_oom, supports
-from .scheduler import Compaction, Prefill, Row, RowState, Scheduler
+from .scheduler import Prefill, Row, RowState, Scheduler
 
 logger = logging.getLogger(__name__)
 

@@ -84,7 +84,7 @@ class DecodeSettings:
     tokenizer: "PreTrainedTokenizerBase"  # builds the closing sequence of a row without a free readout
     context_size: int  # the most tokens of one row: prompt + max_new_tokens
     kv_tokens: int  # the KV pool, in tokens: the continuous engine's pages, the generate engine's budget
-    batch_size: int = 32  # most rows decoded together
+    batch_size: int  # most rows decoded together (resolved: judging.default_batch_size when not asked)
 
 
 def fits(lengths: Sequence[int], rows_limit: int, settings: DecodeSettings) -> bool:

@@ -3,8 +3,8 @@
 rank1's reasoning is mostly a few hundred tokens, but a row may run to ``max_new_tokens`` (8,192 by
 default). Reserving that much per row would decide how many rows decode together; here a row takes a page
 of ``page_size`` tokens when it reaches it, and gives all its pages back when it finishes, so the rows in
-flight are bounded by the keys and values they hold (the engine preempts the newest row when the pool is
-full; engine.py).
+flight are bounded by the keys and values they hold. Which pages a slot holds (shared prompt pages
+included) is the allocator's (pages.py); when the pool is full the scheduler preempts (scheduler.py).
 
 Each attention layer owns two buffers of shape (pages x page_size, kv_heads, head_dim), on that layer's
 device (so accelerate device maps work). Page 0 is scratch: padded inputs write there and unused table

@@ -32,7 +32,8 @@ from rank1_hf.loading import (
     parse_max_memory,
     resolve_dtype,
 )
-from rank1_hf.kv_budget import CPU_KV_MEMORY, GPU_RESERVE, PAGE_SIZE, card_pool, kv_bytes_per_token, pages_for, pool_pages
+from rank1_hf.kv_budget import (CPU_KV_MEMORY, GPU_RESERVE, PAGE_SIZE, card_pool, kv_bytes_per_token, pages_for,
+                                pool_pages)
 from rank1_hf.options import QUANTIZATIONS, JudgeOptions, check_count, parse_bytes
 
 __all__ = ["CardShare", "KvPlan", "Plan", "format_kv_plan", "format_plan", "kv_plan", "plan_device_map"]

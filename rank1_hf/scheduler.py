@@ -3,7 +3,7 @@ pool is short. No torch here: it decides with a :class:`~rank1_hf.pages.PageAllo
 engine (engine.py) runs what it returns.
 
 - Admission takes waiting requests into free slots while rows (``rows_limit``), the prefill budget
-  (``prefill_tokens``, padding counted) and pages allow, keeping :data:`HEADROOM` free pages per row in
+  (:data:`PREFILL_TOKENS`, padding counted) and pages allow, keeping :data:`HEADROOM` free pages per row in
   flight (rows admitted in the same step included); a prompt whose first full pages another row holds
   shares them (pages.py) and prefills only the rest.
 - Before each decode step every row gets the page its next token goes to; while the pool is short the
@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 # 0.5, 0.25 and 0 on benchmarks/kv_pool.py's workloads (fewer admitted rows with more headroom, more
 # preemptions and prefills again with less).
 HEADROOM = 0.5
+# Most tokens one admission prefills, padding counted (rows x the longest part to run).
+PREFILL_TOKENS = 8192
 
 
 class RowState(enum.Enum):
@@ -86,11 +88,9 @@ class Compaction:
 class Scheduler:
     """Rows in slots 0..n-1 over the pages of one pool (``bind`` a new pool after out of memory)."""
 
-    def __init__(self, settings: DecodeSettings, stats: EngineStats, prefill_tokens: int = 8192,
-                 share_prompts: bool = True):
+    def __init__(self, settings: DecodeSettings, stats: EngineStats, share_prompts: bool = True):
         self.settings = settings
         self.stats = stats
-        self.prefill_tokens = prefill_tokens
         self.share_prompts = share_prompts
         self.rows_limit = settings.batch_size  # most rows in flight: halved by each out-of-memory retry
         self.rows: list[Row] = []  # rows[k] lives in slot k
@@ -121,7 +121,7 @@ class Scheduler:
             # The last prompt page is never shared: the row's own first position starts a fresh page.
             shared = pages.shareable(request.ids, (min(len(request.ids), n) - 1) // size) if self.share_prompts else []
             start = len(shared) * size
-            if admitted and max(widest, n - start) * (len(admitted) + 1) > self.prefill_tokens:
+            if admitted and max(widest, n - start) * (len(admitted) + 1) > PREFILL_TOKENS:
                 break
             need = pages_for(n + 1, size) - len(shared)  # its prompt (and tokens) and its next token
             # Headroom for the rows in flight to grow, so that a row admitted now is not preempted at the

@@ -38,6 +38,8 @@ from pydantic import BaseModel, Field, field_validator
 from .dataset_prompts import resolve_dataset_prompt
 from .errors import Rank1Error
 from .judgement import Judgement
+from .judging import cut_at_tokens
+from .options import check_count
 from .ranker import Judged, Rank1, best_first
 
 logger = logging.getLogger(__name__)
@@ -74,9 +76,7 @@ class ServeSettings:
 
     def __post_init__(self) -> None:
         for name in ("max_documents", "max_queued_pairs", "max_body_bytes"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise Rank1Error(f"{name} must be a whole number >= 1, got {value!r}")
+            check_count(name, getattr(self, name), optional=False)
         if self.max_queued_pairs < self.max_documents:
             raise Rank1Error(f"max_queued_pairs ({self.max_queued_pairs}) must be at least max_documents "
                              f"({self.max_documents}), or a full request could never be accepted")
@@ -326,8 +326,7 @@ def _cut_to_tokens(tokenizer: Any, texts: Sequence[str], limit: int | None) -> l
         return list(texts)
     out = []
     for text in texts:
-        ends = [end for _, end in tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]]
-        out.append(text if len(ends) <= limit else text[: ends[limit - 1]])
+        out.append(cut_at_tokens(tokenizer, text, limit))
     return out
 
 

@@ -250,4 +250,5 @@ def test_the_scheduler_and_the_allocator_need_no_torch():
     import sys
 
     code = "import sys, rank1_hf.scheduler, rank1_hf.pages; print(any(m.startswith('torch') for m in sys.modules))"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
