@@ -39,7 +39,7 @@ from plant import plant_lengths  # noqa: E402
 from throughput import workload  # noqa: E402
 
 from rank1_hf import Rank1  # noqa: E402
-from rank1_hf import engine as engine_module  # noqa: E402
+from rank1_hf import runner as runner_module  # noqa: E402
 from rank1_hf.testing import qwen_tokenizer, same_length_pairs, tiny_model  # noqa: E402
 from rank1_hf.prompt import build_prompt  # noqa: E402
 
@@ -75,16 +75,16 @@ def copy_bandwidth(device: torch.device) -> float:
 def engine_named(ranker: Rank1, name: str, batch: int):
     """A ranker over ``ranker``'s model as engine ``name`` with ``batch`` rows; "continuous-eager" turns the
     captured decode step off. Its engine (cache, graphs) lives until the block ends."""
-    saved = engine_module.graphable
+    saved = runner_module.graphable
     if name.endswith("-eager"):
-        engine_module.graphable = lambda model: False
+        runner_module.graphable = lambda model: False
     other = Rank1.from_model(ranker.model, ranker.tokenizer, max_new_tokens=ranker.max_new_tokens,
                              context_size=ranker.context_size, engine=name.removesuffix("-eager"), batch_size=batch)
     try:
         yield other
     finally:
         other.close()
-        engine_module.graphable = saved
+        runner_module.graphable = saved
 
 
 def step_ms(ranker: Rank1, tok, engine: str, batch: int, steps: int, first: int = 1, words: int = 40) -> float:
