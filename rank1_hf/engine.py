@@ -174,9 +174,10 @@ class ContinuousEngine:
             limit = min(len(history), len(sequence) - 1)  # at least one token runs, for the logits
             while kept < limit and history[kept] == sequence[kept]:
                 kept += 1
-            # A closing sequence that parts from the cache inside the row's shared pages would write them:
-            # such a row (and one longer than a row or than the free pages) gets a full pass instead.
-            if kept < row.shared or len(sequence) > capacity or not pages.grow(slot, len(sequence)):
+            # A closing sequence that parts from the cache inside pages other rows hold too (shared with it, or
+            # published by it) would write them: such a row, and one longer than a row or than the free
+            # pages, gets a full pass instead.
+            if not pages.writable_from(slot, kept) or len(sequence) > capacity or not pages.grow(slot, len(sequence)):
                 too_long.append((row, sequence))
                 continue
             runs.append((slot, sequence, kept))

@@ -78,6 +78,11 @@ class PageAllocator:
 
     # ---- shared prompt pages -------------------------------------------------------------------------
 
+    def writable_from(self, slot: int, position: int) -> bool:
+        """Whether ``slot`` may write its positions from ``position`` on: no page it holds from there on is
+        held by another slot too (a shared page is never written)."""
+        return all(self.refs[page] == 1 for page in self.tables[slot][position // self.page_size :])
+
     def shareable(self, prompt: list[int], limit: int) -> list[int]:
         """The held pages that hold ``prompt``'s first full pages, in order (at most ``limit`` of them)."""
         found: list[int] = []

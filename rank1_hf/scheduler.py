@@ -54,7 +54,6 @@ class Row:
     state: RowState = RowState.DECODING
     age: int = 0  # admission order: the newest row is preempted first
     resumes: RowState = RowState.DECODING  # the state a PREEMPTED row goes back to
-    shared: int = 0  # leading positions held in pages shared with other rows (never written by this row)
 
     def sequence(self) -> list[int]:
         """Prompt and generated tokens: what a (re)admitted row prefills."""
@@ -141,7 +140,7 @@ class Scheduler:
             writes.update((p, wave) for p in pages.tables[slot][len(shared):])
             if row.state is RowState.PREEMPTED:
                 row.state = row.resumes
-            row.cached, row.shared, row.age = 0, start, self._admitted
+            row.cached, row.age = 0, self._admitted
             self._admitted += 1
             self.rows.append(row)
             admitted.append(Prefill(slot, row, start, wave))

@@ -104,3 +104,23 @@ def test_preempted_rows_keep_shared_pages_counted(tokenizers, monkeypatch):
     assert sum(j.stats.preemptions for j in judged) >= len(pairs) // 4
     assert sum(j.stats.prefill_tokens_shared for j in judged) > 0
     assert_same(judged[0].judgements + judged[1].judgements, refs[0::2] + refs[1::2])
+
+
+def test_a_closing_pass_never_writes_a_shared_page(tokenizers, monkeypatch):
+    """A closing sequence that parts from the row's cache inside its shared pages (here: its first token
+    replaced) is read by a full pass of its own, never written over the pages other rows still read."""
+    model, tok = planted(tokenizers, "qwen")
+    pairs = three_queries(n=16, seed=2)
+    real = engine_module.closing_ids
+
+    def parted(tokenizer, request, tokens, think):
+        sequence = real(tokenizer, request, tokens, think)
+        return [sequence[1]] + sequence[1:]
+
+    monkeypatch.setattr(engine_module, "closing_ids", parted)
+    with Rank1.from_model(model, tok, max_new_tokens=MAX_NEW, batch_size=16, engine="continuous") as ranker:
+        judged = ranker.judge_with_stats(pairs)
+    with Rank1.from_model(model, tok, max_new_tokens=MAX_NEW, batch_size=1, engine="continuous") as ranker:
+        alone = ranker.judge(pairs)
+    assert judged.stats.prefill_tokens_shared > 0 and {j.outcome for j in alone} == {"answered", "forced"}
+    assert_same(judged.judgements, alone)

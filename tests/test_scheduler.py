@@ -178,6 +178,9 @@ def test_rows_of_one_query_share_its_full_pages():
     assert pages.tables[1][:2] == pages.tables[2][:2] == pages.tables[0][:2]
     assert len(set(pages.tables[0][2:] + pages.tables[1][2:] + pages.tables[2][2:])) == 9  # 3 own pages each
     assert [pages.refs[p] for p in pages.tables[0][:2]] == [3, 3]
+    # no row may write a page another holds: not the readers, not the row that wrote it first
+    assert [pages.writable_from(k, 7) for k in range(3)] == [False] * 3
+    assert [pages.writable_from(k, 8) for k in range(3)] == [True] * 3
     assert s.stats.prefill_tokens_shared == 16
     prefilled(s, [a, b, c])
     (d,) = s.admit(query_requests(1, first=3))
