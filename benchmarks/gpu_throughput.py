@@ -44,6 +44,7 @@ from throughput import workload  # noqa: E402
 from rank1_hf import Rank1  # noqa: E402
 from rank1_hf import decode_step  # noqa: E402
 from rank1_hf import engine as engine_module  # noqa: E402
+from rank1_hf import runner as runner_module  # noqa: E402
 from rank1_hf.testing import qwen_tokenizer, same_length_pairs, tiny_model  # noqa: E402
 from rank1_hf.prompt import build_prompt  # noqa: E402
 
@@ -79,16 +80,16 @@ def copy_bandwidth(device: torch.device) -> float:
 def engine_named(ranker: Rank1, name: str, batch: int):
     """A ranker over ``ranker``'s model as engine ``name`` with ``batch`` rows; "continuous-eager" turns the
     captured decode step off. Its engine (cache, graphs) lives until the block ends."""
-    saved = engine_module.graphable
+    saved = runner_module.graphable
     if name.endswith("-eager"):
-        engine_module.graphable = lambda model: False
+        runner_module.graphable = lambda model: False
     other = Rank1.from_model(ranker.model, ranker.tokenizer, max_new_tokens=ranker.max_new_tokens,
                              context_size=ranker.context_size, engine=name.removesuffix("-eager"), batch_size=batch)
     try:
         yield other
     finally:
         other.close()
-        engine_module.graphable = saved
+        runner_module.graphable = saved
 
 
 class Captures:
@@ -122,9 +123,9 @@ class DecodeClock:
         self._saved = engine_module.ContinuousEngine._decode
         clock, decode = self, self._saved
 
-        def timed(engine, rows):
+        def timed(engine):
             start = time.perf_counter()
-            decode(engine, rows)
+            decode(engine)
             clock.times.append(time.perf_counter() - start)
 
         engine_module.ContinuousEngine._decode = timed
@@ -232,7 +233,7 @@ def main() -> None:
     # who set context_size to their lengths).
     ranker = Rank1.from_model(model, tok, max_new_tokens=first + steps + 8,
                               context_size=prompt_tokens + first + steps + 16)
-    from rank1_hf.kv_cache import kv_bytes_per_token
+    from rank1_hf.kv_budget import kv_bytes_per_token
 
     kv_token = kv_bytes_per_token(model)
     context = prompt_tokens + first + steps / 2  # tokens in each row's cache, on average over the steps timed

@@ -36,8 +36,8 @@ from plant import plant_lengths  # noqa: E402
 from throughput import workload  # noqa: E402
 
 from rank1_hf import Rank1  # noqa: E402
-from rank1_hf import engine as engine_module  # noqa: E402
-from rank1_hf.kv_cache import kv_bytes_per_token  # noqa: E402
+from rank1_hf import runner as runner_module  # noqa: E402
+from rank1_hf.kv_budget import kv_bytes_per_token  # noqa: E402
 from rank1_hf.prompt import build_prompt  # noqa: E402
 from rank1_hf.testing import qwen_tokenizer, same_length_pairs, tiny_model  # noqa: E402
 
@@ -88,9 +88,9 @@ def main() -> None:
     pairs = same_length_pairs(tok, 32, "passage " * 200)
     n = len(tok(build_prompt(*pairs[0]))["input_ids"])
     handle = plant_lengths(model, tok, {n: 64})
-    saved = engine_module.PAGE_SIZE
+    saved = runner_module.PAGE_SIZE
     for size in args.page_sizes:
-        engine_module.PAGE_SIZE = size
+        runner_module.PAGE_SIZE = size
         times = []
         for length in (1, 64):
             handle.remove()
@@ -99,7 +99,7 @@ def main() -> None:
             times.append(seconds)
         print(f"| {size} | {1000 * (times[1] - times[0]) / 63:.1f} |")
         sys.stdout.flush()
-    engine_module.PAGE_SIZE = saved
+    runner_module.PAGE_SIZE = saved
     handle.remove()
 
 

@@ -38,7 +38,7 @@ import torch
 
 from .errors import Rank1Error
 from .judgement import Judgement
-from .options import check_dataset_prompt
+from .options import check_count, check_dataset_prompt
 from .prompt import Pair, build_prompt, query_text
 from .ranker import Rank1
 
@@ -281,8 +281,7 @@ def _judging_options(batch_size: int, context_size: int, max_output_tokens: int,
     each call, as the reference does, so the ranker keeps none of its own."""
     if force_rethink:
         raise Rank1Error(FORCE_RETHINK_MESSAGE)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise Rank1Error(f"batch_size must be a whole number >= 1, got {batch_size!r}")
+    check_count("batch_size", batch_size, optional=False)
     if dataset_prompt is not None:
         query_text("q", None, dataset_prompt)  # raises early when the placeholder is missing
     options = {

@@ -42,9 +42,9 @@ class Generation:
     readout: tuple[float, float] | None = None
 
 
-# EngineStats fields that add up over steps and calls (the others are maxima or the current limit).
-_ADDITIVE = ("prefill_tokens", "decode_slots", "generated_tokens", "readout_tokens", "reused_tokens", "steps",
-             "oom_retries", "preemptions")
+# EngineStats fields that add up over steps and calls (peak_rows is a maximum).
+_ADDITIVE = ("prefill_tokens", "prefill_tokens_shared", "decode_slots", "generated_tokens", "readout_tokens",
+             "reused_tokens", "steps", "oom_retries", "preemptions")
 
 
 @dataclass
@@ -52,6 +52,7 @@ class EngineStats:
     """Counts of the work an engine did, for benchmarks and logs (tokens pushed through the model)."""
 
     prefill_tokens: int = 0  # prompt tokens run, padding included
+    prefill_tokens_shared: int = 0  # prompt tokens not prefilled: read from pages another row holds
     decode_slots: int = 0  # rows x decode steps computed
     generated_tokens: int = 0  # tokens kept as reasoning
     readout_tokens: int = 0  # tokens run only to read a readout (the step after </think>, closing suffixes)
@@ -60,7 +61,6 @@ class EngineStats:
     oom_retries: int = 0
     preemptions: int = 0  # rows that gave their pages back when the pool was full (and were prefilled again)
     peak_rows: int = 0
-    rows_limit: int = 0  # most rows in flight: the asked batch_size, halved by each OOM retry
 
     def copy(self) -> "EngineStats":
         return dataclasses.replace(self)
@@ -70,7 +70,6 @@ class EngineStats:
         for name in _ADDITIVE:
             setattr(self, name, getattr(self, name) + getattr(now, name) - getattr(before, name))
         self.peak_rows = max(self.peak_rows, rows)
-        self.rows_limit = now.rows_limit
 
 
 @dataclass(frozen=True)
@@ -85,7 +84,7 @@ class DecodeSettings:
     tokenizer: "PreTrainedTokenizerBase"  # builds the closing sequence of a row without a free readout
     context_size: int  # the most tokens of one row: prompt + max_new_tokens
     kv_tokens: int  # the KV pool, in tokens: the continuous engine's pages, the generate engine's budget
-    batch_size: int = 32  # most rows decoded together
+    batch_size: int  # most rows decoded together (resolved: judging.default_batch_size when not asked)
 
 
 def fits(lengths: Sequence[int], rows_limit: int, settings: DecodeSettings) -> bool:

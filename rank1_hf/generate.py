@@ -13,7 +13,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessorList, PreTrainedModel, StoppingCriteriaList
 
 from .devices import input_device
-from .engine import is_oom
+from .decode_step import is_oom
 from .engine_types import DecodeSettings, EngineStats, Generation, Request, fits
 from .errors import Rank1Error
 from .readout import closing_ids, forced_readout, left_pad
@@ -28,7 +28,8 @@ class GenerateEngine:
     def __init__(self, model: PreTrainedModel, settings: DecodeSettings):
         self.model = model
         self.settings = settings
-        self.stats = EngineStats(rows_limit=settings.batch_size)  # rows_limit shrinks on out-of-memory
+        self.stats = EngineStats()
+        self.rows_limit = settings.batch_size  # most rows in a batch: halved by each out-of-memory retry
         self.rows_stepped = 0  # rows in the last step's batch
 
     def generation_config(self) -> GenerationConfig:
@@ -67,7 +68,7 @@ class GenerateEngine:
         ordered = sorted(waiting, key=lambda r: len(r.ids))
         batch: list[Request] = []
         for request in ordered:
-            if batch and not fits([len(r.ids) for r in batch + [request]], self.stats.rows_limit, self.settings):
+            if batch and not fits([len(r.ids) for r in batch + [request]], self.rows_limit, self.settings):
                 break
             batch.append(request)
         taken = {id(r) for r in batch}
@@ -87,7 +88,7 @@ class GenerateEngine:
                 raise Rank1Error("out of memory on a single pair: lower max_new_tokens or context_size") from error
             # Nothing of this batch was returned yet, so halving and retrying neither loses nor repeats a row.
             self.stats.oom_retries += 1
-            self.stats.rows_limit = max(1, len(batch) // 2)
+            self.rows_limit = max(1, len(batch) // 2)
             half = len(batch) // 2
             return self._run_batch(batch[:half]) + self._run_batch(batch[half:])
 

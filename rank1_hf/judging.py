@@ -29,7 +29,7 @@ from .engine_types import DecodeSettings, EngineStats, Generation
 from .errors import Rank1Error
 from .generate import GenerateEngine
 from .judgement import Judgement
-from .kv_cache import default_kv_memory, kv_bytes_per_token
+from .kv_budget import pool_tokens
 from .options import JudgeOptions
 from .prompt import Pair, build_prompt, unpack_pair
 from .readout import readout_ids, score
@@ -118,7 +118,7 @@ class Judge:
             detector=self.detector,
             tokenizer=tokenizer,
             context_size=options.context_size,
-            kv_tokens=max(1, (options.kv_memory or default_kv_memory(model)) // kv_bytes_per_token(model)),
+            kv_tokens=pool_tokens(model, options.kv_memory),
             batch_size=options.batch_size,
         )
         self.kind = engine_kind(model, options.engine)
@@ -143,11 +143,9 @@ class Judge:
         ids = self.tokenizer(prompt)["input_ids"]
         if len(ids) <= budget:
             return Prepared(prompt, ids, False)
-        pieces = self.tokenizer(passage, add_special_tokens=False, return_offsets_mapping=True)
-        ends = [end for _, end in pieces["offset_mapping"]]
-        keep = len(ends) - (len(ids) - budget)
+        keep = len(self.tokenizer(passage, add_special_tokens=False)["input_ids"]) - (len(ids) - budget)
         while keep > 0:
-            prompt = build_prompt(query, passage[: ends[keep - 1]].rstrip())
+            prompt = build_prompt(query, cut_at_tokens(self.tokenizer, passage, keep).rstrip())
             ids = self.tokenizer(prompt)["input_ids"]
             if len(ids) <= budget:
                 return Prepared(prompt, ids, True)
@@ -193,17 +191,19 @@ class Judge:
 
     # ---- judging -------------------------------------------------------------------------------------
 
-    def iterate(self, pairs: Iterable[Pair], dataset_prompt: str | None, show_progress_bar: bool | None) -> Judging:
+    def iterate(self, pairs: Iterable[Pair], dataset_prompt: str | None, show_progress_bar: bool | None,
+                rows: int | None = None) -> Judging:
         """(input index, judgement) as each pair finishes, from any thread.
 
         A sized sequence is prepared up front (bad input fails before any judging) and queued shortest
         prompt first; any other iterable is read as the engine frees room, a few batches ahead, so memory
-        follows the pairs in flight.
+        follows the pairs in flight. ``rows``: at most that many of this call's pairs are in the engine at
+        once (its share; the engine's own ``batch_size`` bounds every caller together).
         """
-        return Judging(lambda judging: self._iterate(judging, pairs, dataset_prompt, show_progress_bar))
+        return Judging(lambda judging: self._iterate(judging, pairs, dataset_prompt, show_progress_bar, rows))
 
     def _iterate(self, judging: Judging, pairs: Iterable[Pair], dataset_prompt: str | None,
-                 show_progress_bar: bool | None) -> Iterator[tuple[int, Judgement]]:
+                 show_progress_bar: bool | None, rows: int | None) -> Iterator[tuple[int, Judgement]]:
         sized = isinstance(pairs, Sequence)
         total = len(pairs) if sized else None
         show = show_progress_bar if show_progress_bar is not None else sys.stderr.isatty() and total != 1
@@ -219,16 +219,20 @@ class Judge:
         ticket = Ticket(results.put)
         judging.stats = ticket.stats  # the worker adds to it as it runs
         worker = self.worker
-        window = 2 * self.settings.batch_size  # a stream's pairs queued ahead of the engine
+        window = 2 * self.settings.batch_size if rows is None else rows  # a stream's pairs queued ahead
         waiting = 0  # submitted, not yet returned
         log = _CallLog(self.options)
         bar = tqdm(total=total, unit="pair", disable=not show, desc="rank1", dynamic_ncols=True)
+        order: list[int] = []
         try:
             if sized:
-                order = sorted(prepared, key=lambda i: (len(prepared[i].ids), i))
-                worker.submit(ticket, [(i, prepared[i].ids, prepared[i].prompt) for i in order])
-                waiting = len(order)
+                order = sorted(prepared, key=lambda i: (len(prepared[i].ids), i), reverse=True)  # popped from the end
             while True:
+                room = (rows or len(order)) - waiting  # this call's share of the engine left
+                if order and room > 0:
+                    taken = [order.pop() for _ in range(min(len(order), room))]
+                    worker.submit(ticket, [(i, prepared[i].ids, prepared[i].prompt) for i in taken])
+                    waiting += len(taken)
                 if not sized:
                     more = []
                     while waiting + len(more) < window:
@@ -260,13 +264,13 @@ class Judge:
             bar.close()
             log.close(ticket.stats)
 
-    def aiterate(self, pairs: Sequence[Pair], dataset_prompt: str | None) -> "AsyncJudging":
+    def aiterate(self, pairs: Sequence[Pair], dataset_prompt: str | None, rows: int | None = None) -> "AsyncJudging":
         """:meth:`iterate` for asyncio: ``async for i, judgement in ...``. Cancelling the task that
         iterates (or closing the iterator) frees its pairs that have not started."""
-        return AsyncJudging(lambda judging: self._aiterate(judging, pairs, dataset_prompt))
+        return AsyncJudging(lambda judging: self._aiterate(judging, pairs, dataset_prompt, rows))
 
-    async def _aiterate(self, judging: "AsyncJudging", pairs: Sequence[Pair],
-                        dataset_prompt: str | None) -> AsyncIterator[tuple[int, Judgement]]:
+    async def _aiterate(self, judging: "AsyncJudging", pairs: Sequence[Pair], dataset_prompt: str | None,
+                        rows: int | None) -> AsyncIterator[tuple[int, Judgement]]:
         if not pairs:
             return
         ready = await asyncio.to_thread(self.prepare_all, pairs, dataset_prompt)
@@ -274,13 +278,19 @@ class Judge:
         results: asyncio.Queue = asyncio.Queue()
         ticket = Ticket(lambda item: loop.call_soon_threadsafe(results.put_nowait, item))
         judging.stats = ticket.stats
-        order = sorted(range(len(ready)), key=lambda i: (len(ready[i].ids), i))
+        order = sorted(range(len(ready)), key=lambda i: (len(ready[i].ids), i), reverse=True)  # popped from the end
         worker = self.worker
-        worker.submit(ticket, [(i, ready[i].ids, ready[i].prompt) for i in order], background=True)
         log = _CallLog(self.options)
-        waiting = len(ready)
+        waiting = 0
         try:
-            while waiting:
+            while True:
+                room = (rows or len(order)) - waiting  # this call's share of the engine left
+                if order and room > 0:
+                    taken = [order.pop() for _ in range(min(len(order), room))]
+                    worker.submit(ticket, [(i, ready[i].ids, ready[i].prompt) for i in taken], background=True)
+                    waiting += len(taken)
+                if not waiting:
+                    break
                 item = await results.get()
                 if isinstance(item, BaseException):
                     waiting = 0
@@ -338,6 +348,12 @@ class _CallLog:
                         self.capped, self.options.max_new_tokens, self.unfinished - self.capped)
         if stats.oom_retries:
             logger.warning("%d out-of-memory retries (the batch was split and run again)", stats.oom_retries)
+
+
+def cut_at_tokens(tokenizer: PreTrainedTokenizerBase, text: str, limit: int) -> str:
+    """``text`` cut to its first ``limit`` tokens, at a token boundary (the whole text when shorter)."""
+    ends = [end for _, end in tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]]
+    return text if len(ends) <= limit else text[: ends[limit - 1]]
 
 
 def default_batch_size() -> int:

@@ -93,9 +93,9 @@ class JudgeOptions:
             )
 
 
-def check_count(name: str, value: Any) -> None:
-    """A count option (None allowed): a whole number >= 1."""
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+def check_count(name: str, value: Any, *, optional: bool = True) -> None:
+    """A count: a whole number >= 1 (or None, when ``optional``)."""
+    if (value is not None or not optional) and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise Rank1Error(f"{name} must be a whole number >= 1, got {value!r}")
 
 

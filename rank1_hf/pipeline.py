@@ -59,8 +59,7 @@ from . import formats, reuse
 from .engine_types import EngineStats
 from .errors import Rank1Error
 from .judgement import Judgement
-from .prompt import query_text
-from .store import JudgementStore, pair_key, settings_key
+from .store import JudgementStore, settings_key
 
 if TYPE_CHECKING:  # importing the ranker pulls in torch; the pipeline itself does not need it
     from .ranker import Rank1
@@ -285,7 +284,7 @@ def read_job(
 
 def item_key(ranker: "Rank1", item: Item) -> str:
     """The store's pair key: the final query text (instruction joined, dataset prompt applied) and passage."""
-    return pair_key(query_text(item.query, item.instruction, ranker.dataset_prompt), item.passage)
+    return reuse.text_key(item.query, item.passage, item.instruction, ranker.dataset_prompt)
 
 
 # ---------------------------------------------------------------------------------------------- judging

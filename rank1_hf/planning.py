@@ -32,7 +32,8 @@ from rank1_hf.loading import (
     parse_max_memory,
     resolve_dtype,
 )
-from rank1_hf.kv_cache import CPU_KV_MEMORY, GPU_RESERVE, PAGE_SIZE, card_pool, kv_bytes_per_token
+from rank1_hf.kv_budget import (CPU_KV_MEMORY, GPU_RESERVE, PAGE_SIZE, card_pool, kv_bytes_per_token, pages_for,
+                                pool_pages)
 from rank1_hf.options import QUANTIZATIONS, JudgeOptions, check_count, parse_bytes
 
 __all__ = ["CardShare", "KvPlan", "Plan", "format_kv_plan", "format_plan", "kv_plan", "plan_device_map"]
@@ -82,7 +83,7 @@ class Plan:
     quantization: "awq", "bnb-4bit", "bnb-8bit" or None; quantized sizes are counted from the real
         quantized layouts (exact for AWQ, within a few percent for bitsandbytes).
     kv_bytes_per_token: bytes of keys and values one token takes in all layers, as the engine counts them
-        (:func:`rank1_hf.kv_cache.kv_bytes_per_token`, at ``dtype``: quantized weights keep 16-bit keys
+        (:func:`rank1_hf.kv_budget.kv_bytes_per_token`, at ``dtype``: quantized weights keep 16-bit keys
         and values).
     """
 
@@ -187,7 +188,7 @@ def plan_device_map(
 
 @dataclass(frozen=True)
 class CardShare:
-    """What one GPU of a plan allows the KV pool (the rule of :func:`rank1_hf.kv_cache.default_kv_memory`).
+    """What one GPU of a plan allows the KV pool (the rule of :func:`rank1_hf.kv_budget.default_kv_memory`).
 
     budget: its ``max_memory``, taken as the card. weights: bytes planned on it. reserve: ``GPU_RESERVE``
     of the budget. layers: decoder layers it holds, of total_layers. pool: the whole pool this card allows,
@@ -256,10 +257,9 @@ def kv_plan(plan: Plan, reasoning_tokens: list[int] | tuple[int, ...] = (1000,),
         pool, source = min(c.pool for c in cards), "gpus"
     else:
         pool, source = CPU_KV_MEMORY, "cpu"
-    tokens = pool // plan.kv_bytes_per_token
-    pages = tokens // PAGE_SIZE
+    tokens, pages = pool_pages(pool, plan.kv_bytes_per_token)
     rows = tuple(
-        (r, pages // -(-(prompt_tokens + r) // PAGE_SIZE), tokens // (prompt_tokens + max_new_tokens))
+        (r, pages // pages_for(prompt_tokens + r), tokens // (prompt_tokens + max_new_tokens))
         for r in reasoning_tokens
     )
     return KvPlan(plan.kv_bytes_per_token, plan.dtype, pool, tokens, pages, source, tuple(cards),

@@ -231,8 +231,8 @@ class Rank1:
 
         pairs: (query, passage) or (query, passage, instruction) tuples; a passage is a string or a
             ``{"title", "text"}`` dict.
-        batch_size: accepted as in CrossEncoder; the rows decoded together are the ranker's
-            ``batch_size``, shared by every caller.
+        batch_size: at most this many of this call's pairs decode at once (its share of the engine); the
+            ranker's ``batch_size`` bounds every caller together. Default: no share of its own.
         dataset_prompt: this call's template with ``FILL_QUERY_HERE`` (default: the ranker's own).
         Returns: one :class:`Judgement` per pair.
         """
@@ -247,7 +247,8 @@ class Rank1:
         prompt = self._dataset_prompt(dataset_prompt)
         if self.store is None:
             out: list[Judgement | None] = [None] * len(pairs)
-            judging = self.judge_iter(pairs, show_progress_bar=show_progress_bar, dataset_prompt=prompt)
+            judging = self.judge_iter(pairs, batch_size=batch_size, show_progress_bar=show_progress_bar,
+                                      dataset_prompt=prompt)
             for i, judgement in judging:
                 out[i] = judgement
             return Judged(out, judging.stats)  # type: ignore[arg-type]
@@ -255,7 +256,8 @@ class Rank1:
         reused = len(pairs) - len(todo)
         if not todo:
             return Judged(self._spread(planned, out), EngineStats(), reused)
-        judging = self.judge_iter([pairs[i] for i in todo], show_progress_bar=show_progress_bar, dataset_prompt=prompt)
+        judging = self.judge_iter([pairs[i] for i in todo], batch_size=batch_size,
+                                  show_progress_bar=show_progress_bar, dataset_prompt=prompt)
         writer = reuse.Writer(self.store, skey)  # one commit per judgement: a kill -9 loses only those in flight
         for n, judgement in judging:
             writer.add(planned.keys[todo[n]], judgement)
@@ -279,7 +281,7 @@ class Rank1:
         prompt = self._dataset_prompt(dataset_prompt)
         if self.store is None:
             out: list[Judgement | None] = [None] * len(pairs)
-            judging = self.core.aiterate(pairs, prompt)
+            judging = self.core.aiterate(pairs, prompt, batch_size)
             async for i, judgement in judging:
                 out[i] = judgement
             return Judged(out, judging.stats)  # type: ignore[arg-type]
@@ -287,7 +289,7 @@ class Rank1:
         reused = len(pairs) - len(todo)
         if not todo:
             return Judged(self._spread(planned, out), EngineStats(), reused)
-        judging = self.core.aiterate([pairs[i] for i in todo], prompt)
+        judging = self.core.aiterate([pairs[i] for i in todo], prompt, batch_size)
         writer = reuse.Writer(self.store, skey)
         async for n, judgement in judging:
             await asyncio.to_thread(writer.add, planned.keys[todo[n]], judgement)
@@ -310,7 +312,7 @@ class Rank1:
         else:
             _check_call([], batch_size, dataset_prompt)
         show = self.show_progress_bar if show_progress_bar is None else show_progress_bar
-        return self.core.iterate(pairs, self._dataset_prompt(dataset_prompt), show)
+        return self.core.iterate(pairs, self._dataset_prompt(dataset_prompt), show, batch_size)
 
     def predict(
         self,

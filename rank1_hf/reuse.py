@@ -14,12 +14,18 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
 from .judgement import Judgement
-from .prompt import Pair, unpack_pair
+from .prompt import Pair, query_text, unpack_pair
 from .store import JudgementStore, pair_key
 
 
+def text_key(query: str, passage: str, instruction: str | None, dataset_prompt: str | None) -> str:
+    """The store key of one pair's texts: its final query text (instruction joined, dataset prompt applied)
+    and its passage text."""
+    return pair_key(query_text(query, instruction, dataset_prompt), passage)
+
+
 def pair_keys(pairs: Sequence[Pair], dataset_prompt: str | None) -> list[str]:
-    """The store key of each pair."""
+    """The store key of each pair (checked and unpacked as judging unpacks it)."""
     return [pair_key(*unpack_pair(pair, dataset_prompt)) for pair in pairs]
 
 

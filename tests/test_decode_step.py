@@ -7,7 +7,7 @@ from conftest import FAMILIES, make_pairs
 from reference import reference_judge
 from test_judge import EOS, MAX_NEW, assert_agree, planted
 
-from rank1_hf import Rank1, decode_step, engine
+from rank1_hf import Rank1, decode_step, runner
 from rank1_hf.decode_step import buckets, graphable, width_buckets
 from rank1_hf.testing import tiny_model
 
@@ -48,7 +48,7 @@ class Shapes:
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_static_step_matches_reference_with_padded_buckets(tokenizers, family, monkeypatch):
-    monkeypatch.setattr(engine, "graphable", lambda model: True)
+    monkeypatch.setattr(runner, "graphable", lambda model: True)
     monkeypatch.setattr(decode_step, "_MIN_WIDTH", 16)  # many width buckets even at tiny lengths
     model, tok = planted(tokenizers, family)
     pairs = make_pairs(10, seed=1, max_words=12)  # short prompts: rows cross width buckets as they decode

@@ -165,7 +165,7 @@ def test_static_engine_pays_for_the_longest_row_continuous_does_not(planted):
 def test_kv_memory_limits_generate_batches_to_exactly_three(planted):
     """model.generate reserves prompt + max_new_tokens per row: kv_memory bounds its batches by that sum
     (the continuous engine's pages are tests/test_kv_pool.py's)."""
-    from rank1_hf.kv_cache import kv_bytes_per_token
+    from rank1_hf.kv_budget import kv_bytes_per_token
 
     model, tok, pairs, _, refs = planted
     by_length = sorted(range(len(pairs)), key=lambda i: prompt_tokens(tok, *pairs[i]))[-7:]
@@ -213,3 +213,32 @@ def test_engine_choice_follows_the_cache(tokenizers):
     plain = tiny_model(tok, "mistral")
     assert Rank1.from_model(plain, tok, max_new_tokens=8).core.kind == "continuous"
     assert Rank1.from_model(plain, tok, max_new_tokens=8, engine="generate").core.kind == "generate"
+
+
+def test_a_calls_batch_size_is_its_share_of_the_engine(planted):
+    """A per-call batch_size is never dropped: at most that many of the call's pairs are in the engine at
+    once (every model call has at most that many rows), sync, async and streamed, with the same judgements."""
+    import asyncio
+
+    model, tok, pairs, _, refs = planted
+    with Rank1.from_model(model, tok, max_new_tokens=MAX_NEW, engine="continuous", batch_size=8) as ranker:
+        calls = Calls(model)
+        try:
+            judged = ranker.judge_with_stats(pairs, batch_size=3)
+            rows_sync = max(rows for rows, _ in calls.calls)
+            calls.calls.clear()
+            async_judged = asyncio.run(ranker.ajudge_with_stats(pairs, batch_size=2))
+            rows_async = max(rows for rows, _ in calls.calls)
+            calls.calls.clear()
+            streamed = dict(ranker.judge_iter(iter(pairs), batch_size=2))
+            rows_streamed = max(rows for rows, _ in calls.calls)
+            calls.calls.clear()
+            ranker.judge(pairs)
+            rows_free = max(rows for rows, _ in calls.calls)
+        finally:
+            calls.handle.remove()
+    assert (rows_sync, rows_async, rows_streamed) == (3, 2, 2) and rows_free > 3
+    assert judged.stats.peak_rows == 3 and async_judged.stats.peak_rows == 2
+    assert_same(judged.judgements, refs)
+    assert_same(async_judged.judgements, refs)
+    assert_same([streamed[i] for i in range(len(pairs))], refs)

@@ -98,9 +98,11 @@ def check_load_options(load: LoadOptions, prefix: str = "") -> None:
 def add_judge_arguments(parser: argparse.ArgumentParser) -> None:
     """The judging flags (the fields of :class:`JudgeOptions` the CLI offers) and ``--threads``."""
     g = parser.add_argument_group("judging")
-    g.add_argument("--max-new-tokens", type=int, default=8192, help="reasoning cap (default 8192, as the reference)")
-    g.add_argument("--context-size", type=int, default=16000,
-                   help="prompt + max-new-tokens must fit; longer passages are cut, passage only (default 16000)")
+    g.add_argument("--max-new-tokens", type=int, default=JudgeOptions.max_new_tokens,
+                   help=f"reasoning cap (default {JudgeOptions.max_new_tokens}, as the reference)")
+    g.add_argument("--context-size", type=int, default=JudgeOptions.context_size,
+                   help=f"prompt + max-new-tokens must fit; longer passages are cut, passage only (default "
+                        f"{JudgeOptions.context_size})")
     g.add_argument("--batch-size", type=int, help="pairs decoded together (default 32 on GPU, 16 on CPU)")
     g.add_argument("--kv-memory", metavar="SIZE",
                    help="memory for the keys and values of the pairs in flight, e.g. 12GiB or 500MB; pairs take "

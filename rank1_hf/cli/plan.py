@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from ..errors import Rank1Error
-from ..options import QUANTIZATIONS
+from ..options import QUANTIZATIONS, JudgeOptions
 from .common import resolve_model
 
 
@@ -27,8 +27,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--prompt-tokens", type=int, default=500, help="tokens of one pair's prompt (default 500)")
     p.add_argument("--reasoning-tokens", action="append", metavar="N[,N...]",
                    help="reasoning lengths to count rows at, repeatable or a comma list (default 1000)")
-    p.add_argument("--max-new-tokens", type=int, default=8192,
-                   help="the reasoning cap, for the reserve-at-max comparison (default 8192)")
+    p.add_argument("--max-new-tokens", type=int, default=JudgeOptions.max_new_tokens,
+                   help=f"the reasoning cap, for the reserve-at-max comparison (default {JudgeOptions.max_new_tokens})")
     p.add_argument("--kv-memory", metavar="SIZE",
                    help="the KV pool, e.g. 12GiB (default: what the GPUs have left, as when judging)")
     p.set_defaults(func=run)
