@@ -22,7 +22,7 @@ from reference import reference_judge
 from rank1_hf.engine import ContinuousEngine
 from rank1_hf.engine_types import Request
 from rank1_hf.judging import Judge
-from rank1_hf.kv_cache import PAGE_SIZE, kv_bytes_per_token
+from rank1_hf.kv_budget import PAGE_SIZE, kv_bytes_per_token
 from rank1_hf.options import JudgeOptions
 from rank1_hf.prompt import build_prompt
 from rank1_hf.testing import qwen_tokenizer, tiny_model
@@ -35,8 +35,8 @@ MAX_NEW = 40
 def pool_tokens(engine: ContinuousEngine) -> int:
     """The tokens the engine's current KV pool holds (scratch page excluded). The one read of engine
     internals in this file: port it when the pool moves (e.g. to a page allocator)."""
-    cache = engine.cache
-    return (cache.pages - 1) * cache.page_size
+    pages = engine.runner.cache.allocator
+    return (pages.pages - 1) * pages.page_size
 
 
 def pair_of_length(tok, n: int) -> tuple[str, str]:
@@ -61,10 +61,12 @@ def planted(tok, reasoning: dict[int, int], never: set[int] = frozenset()):
 
 
 def engine_for(model, tok, pool: int, batch_size: int) -> ContinuousEngine:
-    """A continuous engine whose KV pool holds ``pool`` tokens (``pool`` a multiple of the page size)."""
+    """A continuous engine whose KV pool holds ``pool`` tokens (``pool`` a multiple of the page size). Rows
+    here share most of their prompts; sharing pages is off so that each row's pages are its own, as the
+    page counts of these rules assume (tests/test_prefix_pages.py covers sharing)."""
     options = JudgeOptions(max_new_tokens=MAX_NEW, context_size=CONTEXT, batch_size=batch_size,
                            kv_memory=pool * kv_bytes_per_token(model), engine="continuous")
-    return ContinuousEngine(model, Judge(model, tok, options).settings)
+    return ContinuousEngine(model, Judge(model, tok, options).settings, share_prompts=False)
 
 
 def request(tok, rid: int, pair: tuple[str, str]) -> Request:
@@ -189,7 +191,7 @@ def test_out_of_memory_halves_the_rows_and_the_pool(tok):
         engine.warmup()  # the pool is made now
         assert pool_tokens(engine) == 16 * PAGE_SIZE
         assert engine.step(waiting) == [] and fired == [4]  # 4 rows admitted, prefilled, then out of memory
-        assert engine.stats.oom_retries == 1 and engine.stats.rows_limit == 2 and len(waiting) == 4
+        assert engine.stats.oom_retries == 1 and engine.scheduler.rows_limit == 2 and len(waiting) == 4
         finished = run(engine, waiting, wanted=4)
         assert pool_tokens(engine) == 8 * PAGE_SIZE
         assert sorted(req.id for req, _ in finished) == [0, 1, 2, 3]
