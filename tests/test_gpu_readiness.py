@@ -22,10 +22,12 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from rank1_hf import Rank1, decode_step, devices, engine, loading
+from rank1_hf import Rank1, decode_step, devices, loading, runner
 from rank1_hf.decode_step import StaticDecode, additive_mask, readout_ids
 from rank1_hf.engine import ContinuousEngine
-from rank1_hf.kv_cache import PagedCache, default_kv_memory
+from rank1_hf.kv_budget import PAGE_SIZE, default_kv_memory, pages_for
+from rank1_hf.kv_cache import PagedCache
+from rank1_hf.pages import PageAllocator
 from rank1_hf.testing import tiny_model
 
 aten = torch.ops.aten
@@ -74,18 +76,24 @@ class StepAudit(TorchDispatchMode):
         return out
 
 
+def _cache(model, slots: int, pages: int, row_tokens: int) -> PagedCache:
+    """A pool of ``pages`` pages (page 0 scratch) for ``slots`` rows of ``row_tokens`` tokens at most."""
+    return PagedCache(model, PageAllocator(slots, pages, pages_for(row_tokens, PAGE_SIZE), PAGE_SIZE))
+
+
 def _static(tokenizers, slots: int = 4) -> StaticDecode:
     model = tiny_model(tokenizers["qwen"], "qwen2", layers=2)
-    cache = PagedCache(model, slots, pages=24, row_tokens=100)
+    cache = _cache(model, slots, pages=24, row_tokens=100)
     visible = torch.zeros((slots, cache.capacity + 1), dtype=torch.bool)
     return StaticDecode(model, cache, visible, readout=(11, 12), pad_id=0)
 
 
 def _rows(static: StaticDecode, cached: list[int]) -> tuple[list[int], list[int]]:
     """Rows 0..n-1 holding ``cached`` tokens each, as the engine leaves them before a step."""
+    pages = static.cache.allocator
     for k, n in enumerate(cached):
-        static.cache.release(k)
-        assert static.cache.reserve(k, n + 1)
+        pages.release(k)
+        assert pages.grow(k, n + 1)
         static.visible[k] = False
         static.visible[k, :n] = True
     static.cache.sync()
@@ -278,15 +286,16 @@ def test_out_of_memory_while_capturing_restarts_the_engine_smaller(tokenizers, m
 
     cuda = FakeCuda(monkeypatch)
     model.register_forward_pre_hook(hook, with_kwargs=True)
-    monkeypatch.setattr(engine, "graphable", lambda model: True)
-    monkeypatch.setattr(engine, "StaticDecode", Capturing)
+    monkeypatch.setattr(runner, "graphable", lambda model: True)
+    monkeypatch.setattr(runner, "StaticDecode", Capturing)
     pairs = [("cat", "a cat sat on the mat"), ("dog", "dogs bark at night"), ("oven", "bread in the oven"),
              ("law", "the court and the judge")]
     ranker = Rank1.from_model(model, tok, max_new_tokens=6, engine="continuous", batch_size=4)
     got = ranker.judge_with_stats(pairs)
+    rows_limit = ranker.core.worker.call(lambda e: e.scheduler.rows_limit)
     ranker.close()
-    assert ooms == [1] and got.stats.oom_retries == 1 and got.stats.rows_limit == 2
-    monkeypatch.setattr(engine, "graphable", lambda model: False)
+    assert ooms == [1] and got.stats.oom_retries == 1 and rows_limit == 2
+    monkeypatch.setattr(runner, "graphable", lambda model: False)
     want = Rank1.from_model(model, tok, max_new_tokens=6, engine="continuous", batch_size=4).judge(pairs)
     assert [j.reasoning for j in got.judgements] == [j.reasoning for j in want]
     assert all(abs(a.score - b.score) < 1e-4 for a, b in zip(got.judgements, want))
@@ -297,8 +306,8 @@ def test_warmup_captures_largest_bucket_first_and_out_of_memory_there_restarts_s
     model = tiny_model(tok, "qwen2", layers=1)
     cuda = FakeCuda(monkeypatch)
     order = []
-    monkeypatch.setattr(engine, "graphable", lambda model: True)
-    monkeypatch.setattr(engine, "StaticDecode", Capturing)
+    monkeypatch.setattr(runner, "graphable", lambda model: True)
+    monkeypatch.setattr(runner, "StaticDecode", Capturing)
     ranker = Rank1.from_model(model, tok, max_new_tokens=6, engine="continuous", batch_size=4)
     def capture(self, rows, width):
         order.append((rows, width))
@@ -306,7 +315,7 @@ def test_warmup_captures_largest_bucket_first_and_out_of_memory_there_restarts_s
 
     monkeypatch.setattr(Capturing, "_capture", capture)
     ranker.warmup()
-    static = ranker.core.worker.call(lambda e: e._static)
+    static = ranker.core.worker.call(lambda e: e.runner._static)
     assert order[0] == (static.rows[-1], static.widths[-1]) and len(order) == len(static.rows) * len(static.widths)
     assert order == sorted(order, reverse=True)
     ranker.close()
@@ -318,8 +327,8 @@ def test_warmup_captures_largest_bucket_first_and_out_of_memory_there_restarts_s
     monkeypatch.setattr(Capturing, "_capture", oom)
     ranker = Rank1.from_model(model, tok, max_new_tokens=6, engine="continuous", batch_size=4)
     ranker.warmup()  # no error: the engine halves its rows and pool, as after an out-of-memory step
-    stats = ranker.core.worker.call(lambda e: e.stats)
-    assert stats.oom_retries == 1 and stats.rows_limit == 2
+    stats, rows_limit = ranker.core.worker.call(lambda e: (e.stats, e.scheduler.rows_limit))
+    assert stats.oom_retries == 1 and rows_limit == 2
     ranker.close()
 
 
@@ -363,7 +372,7 @@ def test_eager_attention_engine_builds_its_mask_with_additive_mask(tokenizers, m
     model.set_attn_implementation("eager")
     assert model.config._attn_implementation == "eager"
     calls = []
-    monkeypatch.setattr(engine, "additive_mask",
+    monkeypatch.setattr(runner, "additive_mask",
                         lambda mask, dtype: calls.append(mask.device) or additive_mask(mask, dtype))
     Rank1.from_model(model, tok, max_new_tokens=4, engine="continuous").judge([("cat", "a cat")])
     assert calls  # prefill and every decode step
@@ -376,10 +385,10 @@ def test_readout_ids_are_made_once_per_device():
 
 def test_the_page_table_goes_to_the_device_from_a_staged_copy_without_blocking(tokenizers):
     model = tiny_model(tokenizers["qwen"], "qwen2", layers=1)
-    cache = PagedCache(model, 2, pages=8, row_tokens=64)
+    cache = _cache(model, 2, pages=8, row_tokens=64)
     cache.attach(torch.device("cpu"))
     cache._pinned = torch.empty_like(cache.table)  # what attach() stages on a GPU (pinning needs CUDA)
-    assert cache.reserve(0, 40)
+    assert cache.allocator.grow(0, 40)
     copies = []
 
     class Copies(TorchDispatchMode):
@@ -497,7 +506,7 @@ def test_rank1_awq_layers_are_capturable_and_other_quantized_models_are_not(awq_
 
 
 def test_the_awq_step_body_copies_no_host_value_and_reads_no_device_value(awq_model, gpu_argmax):
-    cache = PagedCache(awq_model, 4, pages=24, row_tokens=100)
+    cache = _cache(awq_model, 4, pages=24, row_tokens=100)
     visible = torch.zeros((4, cache.capacity + 1), dtype=torch.bool)
     static = StaticDecode(awq_model, cache, visible, readout=(11, 12), pad_id=0)
     static.run(*_rows(static, [5, 9, 3]))
