@@ -208,7 +208,9 @@ def test_ray_serve_answers_cohere_and_keeps_answering_while_a_replica_is_replace
 def test_bad_ray_flags_are_one_line_errors_before_ray_starts(tmp_path, capsys, monkeypatch):
     from rank1_hf.scale.__main__ import main as scale_main
 
-    args = ["rerank", "--model", "unused", "--sample", "--output", str(tmp_path / "out.trec")]
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")  # a model folder the pre-flight accepts
+    args = ["rerank", "--model", str(tmp_path / "m"), "--sample", "--output", str(tmp_path / "out.trec")]
     assert scale_main([*args, "--actors", "3-2"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         "python -m rank1_hf.scale: error: actors must be N >= 1 or (min, max) with 1 <= min <= max, got (3, 2)"]

@@ -66,8 +66,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 
-def run(args: argparse.Namespace, ranker_factory: Callable[..., Any] = make_ranker) -> int:
-    """The ``rerank`` subcommand; ``ranker_factory`` (``make_ranker``'s arguments) makes the ranker
+def run(args: argparse.Namespace, ranker_factory: Callable[..., Any] | None = None) -> int:
+    """The ``rerank`` subcommand; ``ranker_factory`` (``make_ranker``, or one with its arguments) makes the ranker
     (:mod:`rank1_hf.scale` passes one that judges on a Ray actor pool)."""
     from .. import pipeline
     from ..formats import check_tag
@@ -126,7 +126,7 @@ def run(args: argparse.Namespace, ranker_factory: Callable[..., Any] = make_rank
                 device_map = f"cuda:{shard.local_rank % torch.cuda.device_count()}"
         if load.device_map is None:
             load = dataclasses.replace(load, device_map=device_map)
-        ranker = ranker_factory(args.model, load, judge_options(args), args.threads)
+        ranker = (ranker_factory or make_ranker)(args.model, load, judge_options(args), args.threads)
         for source in sources:
             source.check_settings(ranker.settings())
         if shard.world_size == 1:  # under a launcher judge_across_ranks opens the rank's own store
