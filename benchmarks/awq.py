@@ -1,4 +1,4 @@
-"""AWQ (rank1_hf.awq, torch's int4 kernel) against the float model, on CPU, in ONE run.
+"""AWQ (rank1_hf.model.awq, torch's int4 kernel) against the float model, on CPU, in ONE run.
 
     python benchmarks/awq.py                      # a random Qwen2 with 1024-wide layers, real Qwen2.5 tokenizer
     python benchmarks/awq.py --layers 4 --pairs 4 # quicker
@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from awq_fixture import build_awq_checkpoint, save_float_checkpoint  # noqa: E402
 
 from rank1_hf.comparison import PeakMemory  # noqa: E402
-from rank1_hf.loading import load_model  # noqa: E402
+from rank1_hf.model.loading import load_model  # noqa: E402
 
 WORDS = "cat dog bread oven yeast river mountain law court judge software python compiler vitamin protein".split()
 

@@ -1,4 +1,4 @@
-"""One-GPU smoke checks for rank1_hf.loading, a few minutes on one CUDA GPU (needs no hub access).
+"""One-GPU smoke checks for rank1_hf.model.loading, a few minutes on one CUDA GPU (needs no hub access).
 
     python benchmarks/gpu_check.py            # all checks
     python benchmarks/gpu_check.py --skip 7b  # skip the 7B-shaped forward (needs ~16 GB of GPU memory)
@@ -12,7 +12,7 @@ Checks (each in its own try/except; a failure is reported and the next check run
 3. a tiny AWQ GEMM checkpoint (packed by tests/awq_fixture.py) through ``load_model`` on CUDA, vs its
    dequantized twin, on cuda:0 alone and split cuda:0 + cpu (the cpu layers offloaded);
 4. a device map split across cuda:0 and cpu, vs the model on cuda:0 alone;
-5. a 7B-shaped random Qwen2 packed as AWQ int4 (rank1_hf.awq on torch's CUDA int4 kernel) against its
+5. a 7B-shaped random Qwen2 packed as AWQ int4 (rank1_hf.model.awq on torch's CUDA int4 kernel) against its
    dequantized bfloat16 twin: ms per decode step at batch 1 and 16, max logit difference.
 
 Prints a markdown table of what ran, passed or failed, with timings and measured differences.
@@ -126,8 +126,8 @@ def check_bnb(root: Path) -> str:
     H200 run read a cosine of 0.75 there), so that comparison is printed, not checked.
     """
     from awq_fixture import bnb_twin
-    from rank1_hf.devices import input_device
-    from rank1_hf.loading import load_model
+    from rank1_hf.model.devices import input_device
+    from rank1_hf.model.loading import load_model
 
     path, original, tok = _small_float_checkpoint(root)
     batch = tok(PROMPTS, return_tensors="pt", padding=True)
@@ -154,8 +154,8 @@ def check_awq(root: Path, device: str = "cuda:0") -> str:
     """Bound 0.2 on logits of std ~0.9: on CPU the same check reads 0.06 (bfloat16 noise; the twin run
     in bfloat16 reads 0.07); a wrong packing reads ~6."""
     from awq_fixture import build_awq_checkpoint
-    from rank1_hf.devices import input_device
-    from rank1_hf.loading import load_model
+    from rank1_hf.model.devices import input_device
+    from rank1_hf.model.loading import load_model
 
     tok = _tokenizer()
     twin = build_awq_checkpoint(tok, root / "awq")
@@ -215,7 +215,7 @@ def check_awq_7b(device: str = "cuda:0", shape: dict | None = None) -> str:
     from awq_fixture import dequantize_int4, pack_awq_gemm, quantize_int4
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from rank1_hf.awq import AwqLinear
+    from rank1_hf.model.awq import AwqLinear
 
     shape = shape or AWQ_7B
     config = Qwen2Config(**shape, tie_word_embeddings=False, attn_implementation="sdpa")
@@ -270,8 +270,8 @@ def check_awq_7b(device: str = "cuda:0", shape: dict | None = None) -> str:
 
 
 def check_split(root: Path) -> str:
-    from rank1_hf.devices import input_device, output_device
-    from rank1_hf.loading import load_model
+    from rank1_hf.model.devices import input_device, output_device
+    from rank1_hf.model.loading import load_model
 
     path, _, tok = _small_float_checkpoint(root)
     batch = tok(PROMPTS, return_tensors="pt", padding=True)

@@ -25,8 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from rank1_hf.decode_step import buckets, width_buckets  # noqa: E402
-from rank1_hf.kv_budget import PAGE_SIZE  # noqa: E402
+from rank1_hf.engine.decode_step import buckets, width_buckets  # noqa: E402
+from rank1_hf.model.kv_budget import PAGE_SIZE  # noqa: E402
 
 SHAPES = {
     "7b": dict(layers=28, heads=28, kv_heads=4, head_dim=128),

@@ -18,7 +18,7 @@ Reasoning lengths are planted (tests/plant.py) so each step count is known in ad
 what would start after that many seconds, so the script ends inside a device call's limit.
 
 Engines: "generate" (model.generate), "continuous" (engine v2; on one GPU its decode steps are CUDA graphs,
-rank1_hf/decode_step.py) and "continuous-eager" (the same engine with graphs turned off).
+rank1_hf/engine/decode_step.py) and "continuous-eager" (the same engine with graphs turned off).
 
     python benchmarks/gpu_throughput.py --long --batches 1 16 64 128 --skip-workload
     python benchmarks/gpu_throughput.py --pairs 64 --skip-steps
@@ -42,9 +42,9 @@ from plant import plant_lengths  # noqa: E402
 from throughput import workload  # noqa: E402
 
 from rank1_hf import Rank1  # noqa: E402
-from rank1_hf import decode_step  # noqa: E402
-from rank1_hf import engine as engine_module  # noqa: E402
-from rank1_hf import runner as runner_module  # noqa: E402
+from rank1_hf.engine import decode_step  # noqa: E402
+from rank1_hf.engine import continuous as engine_module  # noqa: E402
+from rank1_hf.engine import runner as runner_module  # noqa: E402
 from rank1_hf.testing import qwen_tokenizer, same_length_pairs, tiny_model  # noqa: E402
 from rank1_hf.prompt import build_prompt  # noqa: E402
 
@@ -233,7 +233,7 @@ def main() -> None:
     # who set context_size to their lengths).
     ranker = Rank1.from_model(model, tok, max_new_tokens=first + steps + 8,
                               context_size=prompt_tokens + first + steps + 16)
-    from rank1_hf.kv_budget import kv_bytes_per_token
+    from rank1_hf.model.kv_budget import kv_bytes_per_token
 
     kv_token = kv_bytes_per_token(model)
     context = prompt_tokens + first + steps / 2  # tokens in each row's cache, on average over the steps timed

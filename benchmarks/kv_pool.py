@@ -36,8 +36,8 @@ from plant import plant_lengths  # noqa: E402
 from throughput import workload  # noqa: E402
 
 from rank1_hf import Rank1  # noqa: E402
-from rank1_hf import runner as runner_module  # noqa: E402
-from rank1_hf.kv_budget import kv_bytes_per_token  # noqa: E402
+from rank1_hf.engine import runner as runner_module  # noqa: E402
+from rank1_hf.model.kv_budget import kv_bytes_per_token  # noqa: E402
 from rank1_hf.prompt import build_prompt  # noqa: E402
 from rank1_hf.testing import qwen_tokenizer, same_length_pairs, tiny_model  # noqa: E402
 

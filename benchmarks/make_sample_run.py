@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from rank1_hf.formats import Run, ranked, read_corpus, read_queries, sample_paths, write_run  # noqa: E402
+from rank1_hf.io.formats import Run, ranked, read_corpus, read_queries, sample_paths, write_run  # noqa: E402
 
 K1 = 0.9
 B = 0.4

@@ -36,8 +36,9 @@ WORDS = ("cat dog bread oven yeast river mountain law court judge software pytho
 CHILD = r"""
 import json, sys, time
 sys.path.insert(0, sys.argv[1])
-from rank1_hf import pipeline, formats
-from rank1_hf.store import JudgementStore
+from rank1_hf import pipeline
+from rank1_hf.io import formats
+from rank1_hf.io.store import JudgementStore
 
 class Settings:  # stands in for a loaded Rank1: planning reads only these two
     dataset_prompt = None
@@ -82,7 +83,7 @@ def make_inputs(d: Path, queries: int, per_query: int, corpus: int, seed: int = 
     sys.path.insert(0, str(ROOT))
     from rank1_hf import pipeline
     from rank1_hf.judgement import Judgement
-    from rank1_hf.store import JudgementStore
+    from rank1_hf.io.store import JudgementStore
 
     class Settings:
         dataset_prompt = None

@@ -34,8 +34,8 @@ from plant import plant_lengths  # noqa: E402
 from throughput import WORDS, lengths_for  # noqa: E402
 
 from rank1_hf import Rank1, judging  # noqa: E402
-from rank1_hf.engine import ContinuousEngine  # noqa: E402
-from rank1_hf.kv_budget import kv_bytes_per_token  # noqa: E402
+from rank1_hf.engine.continuous import ContinuousEngine  # noqa: E402
+from rank1_hf.model.kv_budget import kv_bytes_per_token  # noqa: E402
 from rank1_hf.prompt import build_prompt  # noqa: E402
 from rank1_hf.testing import qwen_tokenizer, tiny_model  # noqa: E402
 

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from rank1_hf import pipeline  # noqa: E402
 from rank1_hf.options import JudgeOptions  # noqa: E402
-from rank1_hf.store import JudgementStore  # noqa: E402
+from rank1_hf.io.store import JudgementStore  # noqa: E402
 from rank1_hf.testing import qwen_tokenizer, tiny_model  # noqa: E402
 
 WORDS = ("cat dog bread oven yeast river mountain law court judge software python compiler vitamin protein "

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from plant import plant_lengths  # noqa: E402
 
 from rank1_hf import Rank1  # noqa: E402
-from rank1_hf.kv_cache import PagedCache  # noqa: E402
+from rank1_hf.engine.kv_cache import PagedCache  # noqa: E402
 from rank1_hf.testing import qwen_tokenizer, same_length_pairs, tiny_model  # noqa: E402
 from rank1_hf.prompt import build_prompt  # noqa: E402
 

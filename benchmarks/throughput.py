@@ -37,7 +37,7 @@ from plant import plant_lengths  # noqa: E402
 from rank1_hf import Rank1  # noqa: E402
 from rank1_hf.comparison import PeakMemory  # noqa: E402
 from rank1_hf.prompt import build_prompt  # noqa: E402
-from rank1_hf.readout import readout_ids, score  # noqa: E402
+from rank1_hf.engine.readout import readout_ids, score  # noqa: E402
 
 WORDS = "cat dog bread oven yeast river mountain law court judge software python compiler vitamin protein".split()
 
@@ -99,7 +99,7 @@ def run_engine(ranker: Rank1, pairs, engine: str):
 
 
 def load(name: str):
-    from rank1_hf.assets import smollm2
+    from rank1_hf.model.assets import smollm2
     from rank1_hf.testing import qwen_tokenizer, tiny_model
 
     if name == "tiny":

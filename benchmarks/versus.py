@@ -118,7 +118,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         trees = {name: checkout(rev, tmp / name) for name, rev in revisions.items()}
-        from rank1_hf.readout import readout_ids
+        from rank1_hf.engine.readout import readout_ids
         from rank1_hf.testing import qwen_tokenizer
 
         tok = qwen_tokenizer()

@@ -36,7 +36,7 @@ import torch
 from rank1_hf import Rank1
 from rank1_hf.testing import qwen_tokenizer, tiny_model
 from rank1_hf.prompt import build_prompt
-from rank1_hf.readout import readout_ids
+from rank1_hf.engine.readout import readout_ids
 
 WORDS = "cat dog bread oven yeast river mountain law court judge software python compiler vitamin protein".split()
 

@@ -19,7 +19,7 @@ Constructor parameters and their defaults are the reference's. What changes:
   ``enforce_eager``, ``max_model_len``, ...) are accepted and ignored, with one warning naming them.
 * ``force_rethink > 0`` is refused (see :data:`FORCE_RETHINK_MESSAGE`).
 * ``store="judgements.sqlite"`` (not in the reference) keeps every judgement in a
-  :class:`~rank1_hf.store.JudgementStore`, so a rerun after a crash judges only what is missing.
+  :class:`~rank1_hf.io.store.JudgementStore`, so a rerun after a crash judges only what is missing.
 * The reasoning is kept: after :meth:`rank1.predict`, :attr:`rank1.last_judgements` holds one
   :class:`~rank1_hf.judgement.Judgement` per pair.
 

@@ -1,7 +1,7 @@
 """The judging core: pairs in, :class:`~rank1_hf.judgement.Judgement` out, through one long-lived engine.
 
 :class:`Judge` holds what turns a pair into a judgement: the prompt (cut to fit the context), the engine
-that reasons (chosen once, kept in its :class:`~rank1_hf.worker.EngineWorker` and shared by every caller,
+that reasons (chosen once, kept in its :class:`~rank1_hf.engine.worker.EngineWorker` and shared by every caller,
 stepped by whichever caller waits), and the judgement built from what the engine returns. Callers in any thread use
 :meth:`Judge.iterate`; asyncio tasks use :meth:`Judge.aiterate`. Each gets exactly its own judgements,
 equal to judging its pairs alone.
@@ -24,17 +24,17 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .engine import ContinuousEngine
-from .engine_types import DecodeSettings, EngineStats, Generation
+from .engine.continuous import ContinuousEngine
+from .engine.types import DecodeSettings, EngineStats, Generation
 from .errors import Rank1Error
-from .generate import GenerateEngine
+from .engine.generate import GenerateEngine
 from .judgement import Judgement
-from .kv_budget import pool_tokens
+from .model.kv_budget import pool_tokens
 from .options import JudgeOptions
 from .prompt import Pair, build_prompt, unpack_pair
-from .readout import readout_ids, score
-from .stopping import ThinkDetector, split_reasoning
-from .worker import EngineWorker, Ticket
+from .engine.readout import readout_ids, score
+from .engine.stopping import ThinkDetector, split_reasoning
+from .engine.worker import EngineWorker, Ticket
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def engine_kind(model: PreTrainedModel, asked: str) -> str:
 
 class Judging:
     """What :meth:`Judge.iterate` returns: (input index, :class:`Judgement`) pairs in the order they
-    finish, and ``stats``, the :class:`~rank1_hf.engine_types.EngineStats` of the engine's work while this
+    finish, and ``stats``, the :class:`~rank1_hf.engine.types.EngineStats` of the engine's work while this
     call had pairs in it (complete once the iterator is exhausted; all zero when it judged nothing).
     Closing it early (or dropping it) frees its pairs that have not started."""
 

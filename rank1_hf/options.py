@@ -16,7 +16,7 @@ from .errors import Rank1Error
 ENGINES = ("auto", "continuous", "generate")
 #: The quantization names ``load_model(quantization=...)`` accepts (besides a BitsAndBytesConfig).
 QUANTIZATIONS = ("bnb-4bit", "bnb-8bit")
-#: The dtype names load_model accepts (rank1_hf.loading maps them to torch dtypes), "torch." prefix allowed.
+#: The dtype names load_model accepts (rank1_hf.model.loading maps them to torch dtypes), "torch." prefix allowed.
 DTYPE_NAMES = ("auto", "float16", "fp16", "half", "bfloat16", "bf16", "float32", "fp32", "float",
                "torch.float16", "torch.bfloat16", "torch.float32")
 
@@ -28,7 +28,7 @@ _SIZE_RE = re.compile(r"^\d+(\.\d+)?\s*([KMGT]i?B)$", re.IGNORECASE)
 
 @dataclass(frozen=True)
 class LoadOptions:
-    """How :func:`rank1_hf.loading.load_model` loads a checkpoint.
+    """How :func:`rank1_hf.model.loading.load_model` loads a checkpoint.
 
     dtype: "auto" / None (the checkpoint's), "float16", "bfloat16", "float32" or a torch dtype.
     device_map: None (one device), "auto", "balanced", "balanced_low_0", "sequential", a device, or a dict.
@@ -48,7 +48,7 @@ class LoadOptions:
     revision: str | None = None
 
     def as_kwargs(self) -> dict[str, Any]:
-        """The options as keyword arguments of :func:`~rank1_hf.loading.load_model`."""
+        """The options as keyword arguments of :func:`~rank1_hf.model.loading.load_model`."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 

@@ -4,7 +4,7 @@ Usable from Python as well as from the CLI::
 
     from rank1_hf import Rank1
     from rank1_hf.pipeline import load_items, judge_items, reranked_run, trace_rows
-    from rank1_hf.store import JudgementStore
+    from rank1_hf.io.store import JudgementStore
 
     items = load_items("run.trec", "queries.jsonl", "corpus.jsonl", top_k=100)
     ranker = Rank1("jhu-clsp/rank1-7b")
@@ -12,7 +12,7 @@ Usable from Python as well as from the CLI::
         result = judge_items(ranker, items, store)
     run = reranked_run(items, result.judgements)
 
-Resuming: every judgement is written to the :class:`~rank1_hf.store.JudgementStore` in small
+Resuming: every judgement is written to the :class:`~rank1_hf.io.store.JudgementStore` in small
 transactions as it finishes (every ``flush_every`` judgements or ``flush_seconds``, and always on the
 way out, KeyboardInterrupt included), and looked up there before anything is generated. Rerunning the
 same job after a crash or a SIGKILL recomputes only the pairs that were in flight.
@@ -33,11 +33,11 @@ Two ways to spread a job over machines, both ending in outputs identical to a si
   builds the outputs. No ``torch.distributed`` is needed: the shared directory is the only thing the
   processes share.
 
-Ranking rule: :func:`rank1_hf.formats.ranked` (score descending, ties by docid descending, as trec_eval
+Ranking rule: :func:`rank1_hf.io.formats.ranked` (score descending, ties by docid descending, as trec_eval
 re-sorts), for the first-stage top-k, the reranked run, the traces and the evaluation alike, so the file on
 disk, the traces and every evaluation tool agree. Only the top-k pairs are reranked; the documents below
 them can follow in their first-stage order (:func:`reranked_run`'s ``rest``, the CLI's default). The run
-file's scores are made strictly decreasing (:func:`rank1_hf.formats.untied_scores`); the traces keep each
+file's scores are made strictly decreasing (:func:`rank1_hf.io.formats.untied_scores`); the traces keep each
 judgement's raw score.
 """
 
@@ -55,11 +55,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
-from . import formats, reuse
-from .engine_types import EngineStats
+from .io import formats, reuse
+from .engine.types import EngineStats
 from .errors import Rank1Error
 from .judgement import Judgement
-from .store import JudgementStore, settings_key
+from .io.store import JudgementStore, settings_key
 
 if TYPE_CHECKING:  # importing the ranker pulls in torch; the pipeline itself does not need it
     from .ranker import Rank1
@@ -250,7 +250,7 @@ def load_items(
     instructions: formats.PathLike | None = None,
     top_k: int | None = None,
 ) -> list[Item]:
-    """Read the job's files (see :mod:`rank1_hf.formats` for the formats) and build its items.
+    """Read the job's files (see :mod:`rank1_hf.io.formats` for the formats) and build its items.
 
     The run is read first; of the queries, instructions and corpus only the ids it names are kept, so a
     top-100 of MS MARCO holds its 700,000 pairs' texts, not the 8.8M-passage corpus. Queries the run names
@@ -521,7 +521,7 @@ def _collect(ranker: "Rank1", items: Sequence[Item], stores: Sequence[JudgementS
 
 def reranked_run(items: Sequence[Item], judgements: Mapping[tuple[str, str], Judgement],
                  rest: Mapping[str, Sequence[tuple[str, float]]] | None = None) -> formats.Run:
-    """qid -> [(docid, score)], ranked by :func:`rank1_hf.formats.ranked` (see the module docstring).
+    """qid -> [(docid, score)], ranked by :func:`rank1_hf.io.formats.ranked` (see the module docstring).
 
     ``rest``: the first-stage documents below the top-k (:func:`first_stage_rest`), ranked after the
     reranked ones in their first-stage order, with scores -1, -2, ... (below any rank1 score, which lies

@@ -10,7 +10,7 @@ A judgement goes through four steps, each in its own module:
 4. scoring: the softmax over those two logits.
 
 With ``store=``, :meth:`Rank1.judge` (and so :meth:`~Rank1.predict`, :meth:`~Rank1.rank`, the mteb
-adapter and the drop-in ``rank1`` class) looks every pair up in a :class:`~rank1_hf.store.JudgementStore`
+adapter and the drop-in ``rank1`` class) looks every pair up in a :class:`~rank1_hf.io.store.JudgementStore`
 first, keyed as the CLI keys it, and commits each new judgement as soon as it is made.
 
 The judging itself (prompts, the shared engine, judgements) is :mod:`rank1_hf.judging`'s; this module is
@@ -32,16 +32,16 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from . import reuse
-from .engine_types import EngineStats
+from .io import reuse
+from .engine.types import EngineStats
 from .errors import Rank1Error
-from .fingerprint import files_fingerprint, hub_fingerprint, tensors_fingerprint
-from .head import prepack_head
+from .model.fingerprint import files_fingerprint, hub_fingerprint, tensors_fingerprint
+from .engine.head import prepack_head
 from .judgement import Judgement
 from .judging import Judge, Judging, Prepared
 from .options import JudgeOptions, LoadOptions, check_count, check_dataset_prompt
 from .prompt import Pair, Passage, build_prompt
-from .store import JudgementStore
+from .io.store import JudgementStore
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ __all__ = ["Rank1", "Judged", "Judging", "Prepared", "best_first"]
 @dataclass(frozen=True)
 class Judged:
     """What :meth:`Rank1.judge_with_stats` returns: one judgement per pair, in input order, the
-    :class:`~rank1_hf.engine_types.EngineStats` of the pairs this call judged (stored ones cost nothing),
+    :class:`~rank1_hf.engine.types.EngineStats` of the pairs this call judged (stored ones cost nothing),
     and how many pairs came from the store or from an identical pair earlier in the call."""
 
     judgements: list[Judgement]
@@ -88,7 +88,7 @@ class Rank1:
         store: str | os.PathLike | JudgementStore | None = None,
         **options: Any,
     ):
-        from .loading import load_model
+        from .model.loading import load_model
 
         load_fields = {f.name for f in dataclasses.fields(LoadOptions)}
         load = _options(LoadOptions, load, {k: v for k, v in options.items() if k in load_fields}, "load")
@@ -116,7 +116,7 @@ class Rank1:
 
         name: the model's name in the judgement store's settings (default: the config's
             ``_name_or_path``). The key also holds a fingerprint of the weights themselves
-            (:mod:`rank1_hf.fingerprint`, computed on first use), so different weights never share
+            (:mod:`rank1_hf.model.fingerprint`, computed on first use), so different weights never share
             judgements, whatever their names.
 
         judge: the judging options as one :class:`~rank1_hf.options.JudgeOptions` (checked there), or
@@ -132,7 +132,7 @@ class Rank1:
                 (``model.generate`` with a StoppingCriteria), or "auto" (continuous where the model's
                 cache allows it).
             show_progress_bar: None shows one when stderr is a terminal.
-            store: a :class:`~rank1_hf.store.JudgementStore` or the path of one (created if missing):
+            store: a :class:`~rank1_hf.io.store.JudgementStore` or the path of one (created if missing):
                 :meth:`judge` reuses the judgements stored for these settings and stores new ones as
                 they finish, so a restarted job or service judges only what is missing.
 
@@ -186,7 +186,7 @@ class Rank1:
     def settings(self, dataset_prompt: str | None = None) -> dict[str, Any]:
         """Everything that determines a judgement besides the pair: the key of the judgement store.
 
-        ``weights`` is the fingerprint of the weights (:mod:`rank1_hf.fingerprint`): the resolved commit
+        ``weights`` is the fingerprint of the weights (:mod:`rank1_hf.model.fingerprint`): the resolved commit
         of a hub checkpoint, a hash of a local directory's weight files, or of an in-memory model's
         tensors (computed once, on the first call). ``dataset_prompt``: a call's own (default: the ranker's).
         """

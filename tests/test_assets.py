@@ -1,4 +1,4 @@
-"""The offline assets: real tokenizers, tiny random models (rank1_hf.testing) and the SmolLM2 weights (rank1_hf.assets)."""
+"""The offline assets: real tokenizers, tiny random models (rank1_hf.testing) and the SmolLM2 weights (rank1_hf.model.assets)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import time
 import pytest
 import torch
 
-from rank1_hf import assets, testing
+from rank1_hf.model import assets
+from rank1_hf import testing
 from rank1_hf.errors import Rank1Error
 
 # name -> (builder, " true" id, " false" id, BOS id added by the tokenizer's own rule or None)

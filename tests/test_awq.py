@@ -1,6 +1,6 @@
-"""AWQ GEMM checkpoints on torch alone (rank1_hf.awq), on CPU and offline.
+"""AWQ GEMM checkpoints on torch alone (rank1_hf.model.awq), on CPU and offline.
 
-The checkpoints are packed by hand (tests/awq_fixture.py, written independently of rank1_hf.awq) and
+The checkpoints are packed by hand (tests/awq_fixture.py, written independently of rank1_hf.model.awq) and
 come with their float32 twin: the same model holding exactly the weights the int4 codes stand for. So
 every difference between the AWQ model and its twin is arithmetic, and the bounds below say which.
 Measured differences are printed (run with ``-s``).
@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from rank1_hf import awq
+from rank1_hf.model import awq
 from rank1_hf.errors import Rank1Error
-from rank1_hf.devices import input_device
-from rank1_hf.loading import load_model
+from rank1_hf.model.devices import input_device
+from rank1_hf.model.loading import load_model
 
 sys.path.insert(0, str(Path(__file__).parent))
 from awq_fixture import (  # noqa: E402
@@ -175,7 +175,7 @@ def test_checkpoint_loads_by_path_without_gptqmodel_and_quietly(checkpoint, batc
             sys.modules[blocked] = None  # import raises ImportError; find_spec says "not installed"
         import torch
         import rank1_hf
-        from rank1_hf.loading import load_model
+        from rank1_hf.model.loading import load_model
         model, tok = load_model({str(path)!r})
         layer = model.model.layers[0].self_attn.q_proj
         assert type(layer).__name__ == "AwqLinear" and layer.layout == "cpu", layer

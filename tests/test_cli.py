@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from rank1_hf import cli
-from rank1_hf.formats import sample_paths
+from rank1_hf.io.formats import sample_paths
 
 SAMPLE = sample_paths()
 ROOT = Path(__file__).resolve().parent.parent

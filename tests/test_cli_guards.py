@@ -12,7 +12,7 @@ import pytest
 from test_cli import files  # noqa: F401 - the fixture
 
 from rank1_hf import cli
-from rank1_hf.formats import sample_paths
+from rank1_hf.io.formats import sample_paths
 
 SAMPLE = sample_paths()
 
@@ -63,7 +63,7 @@ def _interrupt(*args, **kwargs):
 
 @pytest.mark.parametrize("command", ["score", "rerank-loading", "evaluate", "compare", "compare-loading", "parser"])
 def test_ctrl_c_exits_130_without_traceback_in_every_command(files, capsys, monkeypatch, command):
-    from rank1_hf import evaluate as evaluate_module
+    from rank1_hf.io import evaluate as evaluate_module
     from rank1_hf.cli import compare, rerank, score
 
     for name in ("m", "no-model-here", "model-a", "model-b"):  # model folders the pre-flight accepts

@@ -19,10 +19,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rank1_hf import comparison, pipeline, formats
+from rank1_hf import comparison, pipeline
+from rank1_hf.io import formats
 from rank1_hf.cli import compare as compare_command
 from rank1_hf.errors import Rank1Error
-from rank1_hf.store import JudgementStore
+from rank1_hf.io.store import JudgementStore
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # matplotlib is the optional extra rank1-hf[plot]: without it the reports must still be complete, minus PNGs.

@@ -7,8 +7,9 @@ from conftest import FAMILIES, make_pairs
 from reference import reference_judge
 from test_judge import EOS, MAX_NEW, assert_agree, planted
 
-from rank1_hf import Rank1, decode_step, runner
-from rank1_hf.decode_step import buckets, graphable, width_buckets
+from rank1_hf import Rank1
+from rank1_hf.engine import decode_step, runner
+from rank1_hf.engine.decode_step import buckets, graphable, width_buckets
 from rank1_hf.testing import tiny_model
 
 

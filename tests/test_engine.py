@@ -165,7 +165,7 @@ def test_static_engine_pays_for_the_longest_row_continuous_does_not(planted):
 def test_kv_memory_limits_generate_batches_to_exactly_three(planted):
     """model.generate reserves prompt + max_new_tokens per row: kv_memory bounds its batches by that sum
     (the continuous engine's pages are tests/test_kv_pool.py's)."""
-    from rank1_hf.kv_budget import kv_bytes_per_token
+    from rank1_hf.model.kv_budget import kv_bytes_per_token
 
     model, tok, pairs, _, refs = planted
     by_length = sorted(range(len(pairs)), key=lambda i: prompt_tokens(tok, *pairs[i]))[-7:]
@@ -182,7 +182,7 @@ def test_kv_memory_limits_generate_batches_to_exactly_three(planted):
 
 def test_greedy_tokens_is_argmax_exactly():
     """The CPU fast path must pick what torch.argmax picks: first index on ties, NaN wins, any width."""
-    from rank1_hf.head import greedy_tokens
+    from rank1_hf.engine.head import greedy_tokens
 
     torch.manual_seed(0)
     cases = [torch.randn(5, 151665), torch.randn(3, 100), torch.randn(2, 4096), torch.randn(1, 2049)]

@@ -3,7 +3,7 @@ admission keeps headroom for the rows admitted in the same step, the newest row 
 preempted row resumes where it stopped (also one preempted while reading its readout), out of memory halves
 the KV pool, a dropped request leaves nothing behind, and the small-pool warning's threshold.
 
-The tests drive :class:`~rank1_hf.engine.ContinuousEngine` through its public surface (``step`` with a
+The tests drive :class:`~rank1_hf.engine.continuous.ContinuousEngine` through its public surface (``step`` with a
 ``waiting`` deque, ``drop``, ``wants``, ``stats``) on a tiny model with planted reasoning lengths
 (tests/plant.py), and compare every judgement with the one-pair-at-a-time reference. One rule (the pool
 after out of memory) has no public trace: :func:`pool_tokens` is the only place that reads engine internals.
@@ -19,10 +19,10 @@ import torch
 from plant import plant_lengths
 from reference import reference_judge
 
-from rank1_hf.engine import ContinuousEngine
-from rank1_hf.engine_types import Request
+from rank1_hf.engine.continuous import ContinuousEngine
+from rank1_hf.engine.types import Request
 from rank1_hf.judging import Judge
-from rank1_hf.kv_budget import PAGE_SIZE, kv_bytes_per_token
+from rank1_hf.model.kv_budget import PAGE_SIZE, kv_bytes_per_token
 from rank1_hf.options import JudgeOptions
 from rank1_hf.prompt import build_prompt
 from rank1_hf.testing import qwen_tokenizer, tiny_model

@@ -1,4 +1,4 @@
-"""Evaluation via ir_measures, checked against nDCG computed by hand (rank1_hf.evaluate)."""
+"""Evaluation via ir_measures, checked against nDCG computed by hand (rank1_hf.io.evaluate)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import math
 import pytest
 
 from rank1_hf.errors import Rank1Error
-from rank1_hf.evaluate import DEFAULT_MEASURES, evaluate, format_table, per_query
-from rank1_hf.formats import read_qrels, read_run, sample_paths
+from rank1_hf.io.evaluate import DEFAULT_MEASURES, evaluate, format_table, per_query
+from rank1_hf.io.formats import read_qrels, read_run, sample_paths
 
 import ir_measures  # noqa: E402,F401  (a core dependency of rank1-hf: missing it is a failure, not a skip)
 
@@ -54,7 +54,7 @@ def test_evaluate_equals_ir_measures_on_the_written_file(tmp_path) -> None:
     # then scored by ir_measures straight from the file and by evaluate() from memory and from the file.
     import ir_measures
 
-    from rank1_hf.formats import write_run
+    from rank1_hf.io.formats import write_run
 
     qrels = {"q1": {"d1": 1, "d3": 2}, "q2": {"d2": 1}}
     run = {"q1": [("d1", 0.5), ("d2", 0.5), ("d3", 0.5), ("d4", 0.9)], "q2": [("d1", 0.5), ("d2", 0.5), ("d3", 0.5)]}

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from rank1_hf import Rank1, pipeline
-from rank1_hf.store import JudgementStore
+from rank1_hf.io.store import JudgementStore
 from rank1_hf.testing import qwen_tokenizer, tiny_model
 
 QUERIES = {"q1": "how do cats purr", "q2": "bread ovens"}

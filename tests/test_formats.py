@@ -1,4 +1,4 @@
-"""Readers and writers for reranking inputs and outputs (rank1_hf.formats)."""
+"""Readers and writers for reranking inputs and outputs (rank1_hf.io.formats)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from rank1_hf.errors import Rank1Error
-from rank1_hf.formats import (
+from rank1_hf.io.formats import (
     check_run,
     read_corpus,
     read_instructions,
@@ -378,7 +378,7 @@ def test_json_run_duplicate_keys_are_refused(tmp_path: Path) -> None:
 
 def test_json_run_query_without_documents_is_kept_and_reported(tmp_path: Path) -> None:
     from rank1_hf import pipeline
-    from rank1_hf.formats import empty_queries
+    from rank1_hf.io.formats import empty_queries
 
     run = _write(tmp_path / "run.json", '{"q1": {"d1": 1.0}, "q2": {}, "q0": {}}')
     assert read_run(run) == {"q1": [("d1", 1.0)], "q2": [], "q0": []}

@@ -16,7 +16,7 @@ from conftest import ranker_for
 
 from rank1_hf.errors import Rank1Error
 from rank1_hf.judgement import Judgement
-from rank1_hf.store import JudgementStore, settings_key
+from rank1_hf.io.store import JudgementStore, settings_key
 
 # Two queries; the tiny model gives every passage of a query a different score (no ties), so Rank1.rank's
 # order (ties by input position) and the run order (ties by docno) are the same order.
@@ -121,8 +121,8 @@ def test_pyterrier_reranker_rescores_and_reranks_per_query(pt, ranker):
 
 
 def test_pyterrier_ties_follow_the_run_order_rule(pt):
-    """Equal scores: docno descending (trec_eval's rule, rank1_hf.formats.ranked), not input order."""
-    from rank1_hf import formats
+    """Equal scores: docno descending (trec_eval's rule, rank1_hf.io.formats.ranked), not input order."""
+    from rank1_hf.io import formats
     from rank1_hf.integrations.pyterrier import Rank1Reranker
 
     scores = {DOCS["d1"]: 0.5, DOCS["d5"]: 0.9, DOCS["d6"]: 0.5, DOCS["d2"]: 0.5}

@@ -22,12 +22,14 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from rank1_hf import Rank1, decode_step, devices, loading, runner
-from rank1_hf.decode_step import StaticDecode, additive_mask, readout_ids
-from rank1_hf.engine import ContinuousEngine
-from rank1_hf.kv_budget import PAGE_SIZE, default_kv_memory, pages_for
-from rank1_hf.kv_cache import PagedCache
-from rank1_hf.pages import PageAllocator
+from rank1_hf import Rank1
+from rank1_hf.engine import decode_step, runner
+from rank1_hf.model import devices, loading
+from rank1_hf.engine.decode_step import StaticDecode, additive_mask, readout_ids
+from rank1_hf.engine.continuous import ContinuousEngine
+from rank1_hf.model.kv_budget import PAGE_SIZE, default_kv_memory, pages_for
+from rank1_hf.engine.kv_cache import PagedCache
+from rank1_hf.engine.pages import PageAllocator
 from rank1_hf.testing import tiny_model
 
 aten = torch.ops.aten
@@ -241,7 +243,7 @@ def test_capture_runs_on_the_engines_device_on_a_stream_of_it_in_thread_local_mo
 def test_a_failed_capture_logs_its_own_error_leaves_the_stream_and_decodes_eagerly(tokenizers, monkeypatch, caplog):
     static, cuda = _capturing_static(tokenizers, monkeypatch, fail=ValueError("the real cause"))
     last, cached = _rows(static, [5, 9, 3])
-    with caplog.at_level(logging.WARNING, logger="rank1_hf.decode_step"):
+    with caplog.at_level(logging.WARNING, logger="rank1_hf.engine.decode_step"):
         picked = static.run(last, cached)
     assert cuda.on == []  # back on the current stream
     (record,) = [r for r in caplog.records if "capture" in r.getMessage()]

@@ -1,4 +1,4 @@
-"""The CPU output head's screening (rank1_hf.head.ScreenedHead) on data built to sit near its bound.
+"""The CPU output head's screening (rank1_hf.engine.head.ScreenedHead) on data built to sit near its bound.
 
 The screen's bfloat16 estimate is what oneDNN computes from a bfloat16 packed weight: bfloat16 inputs and
 weights, float32 accumulation, output rounded to bfloat16. Where this CPU cannot pack bfloat16 weights, the
@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rank1_hf import head as head_module
-from rank1_hf.head import ScreenedHead
+from rank1_hf.engine import head as head_module
+from rank1_hf.engine.head import ScreenedHead
 
 
 def _screened(weight: torch.Tensor, exact_ids, monkeypatch) -> ScreenedHead:

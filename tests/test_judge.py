@@ -12,7 +12,7 @@ from reference import reference_judge
 from rank1_hf import Rank1, Rank1Error
 from rank1_hf.testing import tiny_model
 from rank1_hf.prompt import THINK_END, build_prompt
-from rank1_hf.stopping import ThinkDetector
+from rank1_hf.engine.stopping import ThinkDetector
 
 MAX_NEW = 40
 
@@ -227,7 +227,7 @@ def test_bad_input_and_bad_tokenizer(tokenizers):
 
 @pytest.fixture(scope="module")
 def smollm2_ranker():
-    from rank1_hf.assets import smollm2
+    from rank1_hf.model.assets import smollm2
 
     return Rank1(str(smollm2()), max_new_tokens=12, context_size=600, batch_size=2)
 

@@ -8,8 +8,8 @@ from conftest import make_pairs
 from torch import nn
 
 from rank1_hf import Rank1
-from rank1_hf.head import ScreenedHead, _bf16_fast, fast_head
-from rank1_hf.kv_cache import PagedCache
+from rank1_hf.engine.head import ScreenedHead, _bf16_fast, fast_head
+from rank1_hf.engine.kv_cache import PagedCache
 from rank1_hf.testing import tiny_model
 
 needs_bf16 = pytest.mark.skipif(not _bf16_fast(), reason="this CPU has no fast bfloat16 (avx512_bf16/AMX) for oneDNN")

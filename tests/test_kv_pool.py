@@ -7,7 +7,7 @@ from plant import plant_lengths
 from reference import reference_judge
 
 from rank1_hf import Rank1, Rank1Error
-from rank1_hf.kv_budget import PAGE_SIZE, kv_bytes_per_token
+from rank1_hf.model.kv_budget import PAGE_SIZE, kv_bytes_per_token
 from rank1_hf.options import JudgeOptions
 from rank1_hf.prompt import build_prompt
 from rank1_hf.testing import tiny_model

@@ -15,10 +15,10 @@ import pytest
 import torch
 from torch import nn
 
-from rank1_hf.devices import input_device, output_device
+from rank1_hf.model.devices import input_device, output_device
 from rank1_hf.errors import Rank1Error
-from rank1_hf.loading import load_model, parse_max_memory
-from rank1_hf.planning import Plan, format_kv_plan, format_plan, kv_plan, plan_device_map
+from rank1_hf.model.loading import load_model, parse_max_memory
+from rank1_hf.model.planning import Plan, format_kv_plan, format_plan, kv_plan, plan_device_map
 
 sys.path.insert(0, str(Path(__file__).parent))
 from awq_fixture import (  # noqa: E402
@@ -180,7 +180,7 @@ def test_disk_map_without_folder_is_a_rank1_error(float_checkpoint):
 
 
 def test_pad_token_prefers_reserved_token():
-    from rank1_hf.loading import _choose_pad_token
+    from rank1_hf.model.loading import _choose_pad_token
     from rank1_hf.testing import llama3_tokenizer
 
     llama = llama3_tokenizer()

@@ -7,7 +7,8 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from rank1_hf import cli, formats, pipeline
+from rank1_hf import cli, pipeline
+from rank1_hf.io import formats
 from rank1_hf.judgement import Judgement
 
 QUERIES = {"q1": "how do cats purr"}
@@ -73,7 +74,7 @@ def test_evaluate_warns_when_runs_have_different_depths(tmp_path, capsys):
 
 
 def test_log_tells_the_token_cap_from_the_models_end_of_sequence(caplog):
-    from rank1_hf.engine_types import EngineStats
+    from rank1_hf.engine.types import EngineStats
     from rank1_hf.judging import _CallLog
     from rank1_hf.options import JudgeOptions
 
@@ -107,7 +108,7 @@ def test_progress_off_a_terminal_is_one_line_every_interval(capsys):
 def test_loading_shows_no_transformers_progress_bars_unless_logging_asks(model_dir, capfd, caplog):
     import logging
 
-    from rank1_hf.loading import load_model
+    from rank1_hf.model.loading import load_model
 
     load_model(model_dir)
     assert "Loading weights" not in capfd.readouterr().err

@@ -9,7 +9,7 @@ import pytest
 from rank1_hf import pipeline
 from rank1_hf.errors import Rank1Error
 from rank1_hf.dataset_prompts import DATASET_PROMPTS, resolve_dataset_prompt
-from rank1_hf.store import JudgementStore, settings_key
+from rank1_hf.io.store import JudgementStore, settings_key
 
 QUERIES = {"q1": "how do cats purr", "q2": "how do cats purr", "q3": "best bread oven"}
 CORPUS = {

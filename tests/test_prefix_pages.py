@@ -8,8 +8,8 @@ from conftest import FAMILIES, PLANT_FACTOR, WORDS
 from plant import plant_lengths, plant_think
 
 from rank1_hf import Rank1
-from rank1_hf import engine as engine_module
-from rank1_hf.kv_budget import PAGE_SIZE, kv_bytes_per_token
+from rank1_hf.engine import continuous as engine_module
+from rank1_hf.model.kv_budget import PAGE_SIZE, kv_bytes_per_token
 from rank1_hf.prompt import build_prompt
 from rank1_hf.testing import tiny_model
 

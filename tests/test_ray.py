@@ -21,9 +21,9 @@ ray = pytest.importorskip("ray", reason="the [ray] extra is not installed")
 psutil = pytest.importorskip("psutil")
 
 from rank1_hf import cli, pipeline  # noqa: E402
-from rank1_hf.formats import read_run, sample_paths  # noqa: E402
+from rank1_hf.io.formats import read_run, sample_paths  # noqa: E402
 from rank1_hf.options import JudgeOptions  # noqa: E402
-from rank1_hf.store import JudgementStore  # noqa: E402
+from rank1_hf.io.store import JudgementStore  # noqa: E402
 
 pytestmark = pytest.mark.ray
 

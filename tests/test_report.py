@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from rank1_hf import cli, formats, pipeline
+from rank1_hf import cli, pipeline
+from rank1_hf.io import formats
 from rank1_hf.judgement import Judgement
 
 QUERIES = {"q1": "how do cats purr", "q2": "bread ovens"}

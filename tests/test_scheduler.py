@@ -5,11 +5,11 @@ from collections import deque
 
 import pytest
 
-from rank1_hf import scheduler as scheduler_module
-from rank1_hf.engine_types import DecodeSettings, EngineStats, Request
+from rank1_hf.engine import scheduler as scheduler_module
+from rank1_hf.engine.types import DecodeSettings, EngineStats, Request
 from rank1_hf.errors import Rank1Error
-from rank1_hf.pages import PageAllocator
-from rank1_hf.scheduler import RowState, Scheduler
+from rank1_hf.engine.pages import PageAllocator
+from rank1_hf.engine.scheduler import RowState, Scheduler
 
 SIZE = 4  # tokens per page here, so page arithmetic stays small
 
@@ -252,6 +252,6 @@ def test_the_scheduler_and_the_allocator_need_no_torch():
     import subprocess
     import sys
 
-    code = "import sys, rank1_hf.scheduler, rank1_hf.pages; print(any(m.startswith('torch') for m in sys.modules))"
+    code = "import sys, rank1_hf.engine.scheduler, rank1_hf.engine.pages; print(any(m.startswith('torch') for m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

@@ -13,7 +13,7 @@ from conftest import make_pairs
 from plant import plant_lengths
 
 from rank1_hf import Rank1
-from rank1_hf.kv_cache import PagedCache
+from rank1_hf.engine.kv_cache import PagedCache
 from rank1_hf.prompt import build_prompt
 from rank1_hf.testing import tiny_model
 
@@ -359,7 +359,7 @@ def test_the_cli_imports_no_torch():
 
 
 def test_async_judging_reuses_and_commits_to_the_store(planted, tmp_path):
-    from rank1_hf.store import JudgementStore, settings_key
+    from rank1_hf.io.store import JudgementStore, settings_key
 
     model, tok, pairs = planted
     path = tmp_path / "s.sqlite"

@@ -14,7 +14,7 @@ import pytest
 
 from rank1_hf.errors import Rank1Error
 from rank1_hf.judgement import Judgement
-from rank1_hf.store import JudgementStore, pair_key, settings_key
+from rank1_hf.io.store import JudgementStore, pair_key, settings_key
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,7 +39,7 @@ from pathlib import Path
 sys.modules["rank1_hf"] = types.ModuleType("rank1_hf")
 sys.modules["rank1_hf"].__path__ = [sys.argv[6]]
 from rank1_hf.judgement import Judgement
-from rank1_hf.store import JudgementStore
+from rank1_hf.io.store import JudgementStore
 
 db, go, start, batches, size = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6])
 while not Path(go).exists():
@@ -214,7 +214,7 @@ def _judgement(score: float) -> Judgement:
 def test_the_first_store_holding_a_pair_wins(tmp_path: Path) -> None:
     """With several stores (a job's own store, then its sources), a pair held by more than one is taken
     from the first of them: a later store never overrides an earlier one, whatever order it answers in."""
-    from rank1_hf import reuse
+    from rank1_hf.io import reuse
 
     keys = ["k-both", "k-second", "k-third", "k-none"]
     stores = [JudgementStore(tmp_path / f"{name}.sqlite") for name in ("own", "second", "third")]
@@ -233,7 +233,8 @@ def test_a_jobs_sources_never_override_its_own_store(tmp_path: Path, tiny) -> No
     """pipeline.judge_items reads its own store first, then ``sources`` in order; nothing is judged."""
     from conftest import ranker_for
 
-    from rank1_hf import pipeline, reuse
+    from rank1_hf import pipeline
+    from rank1_hf.io import reuse
 
     ranker = ranker_for(tiny)
 

@@ -9,9 +9,10 @@ import pytest
 import torch
 from transformers import BitsAndBytesConfig
 
-from rank1_hf import Rank1, fingerprint, ranker as ranker_module
+from rank1_hf import Rank1, ranker as ranker_module
+from rank1_hf.model import fingerprint
 from rank1_hf.testing import llama3_tokenizer, qwen_tokenizer, tiny_model
-from rank1_hf.store import JudgementStore, settings_key
+from rank1_hf.io.store import JudgementStore, settings_key
 
 # Every field of Rank1.settings(); a field added there must get a variant below.
 FIELDS = {"model", "revision", "quantization", "weights", "dtype", "max_new_tokens", "context_size",
@@ -107,7 +108,7 @@ def test_local_directory_replaced_in_place_is_judged_again(tok, tmp_path):
 def test_hub_checkpoints_are_keyed_by_their_resolved_commit(tok, model, monkeypatch):
     hub = copy.deepcopy(model)
     hub.config._commit_hash = "0123456789abcdef0123456789abcdef01234567"
-    monkeypatch.setattr("rank1_hf.loading.load_model", lambda name, **kw: (hub, tok))
+    monkeypatch.setattr("rank1_hf.model.loading.load_model", lambda name, **kw: (hub, tok))
 
     def never(model):
         raise AssertionError("a hub checkpoint is keyed by its commit, not by hashing its tensors")

@@ -7,9 +7,9 @@ from collections import deque
 
 import pytest
 
-from rank1_hf.engine_types import EngineStats, Generation
+from rank1_hf.engine.types import EngineStats, Generation
 from rank1_hf.errors import Rank1Error
-from rank1_hf.worker import EngineWorker, Ticket
+from rank1_hf.engine.worker import EngineWorker, Ticket
 
 
 class ScriptedEngine:

@@ -29,7 +29,7 @@ def is_demo(name: str) -> bool:
 def resolve_model(name: str) -> str:
     """The path or hub id to load: the demo model's local path, or ``name`` as given."""
     if is_demo(name):
-        from ..assets import smollm2
+        from ..model.assets import smollm2
 
         return str(smollm2())
     return name
@@ -159,7 +159,7 @@ def make_ranker(model: str, load: LoadOptions, judge: JudgeOptions, threads: int
 
 def fill_inputs(args: argparse.Namespace, command: str) -> None:
     """``--sample`` fills the input files not given; then --run, --queries and --corpus must be there."""
-    from .. import formats
+    from ..io import formats
 
     if args.sample:
         for name, path in formats.sample_paths().items():
@@ -199,14 +199,15 @@ def read_inputs(args: argparse.Namespace, *, with_qrels: bool = True,
     without documents (for the summary), read before the (slow) model load so that everything wrong with the
     inputs is found first; with qrels the evaluation's optional dependency (and ``measures``, when given)
     must be there."""
-    from .. import formats, pipeline
+    from ..io import formats
+    from .. import pipeline
 
     items, no_documents = pipeline.read_job(args.run, args.queries, args.corpus, args.instructions, args.top_k)
     if not items:
         raise Rank1Error(f"{args.run}: the run has no pairs")
     qrels = formats.read_qrels(args.qrels) if args.qrels and with_qrels else None
     if qrels is not None:
-        from ..evaluate import check_measures
+        from ..io.evaluate import check_measures
 
         check_measures(measures)
     return items, qrels, no_documents

@@ -19,7 +19,7 @@ from .common import (PROG, ProgressBar, add_judge_arguments, add_load_arguments,
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Define the ``compare`` subcommand on the CLI's subparsers; returns its parser."""
-    from ..evaluate import DEFAULT_MEASURES
+    from ..io.evaluate import DEFAULT_MEASURES
 
     p = subparsers.add_parser(
         "compare", help="compare two variants of a rank1 model (e.g. quantized vs not) on the same pairs",
@@ -68,7 +68,7 @@ def _label(model: str, load: LoadOptions) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """The ``compare`` subcommand: judge with A then B, write the report, print the summary."""
-    from ..store import JudgementStore
+    from ..io.store import JudgementStore
 
     check_arguments(args, "compare", models=(args.a, args.b),
                     positives=("top_k", "batch_size", "flush_every", "max_new_tokens", "context_size",

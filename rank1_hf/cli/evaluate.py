@@ -9,7 +9,7 @@ from typing import Any
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Define the ``evaluate`` subcommand; returns its parser."""
-    from ..evaluate import DEFAULT_MEASURES
+    from ..io.evaluate import DEFAULT_MEASURES
 
     p = subparsers.add_parser("evaluate", help="score runs against qrels (the figures trec_eval gives on the same files)")
     p.add_argument("--run", required=True, nargs="+", help="TREC, JSON {qid: {docid: score}} or mteb predictions")
@@ -22,8 +22,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """The ``evaluate`` subcommand: one table row per run."""
-    from .. import formats
-    from ..evaluate import evaluate, format_table
+    from ..io import formats
+    from ..io.evaluate import evaluate, format_table
 
     qrels = formats.read_qrels(args.qrels)
     runs = {path: formats.read_run(path) for path in args.run}

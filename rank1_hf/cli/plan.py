@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         parse_bytes(args.kv_memory, "--kv-memory")
     check_model(args.model)
 
-    from ..planning import format_kv_plan, format_plan, kv_plan, plan_device_map
+    from ..model.planning import format_kv_plan, format_plan, kv_plan, plan_device_map
 
     plan = plan_device_map(resolve_model(args.model), max_memory=args.max_memory, dtype=args.dtype,
                            quantization=args.quantization, device_map=args.device_map)

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 from ..errors import Rank1Error
 from ..options import DTYPE_NAMES, LoadOptions, parse_max_memory
 
-# accelerate's device-map strategies (rank1_hf.loading.DEVICE_MAP_STRATEGIES, which imports torch).
+# accelerate's device-map strategies (rank1_hf.model.loading.DEVICE_MAP_STRATEGIES, which imports torch).
 _STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 # A device torch would parse: cpu, cuda, cuda:1, mps, xpu:0, ... or a bare GPU index; torch itself has the
 # last word once the model loads.

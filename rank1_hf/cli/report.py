@@ -1,4 +1,4 @@
-"""``rank1-hf report``: a reranked run as one self-contained HTML page (:mod:`rank1_hf.report`)."""
+"""``rank1-hf report``: a reranked run as one self-contained HTML page (:mod:`rank1_hf.io.report`)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from ..errors import Rank1Error
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Define the ``report`` subcommand; returns its parser."""
-    from ..evaluate import DEFAULT_MEASURES
+    from ..io.evaluate import DEFAULT_MEASURES
 
     p = subparsers.add_parser("report", help="an HTML page for a reranked run: moves, scores, reasoning, qrels",
                               description="Write one self-contained HTML page (readable offline) for a reranked "
@@ -37,7 +37,8 @@ def traces_path(run: Path) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     """The ``report`` subcommand."""
-    from .. import formats, pipeline, report
+    from ..io import formats, report
+    from .. import pipeline
 
     given = Path(args.run)
     traces = traces_path(given)
@@ -50,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     rows = report.read_traces(traces)
     qrels = formats.read_qrels(args.qrels) if args.qrels else None
     if qrels is not None:
-        from ..evaluate import check_measures
+        from ..io.evaluate import check_measures
 
         check_measures(args.measures)
     page = report.render(rows, title=args.title or f"rank1 reranking: {stem}", qrels=qrels, measures=args.measures)

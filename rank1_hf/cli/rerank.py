@@ -16,7 +16,7 @@ from .common import (DEMO_NOTE, PROG, ProgressBar, add_judge_arguments, add_load
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Define the ``rerank`` subcommand; returns its parser."""
-    from ..evaluate import DEFAULT_MEASURES
+    from ..io.evaluate import DEFAULT_MEASURES
 
     p = subparsers.add_parser("rerank", help="rerank a first-stage TREC run", description=(
         "Rerank the top-k of a TREC run with a rank1 model. Judgements go to a SQLite store as they "
@@ -70,7 +70,7 @@ def run(args: argparse.Namespace, ranker_factory: Callable[..., Any] | None = No
     """The ``rerank`` subcommand; ``ranker_factory`` (``make_ranker``, or one with its arguments) makes the ranker
     (:mod:`rank1_hf.scale` passes one that judges on a Ray actor pool)."""
     from .. import pipeline
-    from ..formats import check_tag
+    from ..io.formats import check_tag
 
     check_arguments(args, "rerank", models=(args.model,),
                     positives=("top_k", "batch_size", "flush_every", "flush_seconds", "max_new_tokens",
@@ -109,7 +109,7 @@ def run(args: argparse.Namespace, ranker_factory: Callable[..., Any] | None = No
 
     from contextlib import ExitStack
 
-    from ..store import JudgementStore
+    from ..io.store import JudgementStore
 
     with ExitStack() as stack:
         # The stores after the first are only read: they must exist and, once the model is loaded, hold
@@ -181,7 +181,7 @@ def run(args: argparse.Namespace, ranker_factory: Callable[..., Any] | None = No
     print("store: " + (f"{own} and the other ranks' beside it" if shard.world_size > 1 else str(own))
           + (f", reused from {', '.join(map(str, store_paths[1:]))}" if store_paths[1:] else ""))
     if qrels is not None:
-        from ..evaluate import evaluate, format_table
+        from ..io.evaluate import evaluate, format_table
 
         # Both runs hold exactly the job's queries: score them over those (a query the job left out
         # would count as zero in both and only dilute the difference).
@@ -215,7 +215,7 @@ def _check_store(path: Path) -> None:
     a judgement store; a new one must be creatable (its nearest existing folder writable)."""
     import os
 
-    from ..store import JudgementStore
+    from ..io.store import JudgementStore
 
     if path.is_dir():
         raise Rank1Error(f"--store {path}: is a directory")

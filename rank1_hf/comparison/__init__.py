@@ -1,7 +1,7 @@
 """Compare two variants of a rank1 model (e.g. float vs bnb-8bit, bfloat16 vs AWQ) on the same pairs.
 
 Both variants judge the same first-stage pairs through the rerank pipeline (:mod:`rank1_hf.pipeline`)
-and the same resumable :class:`~rank1_hf.store.JudgementStore`, each under its own settings key. So a
+and the same resumable :class:`~rank1_hf.io.store.JudgementStore`, each under its own settings key. So a
 comparison reuses the judgements of an earlier ``rank1-hf rerank`` with the same store and settings,
 and an interrupted comparison resumes where it stopped.
 
@@ -18,8 +18,9 @@ The report (:func:`~rank1_hf.comparison.report.build_report`, written by :func:`
 
 From Python::
 
-    from rank1_hf import Rank1, comparison, pipeline, formats
-    from rank1_hf.store import JudgementStore
+    from rank1_hf import Rank1, comparison, pipeline
+    from rank1_hf.io import formats
+    from rank1_hf.io.store import JudgementStore
 
     items = pipeline.load_items("run.trec", "queries.jsonl", "corpus.jsonl", top_k=20)
     with JudgementStore("judgements.sqlite") as store:

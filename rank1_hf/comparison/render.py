@@ -166,7 +166,7 @@ def summary_lines(report: Report) -> list[str]:
         if not ev.get("queries"):
             lines.append(f"evaluation: {ev['note']}")
         else:
-            from ..evaluate import format_table
+            from ..io.evaluate import format_table
 
             names = _run_names(report)
             lines.append(f"evaluation over the {ev['queries']} queries with qrels:")

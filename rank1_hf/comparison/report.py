@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .. import formats, pipeline
+from ..io import formats
+from .. import pipeline
 from ..errors import Rank1Error
-from ..evaluate import DEFAULT_MEASURES
+from ..io.evaluate import DEFAULT_MEASURES
 from .render import FIGURE_FILES, draw_figures, figure_data, markdown
 from .statistics import (PERMUTATIONS, SEED, TOP_N, kendall_tau_b, paired_randomization_test, spearman_rho,
                          top_overlap)
@@ -181,7 +182,7 @@ def evaluation(
 ) -> dict[str, Any]:
     """Measures of the first-stage top-k, A and B over the job's queries that have qrels, per-query
     ``test_measure`` values and the paired randomization test of B vs A on it."""
-    from ..evaluate import evaluate, per_query
+    from ..io.evaluate import evaluate, per_query
 
     job_qids = {it.qid for it in items}
     # As in rerank: only the job's queries, since a query the job left out would score 0 for both.

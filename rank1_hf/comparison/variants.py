@@ -11,7 +11,7 @@ from .profiling import PeakMemory
 
 if TYPE_CHECKING:  # the ranker pulls in torch
     from ..ranker import Rank1
-    from ..store import JudgementStore
+    from ..io.store import JudgementStore
 
 
 @dataclass
@@ -44,7 +44,7 @@ def judge_variant(
     and the model is released on return. Pairs already in the store are reused and not measured: the
     cost covers only the pairs judged now (None rates when there are none).
     """
-    from ..store import settings_key
+    from ..io.store import settings_key
 
     with PeakMemory() as memory:
         started = time.monotonic()

@@ -11,7 +11,7 @@
 The input is a result frame (``qid``, ``query``, ``docno``, ``text``; ``score``/``rank`` and any other
 columns are carried along). The output is the same rows with ``score`` the rank1 score and ``rank``
 (0-based, as PyTerrier's) re-done, queries in sorted qid order and each query's documents ranked by
-:func:`rank1_hf.formats.ranked` (score descending, ties by docno descending: trec_eval's rule, the one
+:func:`rank1_hf.io.formats.ranked` (score descending, ties by docno descending: trec_eval's rule, the one
 the CLI writes runs with). ``reasoning=True`` / ``outcome=True`` add ``rank1_reasoning`` /
 ``rank1_outcome`` columns. All rows go to :meth:`Rank1.judge` in one call (batched across queries, and
 reusing the ranker's store).
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .. import formats
+from ..io import formats
 from ..errors import Rank1Error
 from ..ranker import Rank1
 

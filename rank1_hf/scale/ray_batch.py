@@ -30,7 +30,7 @@ import logging
 import math
 from typing import Any, Iterator, Mapping, Sequence
 
-from ..engine_types import EngineStats
+from ..engine.types import EngineStats
 from ..errors import Rank1Error
 from ..judgement import Judgement
 from ..options import JudgeOptions, LoadOptions

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from rank1_hf.devices import mapped_device
+from rank1_hf.model.devices import mapped_device
 from rank1_hf.errors import Rank1Error
-from rank1_hf.loading import (
+from rank1_hf.model.loading import (
     DEVICE_MAP_STRATEGIES,
     DeviceKey,
     DtypeLike,
@@ -32,7 +32,7 @@ from rank1_hf.loading import (
     parse_max_memory,
     resolve_dtype,
 )
-from rank1_hf.kv_budget import (CPU_KV_MEMORY, GPU_RESERVE, PAGE_SIZE, card_pool, kv_bytes_per_token, pages_for,
+from .kv_budget import (CPU_KV_MEMORY, GPU_RESERVE, PAGE_SIZE, card_pool, kv_bytes_per_token, pages_for,
                                 pool_pages)
 from rank1_hf.options import QUANTIZATIONS, JudgeOptions, check_count, parse_bytes
 
@@ -83,7 +83,7 @@ class Plan:
     quantization: "awq", "bnb-4bit", "bnb-8bit" or None; quantized sizes are counted from the real
         quantized layouts (exact for AWQ, within a few percent for bitsandbytes).
     kv_bytes_per_token: bytes of keys and values one token takes in all layers, as the engine counts them
-        (:func:`rank1_hf.kv_budget.kv_bytes_per_token`, at ``dtype``: quantized weights keep 16-bit keys
+        (:func:`rank1_hf.model.kv_budget.kv_bytes_per_token`, at ``dtype``: quantized weights keep 16-bit keys
         and values).
     """
 
@@ -144,7 +144,7 @@ def plan_device_map(
 
     model = _meta_model(config, torch_dtype)
     if scheme is not None:
-        from rank1_hf.awq import AwqLinear, check_awq_config
+        from rank1_hf.model.awq import AwqLinear, check_awq_config
 
         head = model.get_output_embeddings()
         group = check_awq_config(config.quantization_config) if scheme == "awq" else 0
@@ -188,7 +188,7 @@ def plan_device_map(
 
 @dataclass(frozen=True)
 class CardShare:
-    """What one GPU of a plan allows the KV pool (the rule of :func:`rank1_hf.kv_budget.default_kv_memory`).
+    """What one GPU of a plan allows the KV pool (the rule of :func:`rank1_hf.model.kv_budget.default_kv_memory`).
 
     budget: its ``max_memory``, taken as the card. weights: bytes planned on it. reserve: ``GPU_RESERVE``
     of the budget. layers: decoder layers it holds, of total_layers. pool: the whole pool this card allows,

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from . import formats
-from .errors import Rank1Error
+from ..errors import Rank1Error
 
 _NEEDED = ("qid", "docid", "rank", "score", "outcome", "reasoning", "first_stage_rank", "query", "passage")
 

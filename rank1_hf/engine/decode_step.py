@@ -21,7 +21,7 @@ pool; :meth:`StaticDecode.capture_all` captures the largest first, so the smalle
 
 Nothing in the step may copy a host value to the device, read a device value on the host or make a
 data-dependent shape (tests/test_gpu_readiness.py runs it under a dispatch mode that fails on each).
-Capture runs on the engine's device (:func:`~rank1_hf.devices.use_device`) on a stream of that device.
+Capture runs on the engine's device (:func:`~rank1_hf.model.devices.use_device`) on a stream of that device.
 
 Without CUDA (or when capture fails) the same step runs eagerly, which is also how the CPU tests check
 its bucketing, padding and masks against the reference.
@@ -36,8 +36,8 @@ from collections.abc import Iterator
 import torch
 from transformers import PreTrainedModel
 
-from .awq import AwqLinear
-from .devices import input_device, use_device
+from ..model.awq import AwqLinear
+from ..model.devices import input_device, use_device
 from .head import greedy_tokens
 from .kv_cache import PagedCache, Placement
 

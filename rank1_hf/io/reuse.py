@@ -2,7 +2,7 @@
 they come. The one path for ``Rank1(store=...)``, the pipeline (:func:`rank1_hf.pipeline.judge_items`)
 and the server.
 
-A pair's key is :func:`rank1_hf.store.pair_key` of its final query text (instruction joined, dataset
+A pair's key is :func:`rank1_hf.io.store.pair_key` of its final query text (instruction joined, dataset
 prompt applied) and its passage text, under the settings key of the ranker's
 :meth:`~rank1_hf.ranker.Rank1.settings`; two pairs with the same key are the same judgement.
 """
@@ -13,8 +13,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
-from .judgement import Judgement
-from .prompt import Pair, query_text, unpack_pair
+from ..judgement import Judgement
+from ..prompt import Pair, query_text, unpack_pair
 from .store import JudgementStore, pair_key
 
 

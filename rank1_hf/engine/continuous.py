@@ -6,14 +6,14 @@ right after ``</think>``:
 
 - a row that closed ``</think>`` cleanly reads them from its next decode step (no second pass);
 - any other row (unfinished reasoning, or ``</think>`` ending inside a token) is closed by
-  :func:`~rank1_hf.readout.closing_ids`, the full token sequence to read after; the engine runs only the part of
+  :func:`~rank1_hf.engine.readout.closing_ids`, the full token sequence to read after; the engine runs only the part of
   it that is not already in the row's cache (usually ``"\\n</think>"``: the prompt and the reasoning kept
   are reused).
 
 A finished row leaves its slot at once and a waiting request takes it, so no row waits for another.
 The engine only steps, for whichever caller drives it (worker.py). It joins two parts: the
-:class:`~rank1_hf.scheduler.Scheduler` (which rows run where, admission, preemption; no torch) and the
-:class:`~rank1_hf.runner.ModelRunner` (the pool, the forward calls, the captured step, the head); the
+:class:`~rank1_hf.engine.scheduler.Scheduler` (which rows run where, admission, preemption; no torch) and the
+:class:`~rank1_hf.engine.runner.ModelRunner` (the pool, the forward calls, the captured step, the head); the
 out-of-memory policy is here.
 """
 
@@ -26,8 +26,8 @@ import torch
 from transformers import PreTrainedModel
 
 from .decode_step import is_oom
-from .devices import input_device, use_device
-from .engine_types import DecodeSettings, EngineStats, Generation, Request
+from ..model.devices import input_device, use_device
+from .types import DecodeSettings, EngineStats, Generation, Request
 from .readout import closing_ids, forced_readout
 from .runner import ModelRunner, supports
 from .scheduler import Prefill, Row, RowState, Scheduler

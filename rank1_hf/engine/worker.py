@@ -32,15 +32,15 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
-from .engine_types import EngineStats, Generation, Request
-from .errors import Rank1Error
+from .types import EngineStats, Generation, Request
+from ..errors import Rank1Error
 
 logger = logging.getLogger(__name__)
 
 
 class Engine(Protocol):
-    """What the worker needs of an engine (:class:`~rank1_hf.engine.ContinuousEngine`,
-    :class:`~rank1_hf.generate.GenerateEngine`)."""
+    """What the worker needs of an engine (:class:`~rank1_hf.engine.continuous.ContinuousEngine`,
+    :class:`~rank1_hf.engine.generate.GenerateEngine`)."""
 
     name: str
     stats: EngineStats

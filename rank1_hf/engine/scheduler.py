@@ -1,6 +1,6 @@
 """The scheduler of the continuous engine: which rows run, where they live, and what happens when the
-pool is short. No torch here: it decides with a :class:`~rank1_hf.pages.PageAllocator` alone, and the
-engine (engine.py) runs what it returns.
+pool is short. No torch here: it decides with a :class:`~rank1_hf.engine.pages.PageAllocator` alone, and the
+engine (continuous.py) runs what it returns.
 
 - Admission takes waiting requests into free slots while rows (``rows_limit``), the prefill budget
   (:data:`PREFILL_TOKENS`, padding counted) and pages allow, keeping :data:`HEADROOM` free pages per row in
@@ -20,9 +20,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .engine_types import DecodeSettings, EngineStats, Request
-from .errors import Rank1Error
-from .kv_budget import pages_for
+from .types import DecodeSettings, EngineStats, Request
+from ..errors import Rank1Error
+from ..model.kv_budget import pages_for
 
 if TYPE_CHECKING:
     from .pages import PageAllocator

@@ -7,13 +7,13 @@ Three kinds of weights are handled:
 
 * full precision checkpoints (rank1-7b/-14b/-32b, rank1-llama3-8b, rank1-mistral-2501-24b);
 * the ``-awq`` variants: AutoAWQ int4 GEMM (group 128, zero point). They are recognised from
-  ``config.json``'s ``quantization_config`` and need no flag nor extra package: :mod:`rank1_hf.awq`
+  ``config.json``'s ``quantization_config`` and need no flag nor extra package: :mod:`rank1_hf.model.awq`
   keeps their weights packed and runs torch's own int4 kernels;
 * on-the-fly bitsandbytes quantization of a full precision checkpoint (``quantization="bnb-4bit"`` or
   ``"bnb-8bit"``; ``pip install 'rank1-hf[bnb]'``).
 
 Several GPUs are used model-parallel (whole decoder layers per device) through accelerate's device
-maps; :func:`rank1_hf.planning.plan_device_map` shows such a split without loading any weights.
+maps; :func:`rank1_hf.model.planning.plan_device_map` shows such a split without loading any weights.
 """
 
 from __future__ import annotations
@@ -378,7 +378,7 @@ def load_model(
         ``(model, tokenizer)``. The tokenizer pads on the left; if it had no pad token one is set: a
         dedicated or reserved token when the vocabulary has one (``<|finetune_right_pad_id|>`` for
         Llama 3, ``<pad>`` for Mistral), else eos. Padding is always masked, so the choice never changes
-        scores. Feed inputs to :func:`rank1_hf.devices.input_device` and read logits from :func:`rank1_hf.devices.output_device`.
+        scores. Feed inputs to :func:`rank1_hf.model.devices.input_device` and read logits from :func:`rank1_hf.model.devices.output_device`.
 
     Raises:
         Rank1Error: unknown path/id, missing optional extra (``rank1-hf[bnb]``), bad
@@ -446,11 +446,11 @@ def _load_awq(
     trust_remote_code: bool,
     revision: str | None,
 ) -> PreTrainedModel:
-    """An AWQ checkpoint through :mod:`rank1_hf.awq`: built empty, swapped, read tensor by tensor."""
+    """An AWQ checkpoint through :mod:`rank1_hf.model.awq`: built empty, swapped, read tensor by tensor."""
     from accelerate import dispatch_model
     from transformers import GenerationConfig
 
-    from rank1_hf import awq
+    from rank1_hf.model import awq
 
     try:
         files = awq.awq_checkpoint_files(name, revision=revision)

@@ -1,7 +1,7 @@
 """The model side of the continuous engine: the paged pool, the forward calls, the captured decode step
 and the fast output head.
 
-Every forward call is a plain ``model(...)`` with a :class:`~rank1_hf.kv_cache.PagedCache` as ``cache=``
+Every forward call is a plain ``model(...)`` with a :class:`~rank1_hf.engine.kv_cache.PagedCache` as ``cache=``
 and an explicit mask, so the model code stays transformers'. On one GPU with plain weights and sdpa
 attention, decode steps replay CUDA graphs (decode_step.py).
 """
@@ -15,10 +15,10 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
 from .decode_step import StaticDecode, additive_mask, graphable, is_oom, pick, readout_ids
-from .devices import input_device
-from .engine_types import DecodeSettings
+from ..model.devices import input_device
+from .types import DecodeSettings
 from .head import fast_head
-from .kv_budget import PAGE_SIZE, pages_for
+from ..model.kv_budget import PAGE_SIZE, pages_for
 from .kv_cache import PagedCache, Placement
 from .pages import PageAllocator
 from .scheduler import Compaction

@@ -314,7 +314,7 @@ def _torch_device(device: Any) -> torch.device:
 
 
 def _place(module_name: str, device_map: Mapping[str, Any]) -> torch.device:
-    from rank1_hf.devices import mapped_device
+    from rank1_hf.model.devices import mapped_device
 
     device = mapped_device(module_name, device_map)
     if device is None:

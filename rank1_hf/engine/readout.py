@@ -9,10 +9,10 @@ from typing import Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .devices import input_device
-from .engine_types import Request
-from .errors import Rank1Error
-from .prompt import THINK_END, forced_prompt
+from ..model.devices import input_device
+from .types import Request
+from ..errors import Rank1Error
+from ..prompt import THINK_END, forced_prompt
 from .stopping import ThinkEnd
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from transformers import LogitsProcessor, PreTrainedTokenizerBase, StoppingCriteria
 
-from .prompt import THINK_END
+from ..prompt import THINK_END
 
 
 @dataclass(frozen=True)

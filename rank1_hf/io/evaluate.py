@@ -2,7 +2,7 @@
 
 ir_measures is a dependency of rank1-hf; it is imported on first use only, to keep the CLI quick to start.
 
-Each query is ranked by :func:`rank1_hf.formats.ranked` (trec_eval's own order: score descending, ties by
+Each query is ranked by :func:`rank1_hf.io.formats.ranked` (trec_eval's own order: score descending, ties by
 docid descending) and handed to ir_measures as rank-derived scores, so every ir_measures backend scores
 exactly that ranking: the figures equal ir_measures' (and trec_eval's) on the same run file.
 """
@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from rank1_hf.errors import Rank1Error
-from rank1_hf.formats import ranked
+from rank1_hf.io.formats import ranked
 
 # nDCG@10 is the rank1 paper's headline measure (BRIGHT, BEIR, TREC DL) and uses graded labels.
 # RR@10 shows whether a relevant passage reaches the very top, which is what a user reads first.

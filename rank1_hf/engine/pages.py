@@ -1,6 +1,6 @@
 """The page allocator of the KV pool: a free list, one page table per slot, and a reference count per page.
 
-No torch here: :class:`~rank1_hf.kv_cache.PagedCache` copies the tables it is given to the devices, and
+No torch here: :class:`~rank1_hf.engine.kv_cache.PagedCache` copies the tables it is given to the devices, and
 the scheduler (scheduler.py) decides with them alone.
 
 Shared prompt pages: the full pages of a prompt are published under a key chained from the page before
@@ -13,7 +13,7 @@ is never written: a row writes from its first position past its shared pages, wh
 
 from __future__ import annotations
 
-from .kv_budget import PAGE_SIZE, pages_for
+from ..model.kv_budget import PAGE_SIZE, pages_for
 
 # The key of a slot's first page: no page is numbered -1.
 _ROOT = -1

@@ -2,7 +2,7 @@
 
 It works for every model transformers can generate with (sliding-window and hybrid caches included),
 but a batch runs until its slowest row is done, and unfinished rows are read in a separate full pass.
-:class:`rank1_hf.engine.ContinuousEngine` is the fast path wherever its cache can hold the model.
+:class:`rank1_hf.engine.continuous.ContinuousEngine` is the fast path wherever its cache can hold the model.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from collections import deque
 import torch
 from transformers import GenerationConfig, LogitsProcessorList, PreTrainedModel, StoppingCriteriaList
 
-from .devices import input_device
+from ..model.devices import input_device
 from .decode_step import is_oom
-from .engine_types import DecodeSettings, EngineStats, Generation, Request, fits
-from .errors import Rank1Error
+from .types import DecodeSettings, EngineStats, Generation, Request, fits
+from ..errors import Rank1Error
 from .readout import closing_ids, forced_readout, left_pad
 from .stopping import ReadoutCapture, ThinkStoppingCriteria
 

@@ -1,6 +1,6 @@
 """The KV budget: what one token's keys and values cost, how big the pool is by default, and how a pool
-is cut into pages and rows. Used by the engine (kv_cache.py, engine.py) and by ``rank1-hf plan``
-(planning.py), so both count alike. torch is imported only where a model is asked about, so the
+is cut into pages and rows. Used by the engine (kv_cache.py, continuous.py) and by ``rank1-hf plan``
+(model/planning.py), so both count alike. torch is imported only where a model is asked about, so the
 scheduler (which counts pages) stays free of it."""
 
 from __future__ import annotations

@@ -41,8 +41,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
-from .errors import Rank1Error
-from .judgement import Judgement
+from ..errors import Rank1Error
+from ..judgement import Judgement
 
 # Well under SQLite's bound-parameter limit (999 in old builds).
 _CHUNK = 500
