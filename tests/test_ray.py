@@ -22,8 +22,9 @@ psutil = pytest.importorskip("psutil")
 
 from rank1_hf import cli, pipeline  # noqa: E402
 from rank1_hf.io.formats import read_run, sample_paths  # noqa: E402
-from rank1_hf.options import JudgeOptions  # noqa: E402
 from rank1_hf.io.store import JudgementStore  # noqa: E402
+from rank1_hf.options import JudgeOptions  # noqa: E402
+from test_cli import _small_run  # noqa: E402  (the sample's first queries)
 
 pytestmark = pytest.mark.ray
 
@@ -49,17 +50,6 @@ def cluster():
     for proc in alive:  # what shutdown left behind, by process id
         proc.kill()
     psutil.wait_procs(alive, timeout=10)
-
-
-def _small_run(path: Path, queries: int, per_query: int) -> Path:
-    kept, count = [], {}
-    for line in SAMPLE["run"].read_text().splitlines():
-        qid = line.split()[0]
-        if (qid in count or len(count) < queries) and count.get(qid, 0) < per_query:
-            count[qid] = count.get(qid, 0) + 1
-            kept.append(line)
-    path.write_text("\n".join(kept) + "\n")
-    return path
 
 
 def _workers(kind: str) -> list[psutil.Process]:

@@ -3,10 +3,12 @@ its own judgements, equal to judging its pairs alone; cancelled callers free the
 engine failure reaches every caller and the next call works; the engine (its cache) is made once."""
 
 import asyncio
+import gc
 import subprocess
 import sys
 import threading
 import time
+import weakref
 
 import pytest
 from conftest import make_pairs
@@ -228,11 +230,9 @@ def test_identical_pairs_in_flight_are_judged_once(planted):
     ranker.close()
 
 
-def test_the_cache_is_made_once_for_every_call_and_freed_by_close(planted, monkeypatch):
-    import gc
-    import weakref
-
-    model, tok, pairs = planted
+@pytest.fixture
+def caches(monkeypatch):
+    """Weak references to every PagedCache made while the test runs."""
     made = []
     real = PagedCache.__init__
 
@@ -241,38 +241,32 @@ def test_the_cache_is_made_once_for_every_call_and_freed_by_close(planted, monke
         real(self, *args, **kwargs)
 
     monkeypatch.setattr(PagedCache, "__init__", spy)
+    return made
+
+
+def test_the_cache_is_made_once_for_every_call_and_freed_by_close(planted, caches):
+    model, tok, pairs = planted
     with Rank1.from_model(model, tok, max_new_tokens=MAX_NEW, engine="continuous", batch_size=4) as ranker:
         ranker.warmup()
-        assert len(made) == 1
+        assert len(caches) == 1
         for k in range(3):
             ranker.judge(pairs[k * 3 : k * 3 + 3])
-        assert len(made) == 1  # warmup's cache served every call
+        assert len(caches) == 1  # warmup's cache served every call
     gc.collect()
-    assert made[0]() is None  # freed on leaving the with block
+    assert caches[0]() is None  # freed on leaving the with block
     assert ranker.judge(pairs[:2])  # a closed ranker starts a new engine when used again
-    assert len(made) == 2
+    assert len(caches) == 2
     ranker.close()
 
 
-def test_a_dropped_ranker_frees_its_engine(planted, monkeypatch):
-    import gc
-    import weakref
-
+def test_a_dropped_ranker_frees_its_engine(planted, caches):
     model, tok, pairs = planted
-    made = []
-    real = PagedCache.__init__
-
-    def spy(self, *args, **kwargs):
-        made.append(weakref.ref(self))
-        real(self, *args, **kwargs)
-
-    monkeypatch.setattr(PagedCache, "__init__", spy)
     ranker = Rank1.from_model(model, tok, max_new_tokens=MAX_NEW)
     ranker.judge(pairs[:2])
-    assert made and made[0]() is not None
+    assert caches and caches[0]() is not None
     del ranker
     gc.collect()
-    assert made[0]() is None  # nothing keeps an unused ranker's engine (and its cache) alive
+    assert caches[0]() is None  # nothing keeps an unused ranker's engine (and its cache) alive
 
 
 class ForwardThreads:
