@@ -571,6 +571,8 @@ def test_kill_9_then_a_restart_reuses_every_committed_judgement(models, tmp_path
     (["--port", "70000"], "--port"),
     (["--dataset-prompt", "no such dataset"], "unknown dataset prompt"),
     (["--graceful-timeout", "0"], "--graceful-timeout must be positive"),  # 0 would cancel every request at once
+    (["--dtype", "float64"], "--dtype"),
+    ([], "--model"),  # the missing folder itself: found in a second, not after transformers' retries
 ])
 def test_bad_serve_flags_fail_before_the_model_loads(flags, message, tmp_path):
     import subprocess
@@ -578,9 +580,11 @@ def test_bad_serve_flags_fail_before_the_model_loads(flags, message, tmp_path):
 
     from server_process import ROOT
 
-    out = subprocess.run([sys.executable, "-m", "rank1_hf", "serve", "--model", str(tmp_path / "missing"), *flags],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    start = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "rank1_hf", "serve", "--model", str(tmp_path / "missing"),
+                          "--port", "0", *flags], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and message in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and time.monotonic() - start < 20  # no model was loaded
 
 
 def test_a_busy_port_fails_at_once_before_the_model_loads(tmp_path):

@@ -16,8 +16,8 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from ..errors import Rank1Error
-from .common import (DEMO_NOTE, add_judge_arguments, add_load_arguments, is_demo, judge_options, load_options,
-                     make_ranker, positive)
+from .common import (DEMO_NOTE, add_judge_arguments, add_load_arguments, check_load_options, check_model, is_demo,
+                     judge_options, load_options, make_ranker, positive)
 
 if TYPE_CHECKING:
     from ..serve import ServeSettings
@@ -77,11 +77,14 @@ def run(args: argparse.Namespace) -> int:
     settings = serve_settings(args)
     positive("graceful-timeout", args.graceful_timeout)
     judge = judge_options(args)  # a bad --dataset-prompt fails before the model loads
-    sock = bind(args.host, args.port)  # so does a busy port
+    load = load_options(args)
+    check_load_options(load)  # so do bad loading flags
+    sock = bind(args.host, args.port)  # and a busy port
     try:
+        check_model(args.model, "--model", args.revision)  # the last check: it may ask the network
         if is_demo(args.model):
             print(f"note: {DEMO_NOTE}", file=sys.stderr)
-        ranker = make_ranker(args.model, load_options(args), judge, args.threads, show_progress_bar=False,
+        ranker = make_ranker(args.model, load, judge, args.threads, show_progress_bar=False,
                              store=args.store)
         config = uvicorn.Config(create_app(ranker, settings), host=args.host, port=sock.getsockname()[1],
                                 log_level=args.log_level, timeout_graceful_shutdown=args.graceful_timeout)
