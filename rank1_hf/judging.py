@@ -1,10 +1,10 @@
 """The judging core: pairs in, :class:`~rank1_hf.judgement.Judgement` out, through one long-lived engine.
 
 :class:`Judge` holds what turns a pair into a judgement: the prompt (cut to fit the context), the engine
-that reasons (chosen once, kept in its :class:`~rank1_hf.engine.worker.EngineWorker` and shared by every caller,
-stepped by whichever caller waits), and the judgement built from what the engine returns. Callers in any thread use
-:meth:`Judge.iterate`; asyncio tasks use :meth:`Judge.aiterate`. Each gets exactly its own judgements,
-equal to judging its pairs alone.
+that reasons (chosen once, kept in its :class:`~rank1_hf.engine.worker.EngineWorker` and shared by every
+caller, stepped by whichever caller waits), and the judgement built from what the engine returns. Callers
+in any thread use :meth:`Judge.iterate`; asyncio tasks use :meth:`Judge.aiterate`. Each gets exactly its
+own judgements, equal to judging its pairs alone.
 """
 
 from __future__ import annotations
@@ -25,16 +25,16 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .engine.continuous import ContinuousEngine
-from .engine.types import DecodeSettings, EngineStats, Generation
-from .errors import Rank1Error
 from .engine.generate import GenerateEngine
+from .engine.readout import readout_ids, score
+from .engine.stopping import ThinkDetector, split_reasoning
+from .engine.types import DecodeSettings, EngineStats, Generation
+from .engine.worker import EngineWorker, Ticket
+from .errors import Rank1Error
 from .judgement import Judgement
 from .model.kv_budget import pool_tokens
 from .options import JudgeOptions
 from .prompt import Pair, build_prompt, unpack_pair
-from .engine.readout import readout_ids, score
-from .engine.stopping import ThinkDetector, split_reasoning
-from .engine.worker import EngineWorker, Ticket
 
 logger = logging.getLogger(__name__)
 
