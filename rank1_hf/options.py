@@ -16,9 +16,6 @@ from .errors import Rank1Error
 ENGINES = ("auto", "continuous", "generate")
 #: The quantization names ``load_model(quantization=...)`` accepts (besides a BitsAndBytesConfig).
 QUANTIZATIONS = ("bnb-4bit", "bnb-8bit")
-#: The dtype names load_model accepts (rank1_hf.model.loading maps them to torch dtypes), "torch." prefix allowed.
-DTYPE_NAMES = ("auto", "float16", "fp16", "half", "bfloat16", "bf16", "float32", "fp32", "float",
-               "torch.float16", "torch.bfloat16", "torch.float32")
 
 DeviceKey = Union[int, str]
 MaxMemory = dict[DeviceKey, Union[int, str]]

@@ -11,10 +11,9 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from ..errors import Rank1Error
-from ..options import DTYPE_NAMES, LoadOptions, parse_max_memory
+from ..model.names import DEVICE_MAP_STRATEGIES, DTYPE_NAMES, hub_offline, looks_like_path
+from ..options import LoadOptions, parse_max_memory
 
-# accelerate's device-map strategies (rank1_hf.model.loading.DEVICE_MAP_STRATEGIES, which imports torch).
-_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 # A device torch would parse: cpu, cuda, cuda:1, mps, xpu:0, ... or a bare GPU index; torch itself has the
 # last word once the model loads.
 _DEVICE = re.compile(r"(cpu|cuda|mps|xpu|npu|hpu|mlu|xla|meta|disk)(:\d+)?|\d+")
@@ -41,24 +40,13 @@ def check_load_flags(load: LoadOptions, prefix: str = "") -> None:
             parse_max_memory(load.max_memory)
         except Rank1Error as e:
             raise Rank1Error(f"{flag}max-memory: {e}") from None
-    if load.device_map is not None and load.device_map not in _STRATEGIES \
+    if load.device_map is not None and load.device_map not in DEVICE_MAP_STRATEGIES \
             and not _DEVICE.fullmatch(str(load.device_map)):
         raise Rank1Error(f"{flag}device-map: bad value {load.device_map!r}; use a device (cpu, cuda:0) or one of "
-                         + ", ".join(_STRATEGIES))
+                         + ", ".join(DEVICE_MAP_STRATEGIES))
     folder = load.offload_folder
     if folder is not None and os.path.exists(folder) and not os.path.isdir(folder):
         raise Rank1Error(f"{flag}offload-folder {folder}: not a directory")
-
-
-def looks_like_path(name: str) -> bool:
-    """A name the user meant as a folder rather than a hub id ("org/model")."""
-    return name.startswith(("/", "./", "../", "~", ".\\")) or name.count("/") > 1 or "\\" in name
-
-
-def hub_offline() -> bool:
-    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set to a true value."""
-    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
-               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
 def check_model(name: str, flag: str = "--model", revision: str | None = None) -> None:

@@ -41,6 +41,8 @@ from transformers import (
 from rank1_hf.errors import Rank1Error
 from rank1_hf.options import QUANTIZATIONS, DeviceKey, MaxMemory, parse_max_memory
 
+from .names import DEVICE_MAP_STRATEGIES, DTYPE_NAMES, hub_offline, looks_like_path
+
 __all__ = [
     "is_awq_config",
     "load_model",
@@ -51,18 +53,9 @@ __all__ = [
 DtypeLike = Union[str, torch.dtype, None]
 
 
-#: device_map strategies that accelerate computes from ``max_memory``.
-DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
-
-_DTYPE_NAMES: dict[str, torch.dtype] = {
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
+# Every accepted dtype name but "auto" (names.py) as a torch dtype.
+_TORCH_DTYPES: dict[str, torch.dtype] = {
+    name: getattr(torch, dtype) for name, dtype in DTYPE_NAMES.items() if dtype != "auto"
 }
 
 # Pad token candidates, most preferred first. A pad token only ever fills left-padding that the
@@ -96,31 +89,13 @@ def _require(module: str, extra: str, why: str) -> None:
         raise Rank1Error(f"{why}; install the extra: pip install 'rank1-hf[{extra}]'") from None
 
 
-def _hub_offline() -> bool:
-    """True when the Hugging Face hub is switched off (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE)."""
-    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
-            return True
-    try:
-        from huggingface_hub import constants
-
-        return bool(constants.HF_HUB_OFFLINE)
-    except Exception:  # pragma: no cover - an old or odd huggingface_hub
-        return False
-
-
-def _looks_like_path(name: str) -> bool:
-    """A name the user meant as a directory rather than a hub id ("org/model")."""
-    return name.startswith(("/", "./", "../", "~", ".\\")) or name.count("/") > 1 or "\\" in name
-
-
 def _cannot_load(name: str, error: BaseException) -> Rank1Error:
     """Turn a config/tokenizer/weights loading failure into a one-line Rank1Error."""
     if os.path.isdir(name):
         return Rank1Error(f"cannot load model '{name}': {_first_line(error)}")
-    if _looks_like_path(name):
+    if looks_like_path(name):
         return Rank1Error(f"cannot load model '{name}': no such local directory")
-    if _hub_offline():
+    if hub_offline():
         return Rank1Error(
             f"cannot load model '{name}': not a local directory and the Hugging Face hub is unreachable (offline)"
         )
@@ -155,23 +130,23 @@ def _checkpoint_dtype(config: PretrainedConfig) -> torch.dtype:
     value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(value, torch.dtype):
         return value
-    if isinstance(value, str) and value in _DTYPE_NAMES:
-        return _DTYPE_NAMES[value]
+    if isinstance(value, str) and value in _TORCH_DTYPES:
+        return _TORCH_DTYPES[value]
     return torch.float32
 
 
 def _parse_dtype(dtype: DtypeLike) -> torch.dtype | None:
     """A torch dtype from a name or dtype; None for None/"auto"."""
     if dtype is None or isinstance(dtype, torch.dtype):
-        if dtype is not None and dtype not in _DTYPE_NAMES.values():
+        if dtype is not None and dtype not in _TORCH_DTYPES.values():
             raise Rank1Error(f"unsupported dtype {dtype}; use float16, bfloat16, float32 or auto")
         return dtype
     name = str(dtype).strip().lower().removeprefix("torch.")
     if name == "auto":
         return None
-    if name not in _DTYPE_NAMES:
+    if name not in _TORCH_DTYPES:
         raise Rank1Error(f"unknown dtype '{dtype}'; use float16, bfloat16, float32 or auto")
-    return _DTYPE_NAMES[name]
+    return _TORCH_DTYPES[name]
 
 
 def resolve_dtype(dtype: DtypeLike, config: PretrainedConfig, *, on_gpu: bool) -> torch.dtype:
