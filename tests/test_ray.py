@@ -210,6 +210,21 @@ def test_bad_ray_flags_are_one_line_errors_before_ray_starts(tmp_path, capsys, m
     assert not (tmp_path / "out.trec").exists()
 
 
+def test_ray_serve_checks_model_and_loading_flags_before_ray_starts(tmp_path, capsys):
+    import ray
+
+    from rank1_hf.scale.__main__ import main as scale_main
+
+    assert scale_main(["serve", "--model", str(tmp_path / "missing")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"python -m rank1_hf.scale: error: --model {tmp_path / 'missing'}: no such folder"]
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    assert scale_main(["serve", "--model", str(tmp_path / "m"), "--dtype", "float64"]) == 2
+    assert "--dtype: unknown dtype 'float64'" in capsys.readouterr().err
+    assert not ray.is_initialized()
+
+
 def test_judge_batch_on_a_numpy_batch_gives_the_rankers_judgements_and_keeps_other_columns(model_dir):
     import numpy as np
 

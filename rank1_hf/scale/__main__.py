@@ -102,21 +102,26 @@ def _serve(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from ..cli.common import is_demo, judge_options, load_options, positive, resolve_model
+    from ..cli.common import (DEMO_NOTE, check_load_options, check_model, is_demo, judge_options, load_options,
+                              positive, resolve_model)
     from ..cli.serve import serve_settings
     from .ray_serve import application, start
 
+    # Every flag, and --model, is checked before Ray starts: a mistake is one line, not a cluster's traceback.
     settings = serve_settings(args)
     positive("max-ongoing-requests", args.max_ongoing_requests)
-    judge = judge_options(args)  # a bad --dataset-prompt fails before anything starts
+    judge = judge_options(args)
+    load = load_options(args)
+    check_load_options(load)
+    check_model(args.model, "--model", args.revision)
     if is_demo(args.model):
-        print("note: --model demo is SmolLM2, not a rank1 model", file=sys.stderr)
+        print(f"note: {DEMO_NOTE}", file=sys.stderr)
     started = not ray.is_initialized()
     if started:
         ray.init(address=args.address, **({"num_cpus": args.num_cpus} if args.num_cpus else {}))
     _stop_on_sigterm()
     try:
-        start(application(resolve_model(args.model), load_options(args), judge, settings, replicas=args.replicas,
+        start(application(resolve_model(args.model), load, judge, settings, replicas=args.replicas,
                           gpus_per_replica=args.gpus_per_replica, cpus_per_replica=args.cpus_per_replica,
                           max_ongoing_requests=args.max_ongoing_requests, threads=args.threads,
                           store=str(Path(args.store).resolve()) if args.store else None),
