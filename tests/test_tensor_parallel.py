@@ -1,0 +1,147 @@
+"""Tensor parallel under torchrun on CPU (gloo, 2 processes on loopback): judgements equal single-process
+ones for each family (many rows, preemption in a small pool, forced closes), a failing process takes the
+job down with a clear message, and the mistakes a user can make are refused in one line.
+
+Each torchrun job is bounded by a timeout and stopped by its process id (its own session) when it runs over.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import FAMILIES, make_pairs
+from plant import plant_lengths
+
+from rank1_hf import Rank1, Rank1Error
+from rank1_hf.model.kv_budget import PAGE_SIZE, kv_bytes_per_token
+from rank1_hf.prompt import build_prompt
+from rank1_hf.testing import tiny_model
+
+pytestmark = pytest.mark.torchrun
+
+HERE = Path(__file__).parent
+ROOT = HERE.parent
+MAX_NEW = 40
+# Planted reasoning lengths: several pages each, some past MAX_NEW (forced closes).
+REASONING = [30, 5, 38, 12, 60, 20, 33, 8]
+JOB_TIMEOUT = 240
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(spec: dict, tmp: Path, processes: int = 2, timeout: float = JOB_TIMEOUT) -> subprocess.CompletedProcess:
+    """Run tests/tp_job.py under torchrun; killed (its whole session, by the id it started with) past ``timeout``."""
+    path = tmp / "spec.json"
+    path.write_text(json.dumps(spec))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes),
+               "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(HERE / "tp_job.py"), str(path)]
+    proc = subprocess.Popen(command, env=env, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise AssertionError(f"the torchrun job ran past {timeout} s")
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
+
+
+@pytest.fixture(scope="module")
+def cases(tokenizers, tmp_path_factory):
+    """Per family: a saved tiny model (4 heads, 2 KV heads), its pairs, planted lengths, the single-process
+    judgements, and the case the torchrun job judges (a pool small enough to preempt)."""
+    out = {}
+    for family in ("qwen", "llama", "mistral"):
+        tok = tokenizers[family]
+        model = tiny_model(tok, FAMILIES[family][1], seed=0)
+        folder = tmp_path_factory.mktemp(f"tp-{family}")
+        model.save_pretrained(folder)
+        tok.save_pretrained(folder)
+        pairs = make_pairs(10, seed=3, max_words=30)
+        lengths = sorted({len(tok(build_prompt(q, p))["input_ids"]) for q, p in pairs})
+        never = [lengths[3]]
+        planted = {m: REASONING[k % len(REASONING)] for k, m in enumerate(lengths) if m not in never}
+        tokens = max(lengths) + MAX_NEW + 2 * PAGE_SIZE  # two pages over one longest row: rows get preempted
+        single = Rank1(str(folder), max_new_tokens=MAX_NEW, batch_size=8, engine="continuous",
+                       kv_memory=tokens * kv_bytes_per_token(model))
+        handle = plant_lengths(single.model, single.tokenizer, planted, never=set(never))
+        try:
+            judged = single.judge_with_stats(pairs)
+        finally:
+            handle.remove()
+            single.close()
+        # Each process holds half the KV heads: the same rows in half the bytes.
+        options = {"max_new_tokens": MAX_NEW, "batch_size": 8, "kv_memory": tokens * kv_bytes_per_token(model) // 2}
+        case = {"model": str(folder), "options": options, "pairs": pairs,
+                "plant": {"lengths": planted, "never": never}}
+        out[family] = (case, judged, single.core.settings.kv_tokens)
+    return out
+
+
+def test_tensor_parallel_judgements_equal_single_process_ones(cases, tmp_path):
+    """Two processes judge each family's pairs (8 rows at once, a pool that preempts, rows forced at
+    max_new_tokens): the same outcomes and reasoning as one process, scores within 1e-4."""
+    families = list(cases)
+    spec = {"out": str(tmp_path / "out.json"), "cases": [cases[f][0] for f in families]}
+    job = torchrun(spec, tmp_path)
+    assert job.returncode == 0, job.stderr[-4000:]
+    results = json.loads((tmp_path / "out.json").read_text())
+    for family, got in zip(families, results):
+        single, kv_tokens = cases[family][1:]
+        assert got["kv_tokens"] == kv_tokens, family  # half the bytes per process hold the same rows
+        assert single.stats.preemptions >= 1 and got["preemptions"] >= 1, family
+        assert got["peak_rows"] > 1, family
+        outcomes = {j.outcome for j in single.judgements}
+        assert outcomes == {"answered", "forced"}, family
+        for (outcome, reasoning, n, score), j in zip(got["judgements"], single.judgements):
+            assert (outcome, reasoning, n) == (j.outcome, j.reasoning, j.reasoning_tokens), family
+            assert abs(score - j.score) <= 1e-4, family
+
+
+def test_a_failing_process_takes_the_job_down(cases, tmp_path):
+    """Process 1 fails in its third engine step: the job ends (no hang) with a non-zero status and says
+    which process failed and why."""
+    spec = {"out": str(tmp_path / "out.json"), "cases": [cases["qwen"][0]], "fail": {"rank": 1, "step": 3}}
+    job = torchrun(spec, tmp_path, timeout=120)
+    assert job.returncode != 0
+    assert "tensor parallel process 1 failed: RuntimeError: planted failure" in job.stderr
+    assert not (tmp_path / "out.json").exists()
+
+
+def test_tensor_parallel_without_torchrun_is_refused(model_dir, monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(Rank1Error, match="tensor parallel runs under torchrun"):
+        Rank1(model_dir, tensor_parallel=True)
+
+
+def test_heads_that_do_not_divide_are_refused():
+    from rank1_hf.model.tensor_parallel import check_heads
+    from transformers import Qwen2Config
+
+    check_heads(Qwen2Config(num_attention_heads=4, num_key_value_heads=2), 2)
+    with pytest.raises(Rank1Error, match=r"KV heads \(2\) to divide by 4; use 2 processes"):
+        check_heads(Qwen2Config(num_attention_heads=4, num_key_value_heads=2), 4)
+    with pytest.raises(Rank1Error, match="divide by 2"):
+        check_heads(Qwen2Config(num_attention_heads=6, num_key_value_heads=3), 2)
+
+
+def test_several_nodes_are_refused():
+    from rank1_hf.model.tensor_parallel import layout_from_env
+
+    env = {"RANK": "2", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1"}
+    with pytest.raises(Rank1Error, match="one torchrun job per replica"):
+        layout_from_env(env)
+    assert layout_from_env({**env, "LOCAL_WORLD_SIZE": "4", "LOCAL_RANK": "2"}).rank == 2
