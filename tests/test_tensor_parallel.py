@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -145,3 +146,91 @@ def test_several_nodes_are_refused():
     with pytest.raises(Rank1Error, match="one torchrun job per replica"):
         layout_from_env(env)
     assert layout_from_env({**env, "LOCAL_WORLD_SIZE": "4", "LOCAL_RANK": "2"}).rank == 2
+
+
+# ---------------------------------------------------------------------------------------------- the CLI
+
+
+def cli_torchrun(*args: str, timeout: float = JOB_TIMEOUT) -> subprocess.CompletedProcess:
+    """``rank1-hf ARGS`` under torchrun, 2 processes (stopped by its session's id past ``timeout``)."""
+    from test_cli import _env
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+               # "--": torchrun's own parser would otherwise read --run as an abbreviation of --run-path.
+               "--master-port", str(free_port()), "-m", "rank1_hf", "--", *args]
+    proc = subprocess.Popen(command, env={**_env(), "OMP_NUM_THREADS": "1"}, cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise AssertionError(f"the torchrun job ran past {timeout} s")
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
+
+
+def scores(run: Path) -> dict[tuple[str, str], float]:
+    return {(q, d): float(s) for q, _, d, _, s, _ in (line.split() for line in run.read_text().splitlines())}
+
+
+def test_rerank_and_score_under_torchrun_match_one_process(model_dir, tmp_path, capsys):
+    """``rerank --tensor-parallel`` under torchrun: rank 0 writes the run, the traces and one store (no
+    per-rank stores, nothing from rank 1), with the single-process scores (within 1e-4) and reasoning;
+    ``score --tensor-parallel`` prints rank 0's score once."""
+    from test_cli import _args, _small_run
+
+    from rank1_hf import cli
+
+    run = _small_run(tmp_path / "run.trec", queries=2, per_query=4)
+    single = tmp_path / "single" / "r.trec"
+    single.parent.mkdir()
+    assert cli.main(_args(model_dir, run, single, "--batch-size", "4")) == 0
+    capsys.readouterr()
+    out = tmp_path / "tp" / "r.trec"
+    out.parent.mkdir()
+    job = cli_torchrun(*_args(model_dir, run, out, "--batch-size", "4", "--tensor-parallel"))
+    assert job.returncode == 0, job.stderr[-3000:]
+    assert job.stdout.count("rank1-hf rerank") == 1 and "judged now: 8" in job.stdout
+    assert sorted(p.name for p in out.parent.iterdir()) == ["r.traces.jsonl", "r.trec", "rank1-judgements.sqlite"]
+    got, want = scores(out), scores(single)
+    assert got.keys() == want.keys() and all(abs(got[k] - want[k]) <= 1e-4 for k in want)
+    reasoning = [[json.loads(line)["reasoning"] for line in p.with_name("r.traces.jsonl").read_text().splitlines()]
+                 for p in (out, single)]
+    assert reasoning[0] == reasoning[1]
+
+    pair = ("--query", "what is a cat", "--passage", "Cats are small felines.", "--max-new-tokens", "8")
+    assert cli.main(["score", "--model", model_dir, *pair]) == 0
+    alone = capsys.readouterr().out
+    job = cli_torchrun("score", "--model", model_dir, *pair, "--tensor-parallel")
+    assert job.returncode == 0, job.stderr[-3000:]
+    assert job.stdout.count("score: ") == 1
+    score_of = [float(re.search(r"^score: (\S+)$", text, re.M).group(1)) for text in (job.stdout, alone)]
+    assert abs(score_of[0] - score_of[1]) <= 1e-4
+    assert job.stdout.split("\noutcome:")[0] == alone.split("\noutcome:")[0]  # the same reasoning
+
+
+@pytest.mark.parametrize("extra, message", [
+    ((), "tensor parallel runs under torchrun"),
+    (("--device-map", "cpu"), "--tensor-parallel splits every layer over the processes itself: drop --device-map"),
+])
+def test_tensor_parallel_flag_mistakes_are_one_line(model_dir, tmp_path, capsys, monkeypatch, extra, message):
+    from test_cli import _args, _small_run
+
+    from rank1_hf import cli
+
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    if extra:  # the flag clash is found before torchrun's environment is asked for
+        monkeypatch.setenv("RANK", "0")
+    run = _small_run(tmp_path / "run.trec", queries=1, per_query=1)
+    assert cli.main(_args(model_dir, run, tmp_path / "r.trec", "--tensor-parallel", *extra)) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_serve_refuses_tensor_parallel(model_dir, capsys):
+    from rank1_hf import cli
+
+    assert cli.main(["serve", "--model", model_dir, "--tensor-parallel", "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "serve does not run on a tensor-parallel model" in err and err.count("\n") == 1

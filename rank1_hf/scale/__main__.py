@@ -109,6 +109,9 @@ def _serve(args: argparse.Namespace) -> int:
     settings = serve_settings(args)
     positive("max-ongoing-requests", args.max_ongoing_requests)
     judge = judge_options(args)  # a bad --dataset-prompt fails before anything starts
+    if args.tensor_parallel:
+        raise Rank1Error("Ray Serve replicas do not run tensor-parallel models; use --gpus-per-replica with "
+                         "--device-map to split a model over a replica's cards")
     if is_demo(args.model):
         print("note: --model demo is SmolLM2, not a rank1 model", file=sys.stderr)
     started = not ray.is_initialized()
