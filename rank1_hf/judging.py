@@ -34,7 +34,7 @@ from .engine.worker import EngineWorker, Ticket
 from .errors import Rank1Error
 from .judgement import Judgement
 from .model.kv_budget import pool_tokens
-from .model.tensor_parallel import layout, tp_size
+from .model.tensor_parallel import followed, is_followed, layout, send, tp_size
 from .options import JudgeOptions
 from .prompt import Pair, build_prompt, unpack_pair
 
@@ -136,6 +136,8 @@ class Judge:
                            "max_new_tokens", self.settings.kv_tokens, _SHORT_PROMPT, options.max_new_tokens)
         self._worker: EngineWorker | None = None
         self._lock = threading.Lock()
+        if tp_size(model) > 1 and layout().is_leader:
+            followed(True)  # the followers made this Judge too, and follow it until close()
 
     # ---- prompts -------------------------------------------------------------------------------------
 
@@ -175,6 +177,8 @@ class Judge:
         if self.is_follower:
             raise Rank1Error("a tensor-parallel follower judges nothing itself: the leader (RANK 0) judges and this "
                              "process calls follow()")
+        if tp_size(self.model) > 1 and not is_followed():
+            raise Rank1Error("this tensor-parallel ranker is closed: its followers no longer run its engine")
         with self._lock:
             if self._worker is None:
                 engine = ContinuousEngine if self.kind == "continuous" else GenerateEngine
@@ -201,10 +205,9 @@ class Judge:
             worker, self._worker = self._worker, None
         if worker is not None:
             worker.close()
-        if tp_size(self.model) > 1 and layout().is_leader:
-            from .model.tensor_parallel import send
-
+        if tp_size(self.model) > 1 and layout().is_leader and is_followed():
             send(STOP)
+            followed(False)
 
     @property
     def is_follower(self) -> bool:

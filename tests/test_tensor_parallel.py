@@ -2,7 +2,7 @@
 ones for each family (many rows, preemption in a small pool, forced closes), a failing process takes the
 job down with a clear message, and the mistakes a user can make are refused in one line.
 
-Each torchrun job is bounded by a timeout and stopped by its process id (its own session) when it runs over.
+Each torchrun job is bounded by a timeout: past it, the agent and every worker under it are killed by id.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ ROOT = HERE.parent
 MAX_NEW = 40
 # Planted reasoning lengths: several pages each, some past MAX_NEW (forced closes).
 REASONING = [30, 5, 38, 12, 60, 20, 33, 8]
-JOB_TIMEOUT = 240
+JOB_TIMEOUT = 150
 
 
 def free_port() -> int:
@@ -48,14 +48,40 @@ def torchrun(spec: dict, tmp: Path, processes: int = 2, timeout: float = JOB_TIM
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes),
                "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(HERE / "tp_job.py"), str(path)]
-    proc = subprocess.Popen(command, env=env, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
+    return bounded(command, env, timeout)
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes under ``pid`` (torchrun's workers run in sessions of their own), from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def bounded(command: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    """Run ``command``; past ``timeout`` kill it and every process under it, each by its id, and fail."""
+    proc = subprocess.Popen(command, env=env, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise AssertionError(f"the torchrun job ran past {timeout} s")
+        for pid in [*descendants(proc.pid), proc.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.communicate(timeout=30)
+        raise AssertionError(f"the torchrun job ran past {timeout} s") from None
     return subprocess.CompletedProcess(command, proc.returncode, out, err)
 
 
@@ -158,15 +184,7 @@ def cli_torchrun(*args: str, timeout: float = JOB_TIMEOUT) -> subprocess.Complet
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
                # "--": torchrun's own parser would otherwise read --run as an abbreviation of --run-path.
                "--master-port", str(free_port()), "-m", "rank1_hf", "--", *args]
-    proc = subprocess.Popen(command, env={**_env(), "OMP_NUM_THREADS": "1"}, cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise AssertionError(f"the torchrun job ran past {timeout} s")
-    return subprocess.CompletedProcess(command, proc.returncode, out, err)
+    return bounded(command, {**_env(), "OMP_NUM_THREADS": "1"}, timeout)
 
 
 def scores(run: Path) -> dict[tuple[str, str], float]:

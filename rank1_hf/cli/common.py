@@ -162,6 +162,7 @@ def make_ranker(model: str, load: LoadOptions, judge: JudgeOptions, threads: int
         if not layout.is_leader:
             follow_job()
         tensor_parallel.send(("load", path, load, judge))  # the followers load it too
+        tensor_parallel.followed(True, job=True)
     return Rank1(path, load=load, judge=judge, show_progress_bar=show_progress_bar, store=store)
 
 

@@ -87,7 +87,10 @@ class _Group:
 
     layout: Layout | None = None
     control: Any = None
-    ended = False  # the leader told the followers the job is over
+    owned = False  # this module started the process group (and ends it at exit)
+    job = False  # leader: the followers wait for its messages between rankers (a CLI job)
+    following = False  # leader: a ranker of its is followed (between its load and its close)
+    ended = False  # leader: the followers were told the job is over
 
 
 def start(layout: Layout) -> None:
@@ -102,6 +105,7 @@ def start(layout: Layout) -> None:
         if torch.cuda.is_available():
             torch.cuda.set_device(layout.local_rank % torch.cuda.device_count())
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        _Group.owned = True
     if dist.get_world_size() != layout.size:
         raise Rank1Error(f"the process group has {dist.get_world_size()} processes, WORLD_SIZE says {layout.size}")
     _Group.control = dist.new_group(backend="gloo", timeout=_CONTROL_TIMEOUT)
@@ -157,12 +161,30 @@ def agree_min(value: int) -> int:
     return int(box.item())
 
 
+def followed(on: bool, *, job: bool = False) -> None:
+    """Leader: the followers now follow a ranker (``on``) or no longer do; ``job``: they also wait between
+    rankers, for the next one (the CLI's followers), until :func:`end_job`."""
+    _Group.following = on
+    _Group.job = _Group.job or job
+
+
+def is_followed() -> bool:
+    """Leader: whether the followers follow a ranker now."""
+    return _Group.following
+
+
 def end_job() -> None:
-    """Leader: tell the followers the job is over (once; at exit at the latest), so that they exit too."""
+    """At exit. Leader: tell followers still waiting that the job is over, so that they exit too. Every
+    process: end the process group this module started (a live gloo group aborts the interpreter's exit)."""
+    import torch.distributed as dist
+
     layout = _Group.layout
-    if layout is not None and layout.is_leader and not _Group.ended:
+    if layout is not None and layout.is_leader and (_Group.job or _Group.following) and not _Group.ended:
         try:
             send(("end",))
         except Exception as error:  # noqa: BLE001 - a follower already gone: torchrun ends the job anyway
             logger.debug("could not end the followers: %s", error)
-        _Group.ended = True
+    _Group.ended = True
+    if _Group.owned and dist.is_initialized():
+        dist.destroy_process_group()
+        _Group.owned = False
