@@ -252,3 +252,32 @@ def test_serve_refuses_tensor_parallel(model_dir, capsys):
     assert cli.main(["serve", "--model", model_dir, "--tensor-parallel", "--port", "0"]) == 2
     err = capsys.readouterr().err
     assert "serve does not run on a tensor-parallel model" in err and err.count("\n") == 1
+
+
+# ---------------------------------------------------------------------------------------------- rank1-hf plan
+
+
+def test_plan_shows_memory_and_kv_rows_per_card(model_dir, tiny, capsys):
+    """``plan --tensor-parallel 2``: each card holds the norms whole and half of every other weight, half
+    of each token's keys and values, and a pool of budget - weights - 10% reserve, in tokens at its half."""
+    from rank1_hf import cli
+
+    model, _ = tiny
+    total = sum(p.numel() * 4 for p in model.parameters())
+    norms = sum(p.numel() * 4 for name, p in model.named_parameters() if "norm" in name)
+    config = model.config
+    kv_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * (config.hidden_size // config.num_attention_heads) * 4
+    budget = 2**30
+    pool = budget - (norms + (total - norms) // 2) - budget // 10
+    assert cli.main(["plan", model_dir, "--max-memory", "0=1GiB,1=1GiB", "--tensor-parallel", "2", "--dtype",
+                     "float32"]) == 0
+    out = capsys.readouterr().out
+    card = norms + (total - norms) // 2
+    assert re.search(rf"^cuda:0 \| 1/2 of 0-1 \(2\) \| {card / 2**30:.2f} GiB \| 1.00 GiB$", out, re.M)
+    assert f"KV cache: {kv_per_token // 2 / 2**10:.2f} KiB per token per card" in out
+    assert f"= {pool // (kv_per_token // 2):,} tokens" in out
+
+    assert cli.main(["plan", model_dir, "--max-memory", "0=1GiB,1=1GiB", "--tensor-parallel", "3"]) == 2
+    assert "heads (4) and the KV heads (2) to divide by 3" in capsys.readouterr().err
+    assert cli.main(["plan", model_dir, "--max-memory", "0=1GiB", "--tensor-parallel", "2"]) == 2
+    assert "needs 2 GPU budgets in max_memory" in capsys.readouterr().err
