@@ -281,3 +281,12 @@ def test_plan_shows_memory_and_kv_rows_per_card(model_dir, tiny, capsys):
     assert "heads (4) and the KV heads (2) to divide by 3" in capsys.readouterr().err
     assert cli.main(["plan", model_dir, "--max-memory", "0=1GiB", "--tensor-parallel", "2"]) == 2
     assert "needs 2 GPU budgets in max_memory" in capsys.readouterr().err
+
+
+def test_gpu_run_tensor_parallel_skips_without_two_gpus(tmp_path):
+    """The multi-GPU stage of benchmarks/gpu_run.sh stops at once, successfully, on a machine with < 2 GPUs."""
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable, PYTHONPATH=str(ROOT))
+    run = subprocess.run(["timeout", "120", "bash", "benchmarks/gpu_run.sh", "--tensor-parallel"], cwd=ROOT, env=env,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "=== tensor_parallel: skipped (0 GPU(s)" in run.stdout
