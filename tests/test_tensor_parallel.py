@@ -290,3 +290,48 @@ def test_gpu_run_tensor_parallel_skips_without_two_gpus(tmp_path):
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert "=== tensor_parallel: skipped (0 GPU(s)" in run.stdout
+
+
+def test_a_tensor_parallel_shard_job_joins_the_other_shards(model_dir, tmp_path, capsys):
+    """Data parallel with tensor parallel: replica 0 is a tensor-parallel torchrun job judging --shard 0/2
+    into its own store, replica 1 a plain --shard 1/2 job; the run given both stores judges nothing and
+    scores every pair as one process does (within 1e-4)."""
+    from test_cli import _args, _count, _small_run, _stored
+
+    from rank1_hf import cli
+
+    run = _small_run(tmp_path / "run.trec", queries=2, per_query=4)
+    stores = [tmp_path / "shard0.sqlite", tmp_path / "shard1.sqlite"]
+    job = cli_torchrun(*_args(model_dir, run, tmp_path / "unused.trec", "--batch-size", "4", "--tensor-parallel",
+                              "--shard", "0/2", "--store", str(stores[0])))
+    assert job.returncode == 0, job.stderr[-3000:]
+    assert job.stdout.startswith("rank1-hf rerank, shard 0/2")
+    assert cli.main(_args(model_dir, run, tmp_path / "unused.trec", "--batch-size", "4", "--shard", "1/2",
+                          "--store", str(stores[1]))) == 0
+    judged = [_count(job.stdout, "judged now"), _count(capsys.readouterr().out, "judged now")]
+    assert all(judged) and sum(judged) == 8 and [_stored(s) for s in stores] == judged
+    merged = tmp_path / "merged.trec"
+    assert cli.main(_args(model_dir, run, merged, "--batch-size", "4", "--store", str(tmp_path / "m.sqlite"),
+                          *map(str, stores))) == 0
+    assert _count(capsys.readouterr().out, "judged now") == 0
+    single = tmp_path / "single.trec"
+    assert cli.main(_args(model_dir, run, single, "--batch-size", "4", "--store", str(tmp_path / "s.sqlite"))) == 0
+    got, want = scores(merged), scores(single)
+    assert got.keys() == want.keys() and all(abs(got[k] - want[k]) <= 1e-4 for k in want)
+
+
+def test_tensor_parallel_runs_the_continuous_engine_only(tiny, monkeypatch):
+    """engine='generate' (or a model whose cache the continuous engine cannot page) is refused under tensor
+    parallel: only the continuous engine's calls are kept in lockstep."""
+    from types import SimpleNamespace
+
+    from rank1_hf.judging import engine_kind
+
+    model, _ = tiny
+    monkeypatch.setattr(model, "_tp_size", 2, raising=False)  # as a model split over 2 processes
+    assert engine_kind(model, "auto") == engine_kind(model, "continuous") == "continuous"
+    with pytest.raises(Rank1Error, match="tensor parallel runs the continuous engine only"):
+        engine_kind(model, "generate")
+    flash = SimpleNamespace(_tp_size=2, config=SimpleNamespace(_attn_implementation="flash_attention_2"))
+    with pytest.raises(Rank1Error, match="tensor parallel runs the continuous engine only"):
+        engine_kind(flash, "auto")  # no paged cache: a single process would take the generate engine
