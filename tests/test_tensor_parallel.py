@@ -246,12 +246,69 @@ def test_tensor_parallel_flag_mistakes_are_one_line(model_dir, tmp_path, capsys,
     assert message in err and err.count("\n") == 1
 
 
-def test_serve_refuses_tensor_parallel(model_dir, capsys):
-    from rank1_hf import cli
+def test_serve_on_a_tensor_parallel_model(model_dir, tmp_path):
+    """``serve --tensor-parallel`` under torchrun: rank 0 serves, the other rank runs its engine's steps;
+    concurrent requests share the steps and score as one process does (within 1e-4); SIGTERM to torchrun
+    stops every process."""
+    import threading
+    import time
 
-    assert cli.main(["serve", "--model", model_dir, "--tensor-parallel", "--port", "0"]) == 2
-    err = capsys.readouterr().err
-    assert "serve does not run on a tensor-parallel model" in err and err.count("\n") == 1
+    import httpx
+    from test_cli import _env
+
+    port = free_port()
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+               "--master-port", str(free_port()), "-m", "rank1_hf", "--", "serve", "--model", model_dir,
+               "--port", str(port), "--tensor-parallel", "--max-new-tokens", "8", "--threads", "1"]
+    log = (tmp_path / "serve.log").open("w")
+    proc = subprocess.Popen(command, env={**_env(), "OMP_NUM_THREADS": "1"}, cwd=ROOT, stdout=log,
+                            stderr=subprocess.STDOUT)
+    docs = [f"Document {i} about cats, bread and rivers." for i in range(6)]
+    answers: dict[str, dict[int, float]] = {}
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            time.sleep(1)
+        else:
+            raise AssertionError("the server was not ready in 120 s")
+
+        def ask(query: str) -> None:
+            r = httpx.post(f"http://127.0.0.1:{port}/v2/rerank", json={"model": "m", "query": query, "documents": docs},
+                           timeout=120)
+            answers[query] = {x["index"]: x["relevance_score"] for x in r.json()["results"]}
+
+        callers = [threading.Thread(target=ask, args=(q,)) for q in ("cats", "bread")]
+        for t in callers:
+            t.start()
+        for t in callers:
+            t.join(150)
+    finally:
+        workers = descendants(proc.pid)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)  # torchrun passes it on to its workers
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+        for pid in workers:  # by their ids, should any outlive the agent (still the workers it started)
+            try:
+                if "rank1_hf" in Path(f"/proc/{pid}/cmdline").read_text():
+                    os.kill(pid, signal.SIGKILL)
+            except (OSError, ProcessLookupError):
+                pass
+        log.close()
+    single = Rank1(model_dir, max_new_tokens=8)
+    for query in ("cats", "bread"):
+        judged = single.judge([(query, d) for d in docs])
+        assert sorted(answers[query]) == list(range(len(docs)))
+        assert all(abs(j.score - answers[query][i]) <= 1e-4 for i, j in enumerate(judged))
 
 
 # ---------------------------------------------------------------------------------------------- rank1-hf plan

@@ -53,7 +53,7 @@ _LOAD_HELP = {
     "trust_remote_code": "run code shipped with the checkpoint",
     "revision": "hub branch, tag or commit",
     "tensor_parallel": "split every layer over the processes of torchrun --nproc-per-node N (one node; heads and "
-                       "KV heads must divide by N; rank 0 writes every output)",
+                       "KV heads must divide by N; rank 0 reads, serves and writes everything)",
 }
 _PREFIXED_LOAD_HELP = {
     **_LOAD_HELP,

@@ -78,9 +78,6 @@ def run(args: argparse.Namespace) -> int:
     positive("graceful-timeout", args.graceful_timeout)
     judge = judge_options(args)  # a bad --dataset-prompt fails before the model loads
     load = load_options(args)
-    if load.tensor_parallel:
-        raise Rank1Error("serve does not run on a tensor-parallel model yet: the server would have to send every "
-                         "request's engine steps to the other processes; use --device-map to split a model over cards")
     check_load_options(load)  # so do bad loading flags
     sock = bind(args.host, args.port)  # and a busy port
     try:
