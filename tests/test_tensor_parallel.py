@@ -137,13 +137,17 @@ def test_tensor_parallel_judgements_equal_single_process_ones(cases, tmp_path):
             assert abs(score - j.score) <= 1e-4, family
 
 
-def test_a_failing_process_takes_the_job_down(cases, tmp_path):
-    """Process 1 fails in its third engine step: the job ends (no hang) with a non-zero status and says
-    which process failed and why."""
-    spec = {"out": str(tmp_path / "out.json"), "cases": [cases["qwen"][0]], "fail": {"rank": 1, "step": 3}}
+@pytest.mark.parametrize("rank, message", [
+    (1, "tensor parallel process 1 failed: RuntimeError: planted failure"),  # a follower
+    (0, "tensor parallel process 0 failed (RuntimeError: planted failure)"),  # the leader, its follower inside the step
+])
+def test_a_failing_process_takes_the_job_down(cases, tmp_path, rank, message):
+    """A process fails in its third engine step: the job ends (no hang) with a non-zero status and says
+    why (a follower also names itself); the leader writes no results."""
+    spec = {"out": str(tmp_path / "out.json"), "cases": [cases["qwen"][0]], "fail": {"rank": rank, "step": 3}}
     job = torchrun(spec, tmp_path, timeout=120)
     assert job.returncode != 0
-    assert "tensor parallel process 1 failed: RuntimeError: planted failure" in job.stderr
+    assert message in job.stderr
     assert not (tmp_path / "out.json").exists()
 
 

@@ -8,8 +8,8 @@ follower (:func:`follow`) runs the same calls on its own engine and throws the r
 then decide alike: the scheduler sees the same requests and the same tokens (the logits are gathered, so
 every process reads the same argmax), and the pool sizes were agreed at start (kv_budget.pool_tokens).
 
-Any error on a follower ends its process (torchrun then ends the job): carrying on would leave the leader
-in a collective that no follower joins.
+Any error on a follower ends its process, and any error in the leader's engine ends the process group
+(torchrun then ends the job): carrying on would leave the other processes in a collective nobody joins.
 """
 
 from __future__ import annotations
@@ -46,16 +46,24 @@ class LeaderEngine:
         return self.engine.wants()
 
     def step(self, waiting: deque) -> list:
-        tensor_parallel.send(("step", list(waiting)))
-        return self.engine.step(waiting)
+        return self._both(("step", list(waiting)), lambda: self.engine.step(waiting))
 
     def drop(self, ids: set[int]) -> None:
-        tensor_parallel.send(("drop", set(ids)))
-        self.engine.drop(ids)
+        self._both(("drop", set(ids)), lambda: self.engine.drop(ids))
 
     def warmup(self) -> None:
-        tensor_parallel.send(("warmup",))
-        self.engine.warmup()
+        self._both(("warmup",), self.engine.warmup)
+
+    @staticmethod
+    def _both(message: tuple, run: Callable[[], Any]) -> Any:
+        """Send the call, then run it here. A failure here may leave the followers inside the call's
+        collectives, where nothing more reaches them: the job's process group is ended instead."""
+        try:
+            tensor_parallel.send(message)
+            return run()
+        except BaseException as error:
+            tensor_parallel.abort(error)
+            raise
 
     def close(self) -> None:
         tensor_parallel.send(("close",))

@@ -168,6 +168,20 @@ def followed(on: bool, *, job: bool = False) -> None:
     _Group.job = _Group.job or job
 
 
+def abort(error: BaseException) -> None:
+    """Leader: its engine failed, perhaps between the collectives of a step the followers are still inside.
+    End the process group (a follower waiting in a collective then fails, and torchrun ends the job)
+    rather than send anything more."""
+    import torch.distributed as dist
+
+    logger.error("tensor parallel process 0 failed (%s: %s): ending the job's process group",
+                 type(error).__name__, error)
+    _Group.ended = True
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _Group.owned = False
+
+
 def is_followed() -> bool:
     """Leader: whether the followers follow a ranker now."""
     return _Group.following
