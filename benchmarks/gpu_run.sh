@@ -11,9 +11,18 @@
 # every step is as slow as the slowest plausible (100 ms at 7B; the scripts' --budget stops starting
 # new measurements before then); every figure is printed and flushed as it is measured, so a stage
 # cut short keeps its figures. Logs go to $OUT/<stage>.log.
+#
+#   bash benchmarks/gpu_run.sh --tensor-parallel   # a machine with 2 GPUs or more, as its own call (issue 35)
+#
+# --tensor-parallel runs only the version check and benchmarks/tensor_parallel.py --gpu: a 14B-shaped
+# random-weight Qwen2 (8 of its 48 layers) split over 2 cards by a device map and by tensor parallel
+# (torchrun, nccl), ms per decode step and end to end; on a machine with fewer than 2 GPUs it says so and
+# stops at once.
 set -o pipefail
 SHAPE=7b
+TP=0
 if [[ "${1:-}" == "--shape" ]]; then SHAPE=$2; fi
+if [[ "${1:-}" == "--tensor-parallel" ]]; then TP=1; fi
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 WHEELS=build/gpu-wheels
@@ -34,6 +43,18 @@ if ls $WHEELS/*.whl >/dev/null 2>&1; then
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" RANK1_HF_CACHE=/tmp/rank1-hf-cache PYTHONUNBUFFERED=1
+if [[ $TP == 1 ]]; then
+  gpus=$(timeout 45 $PY -c "import torch, transformers; print(torch.cuda.device_count())") || exit 3
+  if (( gpus < 2 )); then
+    echo "=== tensor_parallel: skipped ($gpus GPU(s); device map vs tensor parallel needs 2)"
+    exit 0
+  fi
+  timeout -k 5 240 $PY benchmarks/tensor_parallel.py --gpu --shape 14b --layers 8 --pairs 32 --reasoning 64 \
+    --timeout 150 2>&1 | tee "$OUT/tensor_parallel.log"
+  echo "=== tensor_parallel: exit $? in $((SECONDS - began))s"
+  exit 0
+fi
+
 command -v nvidia-smi >/dev/null &&
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
 timeout 45 $PY - "$SHAPE" <<'EOF' || { echo "version check failed: nothing measured"; exit 3; }

@@ -26,6 +26,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .engine.continuous import ContinuousEngine
 from .engine.generate import GenerateEngine
+from .engine.lockstep import STOP, LeaderEngine, follow
 from .engine.readout import readout_ids, score
 from .engine.stopping import ThinkDetector, split_reasoning
 from .engine.types import DecodeSettings, EngineStats, Generation
@@ -33,6 +34,7 @@ from .engine.worker import EngineWorker, Ticket
 from .errors import Rank1Error
 from .judgement import Judgement
 from .model.kv_budget import pool_tokens
+from .model.tensor_parallel import followed, is_followed, layout, send, tp_size
 from .options import JudgeOptions
 from .prompt import Pair, build_prompt, unpack_pair
 
@@ -49,7 +51,13 @@ class Prepared:
 
 
 def engine_kind(model: PreTrainedModel, asked: str) -> str:
-    """The engine that judges with ``model``: "continuous" where its cache allows, else "generate"."""
+    """The engine that judges with ``model``: "continuous" where its cache allows, else "generate"
+    (tensor parallel: continuous only, since only its calls are kept in lockstep)."""
+    if tp_size(model) > 1:
+        if asked == "generate" or not ContinuousEngine.supports(model):
+            raise Rank1Error("tensor parallel runs the continuous engine only (engine='continuous' or 'auto', "
+                             "on a model with a plain full-attention KV cache)")
+        return "continuous"
     if asked == "generate":
         return "generate"
     if ContinuousEngine.supports(model):
@@ -128,6 +136,8 @@ class Judge:
                            "max_new_tokens", self.settings.kv_tokens, _SHORT_PROMPT, options.max_new_tokens)
         self._worker: EngineWorker | None = None
         self._lock = threading.Lock()
+        if tp_size(model) > 1 and layout().is_leader:
+            followed(True)  # the followers made this Judge too, and follow it until close()
 
     # ---- prompts -------------------------------------------------------------------------------------
 
@@ -164,14 +174,20 @@ class Judge:
     @property
     def worker(self) -> EngineWorker:
         """The shared engine and its queue, made on first use and kept until :meth:`close`."""
+        if self.is_follower:
+            raise Rank1Error("a tensor-parallel follower judges nothing itself: the leader (RANK 0) judges and this "
+                             "process calls follow()")
+        if tp_size(self.model) > 1 and not is_followed():
+            raise Rank1Error("this tensor-parallel ranker is closed: its followers no longer run its engine")
         with self._lock:
             if self._worker is None:
                 engine = ContinuousEngine if self.kind == "continuous" else GenerateEngine
                 model, settings, asked = self.model, self.settings, self.options.engine
 
-                def make() -> ContinuousEngine | GenerateEngine:  # holds no reference to this Judge
+                def make() -> ContinuousEngine | GenerateEngine | LeaderEngine:  # holds no reference to this Judge
                     logger.info("engine: %s (asked for %r)", engine.name, asked)
-                    return engine(model, settings)
+                    made = engine(model, settings)
+                    return LeaderEngine(made) if tp_size(model) > 1 else made
 
                 self._worker = EngineWorker(make)
                 # A ranker nobody holds any more closes its engine, which frees the cache.
@@ -183,11 +199,27 @@ class Judge:
         self.worker.call(lambda engine: engine.warmup())
 
     def close(self) -> None:
-        """Free the engine and its cache; a later call starts a new one."""
+        """Free the engine and its cache; a later call starts a new one. Under tensor parallel the leader
+        also ends the followers' :meth:`follow`."""
         with self._lock:
             worker, self._worker = self._worker, None
         if worker is not None:
             worker.close()
+        if tp_size(self.model) > 1 and layout().is_leader and is_followed():
+            send(STOP)
+            followed(False)
+
+    @property
+    def is_follower(self) -> bool:
+        """A tensor-parallel process other than the leader: it judges nothing itself (see :meth:`follow`)."""
+        return tp_size(self.model) > 1 and not layout().is_leader
+
+    def follow(self) -> tuple[str, ...]:
+        """Follower: run the leader's engine calls until the leader closes its ranker (or its job ends, or
+        it loads another model); returns the leader's last message (engine/lockstep.py)."""
+        if not self.is_follower:
+            raise Rank1Error("follow() is for the tensor-parallel processes other than the leader (RANK > 0)")
+        return follow(lambda: ContinuousEngine(self.model, self.settings))
 
     # ---- judging -------------------------------------------------------------------------------------
 

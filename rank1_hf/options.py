@@ -34,6 +34,7 @@ class LoadOptions:
     quantization: None, "bnb-4bit", "bnb-8bit" or a ``BitsAndBytesConfig`` (AWQ is read from the checkpoint).
     trust_remote_code: run code shipped with the checkpoint.
     revision: hub branch, tag or commit.
+    tensor_parallel: split every layer over the processes of a ``torchrun`` job (model/tensor_parallel.py).
     """
 
     dtype: Any = None
@@ -43,6 +44,7 @@ class LoadOptions:
     quantization: Any = None
     trust_remote_code: bool = False
     revision: str | None = None
+    tensor_parallel: bool = False
 
     def as_kwargs(self) -> dict[str, Any]:
         """The options as keyword arguments of :func:`~rank1_hf.model.loading.load_model`."""

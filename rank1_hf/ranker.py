@@ -215,6 +215,27 @@ class Rank1:
         """Free the engine, its cache and captured steps; a later call makes a new one."""
         self.core.close()
 
+    # ---- tensor parallel (load option tensor_parallel=True, under torchrun) ---------------------------
+
+    @property
+    def is_follower(self) -> bool:
+        """Under tensor parallel, a process other than the leader (RANK 0): it calls :meth:`follow`, and
+        only the leader judges. False otherwise."""
+        return self.core.is_follower
+
+    def follow(self) -> tuple[str, ...]:
+        """Follower: run the leader's engine calls (every forward call is collective) until the leader's
+        ranker is closed; returns the leader's last message (``("stop",)``, or ``("end",)`` at its exit)::
+
+            ranker = Rank1(path, tensor_parallel=True)   # in every process of torchrun --nproc-per-node N
+            if ranker.is_follower:
+                ranker.follow()
+            else:
+                with ranker:
+                    judgements = ranker.judge(pairs)
+        """
+        return self.core.follow()
+
     def __enter__(self) -> "Rank1":
         return self
 

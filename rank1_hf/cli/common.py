@@ -8,7 +8,7 @@ import argparse
 import dataclasses
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from ..errors import Rank1Error
 from ..options import ENGINES, QUANTIZATIONS, JudgeOptions, LoadOptions
@@ -52,6 +52,8 @@ _LOAD_HELP = {
     "quantization": "quantize on load (AWQ checkpoints need no flag)",
     "trust_remote_code": "run code shipped with the checkpoint",
     "revision": "hub branch, tag or commit",
+    "tensor_parallel": "split every layer over the processes of torchrun --nproc-per-node N (one node; heads and "
+                       "KV heads must divide by N; rank 0 reads, serves and writes everything)",
 }
 _PREFIXED_LOAD_HELP = {
     **_LOAD_HELP,
@@ -70,7 +72,7 @@ def add_load_arguments(parser: Any, prefix: str = "") -> None:
     help_of = _PREFIXED_LOAD_HELP if prefix else _LOAD_HELP
     for f in dataclasses.fields(LoadOptions):
         kwargs: dict[str, Any] = {}
-        if f.name == "trust_remote_code":
+        if f.name in ("trust_remote_code", "tensor_parallel"):
             kwargs["action"] = "store_true"
         if f.name == "quantization":
             kwargs["choices"] = QUANTIZATIONS
@@ -151,7 +153,33 @@ def make_ranker(model: str, load: LoadOptions, judge: JudgeOptions, threads: int
     from ..ranker import Rank1
 
     set_threads(threads)
-    return Rank1(resolve_model(model), load=load, judge=judge, show_progress_bar=show_progress_bar, store=store)
+    path = resolve_model(model)
+    if load.tensor_parallel:
+        from ..model import tensor_parallel
+
+        layout = tensor_parallel.layout_from_env()
+        tensor_parallel.start(layout)
+        if not layout.is_leader:
+            follow_job()
+        tensor_parallel.send(("load", path, load, judge))  # the followers load it too
+        tensor_parallel.followed(True, job=True)
+    return Rank1(path, load=load, judge=judge, show_progress_bar=show_progress_bar, store=store)
+
+
+def follow_job() -> NoReturn:
+    """A tensor-parallel process other than rank 0: load each model rank 0 loads and follow its engine
+    (engine/lockstep.py) until rank 0's job ends, then exit 0. It reads and writes nothing of the job."""
+    from ..engine.lockstep import END
+    from ..model import tensor_parallel
+    from ..ranker import Rank1
+
+    message = tensor_parallel.receive()
+    while message[0] == "load":
+        _, path, load, judge = message
+        message = Rank1(path, load=load, judge=judge, show_progress_bar=False).follow()
+        if message != END and message[0] != "load":  # rank 0 closed that ranker: wait for its next one
+            message = tensor_parallel.receive()
+    raise SystemExit(0)
 
 
 # ---------------------------------------------------------------------------------------------- pre-flight

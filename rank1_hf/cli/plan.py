@@ -7,7 +7,7 @@ from typing import Any
 
 from ..errors import Rank1Error
 from ..options import QUANTIZATIONS, JudgeOptions
-from .common import resolve_model
+from .common import positive, resolve_model
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -24,6 +24,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                                                                  "the checkpoint)")
     p.add_argument("--device-map", default="auto", choices=("auto", "balanced", "balanced_low_0", "sequential"),
                    help="how accelerate splits the layers (default auto)")
+    p.add_argument("--tensor-parallel", type=int, metavar="N",
+                   help="plan tensor parallel over the first N GPUs of --max-memory instead of a device map: memory "
+                        "and KV rows per card")
     p.add_argument("--prompt-tokens", type=int, default=500, help="tokens of one pair's prompt (default 500)")
     p.add_argument("--reasoning-tokens", action="append", metavar="N[,N...]",
                    help="reasoning lengths to count rows at, repeatable or a comma list (default 1000)")
@@ -60,10 +63,17 @@ def run(args: argparse.Namespace) -> int:
         parse_bytes(args.kv_memory, "--kv-memory")
     check_model(args.model)
 
-    from ..model.planning import format_kv_plan, format_plan, kv_plan, plan_device_map
+    from ..model.planning import format_kv_plan, format_plan, kv_plan, plan_device_map, plan_tensor_parallel
 
-    plan = plan_device_map(resolve_model(args.model), max_memory=args.max_memory, dtype=args.dtype,
-                           quantization=args.quantization, device_map=args.device_map)
+    if args.tensor_parallel is not None:
+        positive("tensor-parallel", args.tensor_parallel)
+        if args.quantization:
+            raise Rank1Error("--tensor-parallel loads no quantized model: drop --quantization")
+        plan = plan_tensor_parallel(resolve_model(args.model), cards=args.tensor_parallel, max_memory=args.max_memory,
+                                    dtype=args.dtype)
+    else:
+        plan = plan_device_map(resolve_model(args.model), max_memory=args.max_memory, dtype=args.dtype,
+                               quantization=args.quantization, device_map=args.device_map)
     kv = kv_plan(plan, lengths, prompt_tokens=args.prompt_tokens, kv_memory=args.kv_memory,
                  max_new_tokens=args.max_new_tokens)
     print(format_plan(plan))

@@ -47,6 +47,15 @@ def check_load_flags(load: LoadOptions, prefix: str = "") -> None:
     folder = load.offload_folder
     if folder is not None and os.path.exists(folder) and not os.path.isdir(folder):
         raise Rank1Error(f"{flag}offload-folder {folder}: not a directory")
+    if load.tensor_parallel:
+        from ..model.tensor_parallel import layout_from_env
+
+        given = [f"{flag}{name.replace('_', '-')}" for name in ("device_map", "max_memory", "offload_folder", "quantization")
+                 if getattr(load, name) is not None]
+        if given:
+            raise Rank1Error(f"{flag}tensor-parallel splits every layer over the processes itself: drop "
+                             + ", ".join(given))
+        layout_from_env()  # torchrun's environment is there, on one node
 
 
 def check_model(name: str, flag: str = "--model", revision: str | None = None) -> None:

@@ -81,7 +81,8 @@ def run(args: argparse.Namespace, ranker_factory: Callable[..., Any] | None = No
     load = load_options(args)
     check_load_options(load)
 
-    shard = pipeline.Shard.from_env()
+    # Under tensor parallel torchrun's processes split one model, not the pairs: rank 0 judges them all.
+    shard = pipeline.Shard() if load.tensor_parallel else pipeline.Shard.from_env()
     job_shard = pipeline.Shard.parse(args.shard) if args.shard is not None else None
     if job_shard is not None and shard.world_size > 1:
         raise Rank1Error("--shard is for separate jobs; under a launcher (WORLD_SIZE > 1) the ranks are the shards")

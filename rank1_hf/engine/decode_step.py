@@ -52,7 +52,9 @@ def graphable(model: PreTrainedModel) -> bool:
     Device-map splits (accelerate hooks; offloaded weights sit on meta or cpu) keep the eager step.
     """
     devices = {p.device for p in model.parameters()}
-    return len(devices) == 1 and next(iter(devices)).type == "cuda" and capturable_layers(model)
+    # A tensor-parallel model keeps the eager step too: its collectives run outside any capture.
+    return (len(devices) == 1 and next(iter(devices)).type == "cuda" and capturable_layers(model)
+            and not getattr(model, "_tp_size", None))
 
 
 def capturable_layers(model: PreTrainedModel) -> bool:

@@ -170,8 +170,11 @@ def greedy_tokens(logits: torch.Tensor, block: int = 2048) -> torch.Tensor:
 
 
 def _packable(head: nn.Module) -> bool:
+    # A tensor-parallel head (DTensor weight) is left alone: swapping the module would drop the gathering
+    # of its vocabulary shards, and each process would read the argmax of its own shard.
     return (
         type(head) is nn.Linear
+        and type(head.weight) is nn.Parameter
         and head.weight.device.type == "cpu"
         and head.weight.dtype == torch.float32
         and torch.backends.mkldnn.is_available()

@@ -22,8 +22,11 @@ GPU_RESERVE = 0.10
 
 
 def kv_bytes_per_token(model: torch.nn.Module) -> int:
-    """Bytes of keys and values one token takes in all layers (at the model's floating dtype)."""
+    """Bytes of keys and values one token takes in all layers (at the model's floating dtype), on one card:
+    a tensor-parallel process holds its share of the KV heads."""
     import torch
+
+    from .tensor_parallel import tp_size
 
     config = model.config.get_text_config()
     heads = config.num_attention_heads
@@ -31,7 +34,7 @@ def kv_bytes_per_token(model: torch.nn.Module) -> int:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     dtype = getattr(model, "dtype", torch.float32)
     itemsize = dtype.itemsize if dtype.is_floating_point else 2
-    return 2 * config.num_hidden_layers * kv_heads * head_dim * itemsize
+    return 2 * config.num_hidden_layers * (kv_heads // tp_size(model)) * head_dim * itemsize
 
 
 def pages_for(tokens: int, page_size: int = PAGE_SIZE) -> int:
@@ -46,9 +49,13 @@ def pool_pages(pool_bytes: int, bytes_per_token: int, page_size: int = PAGE_SIZE
 
 
 def pool_tokens(model: torch.nn.Module, kv_memory: int | None) -> int:
-    """The engine's pool in tokens: ``kv_memory`` bytes (:func:`default_kv_memory` when None) over
-    :func:`kv_bytes_per_token`."""
-    return max(1, pool_pages(kv_memory or default_kv_memory(model), kv_bytes_per_token(model))[0])
+    """The engine's pool in tokens: ``kv_memory`` bytes (:func:`default_kv_memory` when None; per card under
+    tensor parallel) over :func:`kv_bytes_per_token`."""
+    from .tensor_parallel import agree_min, tp_size
+
+    tokens = max(1, pool_pages(kv_memory or default_kv_memory(model), kv_bytes_per_token(model))[0])
+    # Tensor-parallel processes schedule alike only with pools of one size: the least card's.
+    return agree_min(tokens) if tp_size(model) > 1 else tokens
 
 
 def default_kv_memory(model: torch.nn.Module) -> int:

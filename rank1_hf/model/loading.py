@@ -328,6 +328,7 @@ def load_model(
     quantization: str | Any | None = None,
     trust_remote_code: bool = False,
     revision: str | None = None,
+    tensor_parallel: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a rank1 checkpoint and its tokenizer, ready for inference (``model.eval()``).
 
@@ -348,6 +349,9 @@ def load_model(
             other quantization config) passed through. AWQ checkpoints need no flag.
         trust_remote_code: run code shipped with the checkpoint (off unless asked; rank1 needs none).
         revision: hub revision (branch, tag or commit).
+        tensor_parallel: under ``torchrun --nproc-per-node N``, split every layer's heads and projections
+            over the N processes (:mod:`rank1_hf.model.tensor_parallel`; heads and KV heads must divide by N;
+            no device map, memory budget or quantization with it).
 
     Returns:
         ``(model, tokenizer)``. The tokenizer pads on the left; if it had no pad token one is set: a
@@ -361,6 +365,18 @@ def load_model(
     """
     name = os.fspath(model_name_or_path)
     config = _load_config(name, trust_remote_code=trust_remote_code, revision=revision)
+    if tensor_parallel:
+        parallel = _tensor_parallel_arguments(config, device_map, max_memory, offload_folder, quantization)
+        if parallel is None:  # a job of one process: the whole model on this process's device
+            return load_model(name, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code,
+                              revision=revision)
+        torch_dtype = resolve_dtype(dtype, config, on_gpu=torch.cuda.is_available())
+        try:
+            model = AutoModelForCausalLM.from_pretrained(name, config=config, dtype=torch_dtype, revision=revision,
+                                                         trust_remote_code=trust_remote_code, **parallel)
+        except OSError as error:
+            raise _cannot_load(name, error) from None
+        return model, _finish(model, name, trust_remote_code, revision)
     if max_memory is not None:
         max_memory = parse_max_memory(max_memory)  # also validates a dict
     resolved_map = _resolve_device_map(device_map, max_memory)
@@ -400,6 +416,24 @@ def load_model(
             ) from None
         raise
     return model, _finish(model, name, trust_remote_code, revision)
+
+
+def _tensor_parallel_arguments(config: PretrainedConfig, device_map: Any, max_memory: Any, offload_folder: Any,
+                               quantization: Any) -> dict[str, Any] | None:
+    """Join torchrun's job and return the ``from_pretrained`` keywords that split the model over its processes
+    (None for a job of one process)."""
+    from . import tensor_parallel
+
+    given = [flag for flag, value in (("device_map", device_map), ("max_memory", max_memory),
+                                      ("offload_folder", offload_folder), ("quantization", quantization))
+             if value is not None]
+    if given or is_awq_config(config):
+        what = ", ".join(given) if given else "an AWQ checkpoint"
+        raise Rank1Error(f"tensor_parallel splits every layer over the processes itself: it takes no {what}")
+    layout = tensor_parallel.layout_from_env()
+    tensor_parallel.check_heads(config, layout.size)
+    tensor_parallel.start(layout)
+    return tensor_parallel.load_arguments(config) if layout.size > 1 else None
 
 
 def _finish(model: PreTrainedModel, name: str, trust_remote_code: bool, revision: str | None) -> PreTrainedTokenizerBase:

@@ -36,7 +36,8 @@ from .kv_budget import (CPU_KV_MEMORY, GPU_RESERVE, PAGE_SIZE, card_pool, kv_byt
                                 pool_pages)
 from rank1_hf.options import QUANTIZATIONS, JudgeOptions, check_count, parse_bytes
 
-__all__ = ["CardShare", "KvPlan", "Plan", "format_kv_plan", "format_plan", "kv_plan", "plan_device_map"]
+__all__ = ["CardShare", "KvPlan", "Plan", "format_kv_plan", "format_plan", "kv_plan", "plan_device_map",
+           "plan_tensor_parallel"]
 
 class _QuantizedLinearShape(nn.Module):
     """A stand-in for a quantized Linear on the meta device: only its tensors' shapes and dtypes.
@@ -84,7 +85,10 @@ class Plan:
         quantized layouts (exact for AWQ, within a few percent for bitsandbytes).
     kv_bytes_per_token: bytes of keys and values one token takes in all layers, as the engine counts them
         (:func:`rank1_hf.model.kv_budget.kv_bytes_per_token`, at ``dtype``: quantized weights keep 16-bit keys
-        and values).
+        and values); on one card under tensor parallel.
+    tensor_parallel: the cards every layer is split over (1: a device-map split, whole layers per device).
+        Each card then holds every layer's share: ``bytes_per_device`` is per card, ``layers`` lists every
+        layer on every card.
     """
 
     device_map: dict[str, DeviceKey]
@@ -95,6 +99,7 @@ class Plan:
     dtype: torch.dtype
     quantization: str | None
     kv_bytes_per_token: int
+    tensor_parallel: int = 1
 
 
 def _meta_model(config: PretrainedConfig, dtype: torch.dtype) -> PreTrainedModel:
@@ -186,6 +191,61 @@ def plan_device_map(
     )
 
 
+def plan_tensor_parallel(
+    model_name_or_path_or_config: str | os.PathLike[str] | PretrainedConfig,
+    *,
+    cards: int,
+    max_memory: MaxMemory | str,
+    dtype: DtypeLike = "bfloat16",
+) -> Plan:
+    """Plan a tensor-parallel split over ``cards`` GPUs (the first ``cards`` of ``max_memory``), as transformers'
+    plan does it (model/tensor_parallel.py): the parameters its ``tp_plan`` names (attention and MLP
+    projections, the embeddings, ``lm_head``) are split ``cards`` ways, the rest (norms) is whole on every
+    card; every card holds 1/``cards`` of the KV heads."""
+    from .tensor_parallel import check_heads
+
+    check_count("cards", cards)
+    config = (model_name_or_path_or_config if isinstance(model_name_or_path_or_config, PretrainedConfig)
+              else _load_config(os.fspath(model_name_or_path_or_config)))
+    if is_awq_config(config):
+        raise Rank1Error("tensor parallel loads no AWQ checkpoint; plan it with a device map")
+    check_heads(config, cards)
+    budget = parse_max_memory(max_memory)
+    gpus = sorted(k for k in budget if isinstance(k, int))
+    if len(gpus) < cards:
+        raise Rank1Error(f"tensor parallel over {cards} cards needs {cards} GPU budgets in max_memory "
+                         f"(e.g. {','.join(f'{i}=40GiB' for i in range(cards))}), got {len(gpus)}")
+    gpus = gpus[:cards]
+    torch_dtype = resolve_dtype(dtype, config, on_gpu=True)
+    model = _meta_model(config, torch_dtype)
+    # The model's whole plan, by module name: the base model's rules under its prefix, and lm_head's.
+    rules = [re.compile(re.escape(rule).replace(r"\*", r"\d+") + r"\.") for rule in (model._tp_plan or {})]
+    whole = split = 0
+    seen: set[int] = set()
+    for name, tensor in model.named_parameters(remove_duplicate=False):
+        if id(tensor) in seen:  # a tied lm_head is the embedding, held whole
+            continue
+        seen.add(id(tensor))
+        size = tensor.numel() * tensor.element_size()
+        if any(rule.match(name) for rule in rules):
+            split += size
+        else:
+            whole += size
+    per_card = whole + -(-split // cards)
+    layers = list(range(config.get_text_config().num_hidden_layers))
+    return Plan(
+        device_map={},
+        layers={g: layers for g in gpus},
+        bytes_per_device={g: per_card for g in gpus},
+        total_bytes=whole + split,
+        max_memory={g: _size_to_bytes(budget[g]) for g in gpus},
+        dtype=torch_dtype,
+        quantization=None,
+        kv_bytes_per_token=kv_bytes_per_token(model) // cards,
+        tensor_parallel=cards,
+    )
+
+
 @dataclass(frozen=True)
 class CardShare:
     """What one GPU of a plan allows the KV pool (the rule of :func:`rank1_hf.model.kv_budget.default_kv_memory`).
@@ -226,6 +286,7 @@ class KvPlan:
     prompt_tokens: int
     max_new_tokens: int
     rows: tuple[tuple[int, int, int], ...]
+    tensor_parallel: int = 1
 
 
 def kv_plan(plan: Plan, reasoning_tokens: list[int] | tuple[int, ...] = (1000,), *, prompt_tokens: int = 500,
@@ -243,7 +304,9 @@ def kv_plan(plan: Plan, reasoning_tokens: list[int] | tuple[int, ...] = (1000,),
         raise Rank1Error("give at least one reasoning length")
     for value in reasoning_tokens:
         check_count("reasoning_tokens", value)
-    total_layers = sum(len(ix) for ix in plan.layers.values())
+    # Tensor parallel: each card holds every layer (its share of the heads), so its own pool serves them all.
+    total_layers = (len(next(iter(plan.layers.values()))) if plan.tensor_parallel > 1
+                    else sum(len(ix) for ix in plan.layers.values()))
     cards: list[CardShare] = []
     for device, ix in plan.layers.items():
         if isinstance(device, int) and ix:
@@ -263,7 +326,7 @@ def kv_plan(plan: Plan, reasoning_tokens: list[int] | tuple[int, ...] = (1000,),
         for r in reasoning_tokens
     )
     return KvPlan(plan.kv_bytes_per_token, plan.dtype, pool, tokens, pages, source, tuple(cards),
-                  prompt_tokens, max_new_tokens, rows)
+                  prompt_tokens, max_new_tokens, rows, plan.tensor_parallel)
 
 
 def _ranges(indices: list[int]) -> str:
@@ -289,6 +352,8 @@ def _gib(n: int) -> str:
 
 def format_plan(plan: Plan) -> str:
     """A readable table: device | layers | other modules | size | budget."""
+    if plan.tensor_parallel > 1:
+        return _format_tensor_plan(plan)
     devices = list(dict.fromkeys(list(plan.bytes_per_device) + list(plan.layers)))
     order = {d: (0, d) if isinstance(d, int) else (1, ["mps", "cpu", "disk"].index(d) if d in ("mps", "cpu", "disk") else 9) for d in devices}
     devices.sort(key=lambda d: order[d])
@@ -315,6 +380,22 @@ def format_plan(plan: Plan) -> str:
     return title + "\n" + "\n".join(lines)
 
 
+def _format_tensor_plan(plan: Plan) -> str:
+    """Tensor parallel: every card holds 1/N of every layer, the same bytes on each."""
+    n = plan.tensor_parallel
+    layers = len(next(iter(plan.layers.values())))
+    lines = [f"plan: {str(plan.dtype).removeprefix('torch.')} weights, tensor parallel over {n} cards "
+             f"(every layer's heads and projections, the embeddings and lm_head split {n} ways)"]
+    rows = [("device", "layers", "size", "budget")]
+    for device, size in sorted(plan.bytes_per_device.items()):
+        rows.append((f"cuda:{device}", f"1/{n} of 0-{layers - 1} ({layers})", _gib(size), _gib(plan.max_memory[device])))
+    rows.append(("total", str(layers), _gib(plan.total_bytes), ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    body = [" | ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    body.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines + body)
+
+
 def _size(n: int) -> str:
     """Bytes in KiB, MiB or GiB, whichever reads best."""
     for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
@@ -326,11 +407,15 @@ def _size(n: int) -> str:
 def format_kv_plan(kv: KvPlan) -> str:
     """The KV pool of a plan and the rows it holds: a few lines and a small table."""
     dtype = str(kv.dtype).removeprefix("torch.")
-    lines = [f"KV cache: {_size(kv.bytes_per_token)} per token (keys + values, all layers, {dtype})"]
+    per = f"{_size(kv.bytes_per_token)} per token" + (" per card (its share of the KV heads)" if kv.tensor_parallel > 1 else "")
+    lines = [f"KV cache: {per} (keys + values, all layers, {dtype})"]
     if kv.source == "kv_memory":
         lines.append(f"KV pool: {_size(kv.pool_bytes)} (--kv-memory)")
     elif kv.source == "cpu":
         lines.append(f"KV pool: {_size(kv.pool_bytes)} (the default with no layer on a GPU)")
+    elif kv.tensor_parallel > 1:
+        lines.append(f"KV pool: {_size(kv.pool_bytes)} per card (the default: budget - weights - {GPU_RESERVE:.0%} "
+                     "reserve; the least card's)")
     else:
         lines.append(f"KV pool: {_size(kv.pool_bytes)} (the default: per GPU, budget - weights - "
                      f"{GPU_RESERVE:.0%} reserve, over its share of the layers; the least)")
@@ -341,7 +426,8 @@ def format_kv_plan(kv: KvPlan) -> str:
         share = "" if c.layers == c.total_layers else f" x {c.total_layers}/{c.layers} layers"
         lines.append(f"  cuda:{c.device}: {_size(c.budget)} - {_size(c.weights)} - {_size(c.reserve)} = "
                      f"{_size(max(0, left))}{share} -> {_size(c.pool)}")
-    lines.append(f"  = {kv.pool_tokens:,} tokens ({kv.pages:,} pages of {PAGE_SIZE})")
+    lines.append(f"  = {kv.pool_tokens:,} tokens ({kv.pages:,} pages of {PAGE_SIZE})"
+                 + (f" on each of the {kv.tensor_parallel} cards, for the same rows" if kv.tensor_parallel > 1 else ""))
     lines.append(f"rows that fit, each a prompt of {kv.prompt_tokens:,} tokens + its reasoning so far:")
     head = ("reasoning", "rows", f"rows reserving prompt + {kv.max_new_tokens:,} each (the old engine)")
     table = [head] + [(f"{r:,}", f"{n:,}", f"{old:,}") for r, n, old in kv.rows]

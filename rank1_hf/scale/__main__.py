@@ -111,6 +111,9 @@ def _serve(args: argparse.Namespace) -> int:
     settings = serve_settings(args)
     positive("max-ongoing-requests", args.max_ongoing_requests)
     judge = judge_options(args)
+    if args.tensor_parallel:
+        raise Rank1Error("Ray Serve replicas do not run tensor-parallel models; use --gpus-per-replica with "
+                         "--device-map to split a model over a replica's cards")
     load = load_options(args)
     check_load_options(load)
     check_model(args.model, "--model", args.revision)
