@@ -64,6 +64,11 @@ class EngineStats:
     preemptions: int = 0  # rows that gave their pages back when the pool was full (and were prefilled again)
     peak_rows: int = 0
 
+    @property
+    def acceptance(self) -> float | None:
+        """The share of draft tokens kept (None: none proposed)."""
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else None
+
     def copy(self) -> "EngineStats":
         return dataclasses.replace(self)
 
