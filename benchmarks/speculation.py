@@ -1,0 +1,168 @@
+"""Speculative decoding by prompt lookup (--speculate prompt-lookup) against plain decoding, in ONE sitting.
+
+    python benchmarks/speculation.py                       # all three workloads at 1, 8 and 64 rows
+    python benchmarks/speculation.py --workloads a --rows 1 8 --rounds 2
+
+Workloads:
+  a  natural reasoning from real weights: the demo model (SmolLM2-135M-Instruct, float32) prompted through
+     its chat template to reason about a query and a passage, quoting the passage; greedy, 160 tokens;
+  b  the bundled sample's pairs through the rank1 prompt on the same model (its text repeats itself:
+     reported, not tuned to);
+  c  a random-weight Qwen2 (4 layers, hidden 512, the real Qwen2.5 tokenizer, </think>'s row scaled as in
+     benchmarks/vllm_compare.py): drafts almost never match, so this is the cost of trying.
+
+For each workload and row count the same prompts run with speculation off and on, alternating (off, on,
+off, on ...), the fastest run of each kept. Printed: decode steps per generated token, the acceptance rate,
+seconds, and the ratios on/off (steps and time; < 1: speculation faster), and whether every row's tokens
+and readout agree (tokens equal, readout logits within 1e-4). No OMP_WAIT_POLICY, as users run it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import random
+import sys
+import time
+from collections import deque
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from rank1_hf import Rank1  # noqa: E402
+from rank1_hf.engine.continuous import ContinuousEngine  # noqa: E402
+from rank1_hf.engine.types import Request  # noqa: E402
+from rank1_hf.prompt import build_prompt  # noqa: E402
+
+# Short factual passages and questions about them, for workload a.
+PASSAGES = [
+    ("how do cats purr", "Cats purr by rapidly twitching the muscles of the larynx, which opens and closes the glottis. "
+     "The vibration happens as the cat breathes in and out, producing a continuous sound between 25 and 150 hertz."),
+    ("why does bread rise", "Bread rises because yeast ferments the sugars in the dough and releases carbon dioxide. "
+     "The gas is trapped by the gluten network, which stretches, so the dough expands before and during baking."),
+    ("what causes rain", "Rain forms when water vapour in a cloud condenses onto tiny particles and the droplets merge. "
+     "When the drops grow too heavy for the rising air to hold, they fall to the ground as rain."),
+    ("how does a compiler work", "A compiler reads source code, splits it into tokens, parses the tokens into a syntax "
+     "tree, checks the types, and then translates the tree into machine code that the processor can run."),
+    ("what is vitamin d for", "Vitamin D helps the body absorb calcium and phosphate from food, which keeps bones and "
+     "teeth healthy. The skin makes vitamin D when it is exposed to sunlight."),
+    ("who decides a court case", "In a jury trial the jury decides the facts of the case and returns a verdict, while "
+     "the judge rules on the law, instructs the jury and passes the sentence."),
+    ("how do batteries store energy", "A battery stores energy chemically. During discharge, a reaction at the anode "
+     "releases electrons that flow through the circuit to the cathode, producing an electric current."),
+    ("why are museums free", "Many national museums are free because governments fund them so that everyone can see the "
+     "collections. Special exhibitions often still charge a fee to cover their costs."),
+]
+INSTRUCTION = ("Query: {query}\nPassage: {passage}\n\nDoes the passage answer the query? First copy the passage's "
+               "sentences that matter word for word, then explain your reasoning step by step, then answer true or false.")
+
+
+def chat_requests(tok, n: int) -> list[Request]:
+    out = []
+    for k in range(n):
+        query, passage = PASSAGES[k % len(PASSAGES)]
+        text = tok.apply_chat_template([{"role": "user", "content": INSTRUCTION.format(query=query, passage=passage)}],
+                                       tokenize=False, add_generation_prompt=True)
+        out.append(Request(k, tok(text, add_special_tokens=False)["input_ids"], text))
+    return out
+
+
+def rank1_requests(ranker: Rank1, pairs, n: int) -> list[Request]:
+    out = []
+    for k in range(n):
+        q, p = pairs[k % len(pairs)]
+        prepared = ranker.prepare(q, p)
+        out.append(Request(k, prepared.ids, prepared.prompt))
+    return out
+
+
+def sample_pairs() -> list[tuple[str, str]]:
+    from rank1_hf.io import formats
+
+    paths = formats.sample_paths()
+    queries, corpus = formats.read_queries(paths["queries"]), formats.read_corpus(paths["corpus"])
+    run = formats.read_run(paths["run"])
+    return [(queries[q], corpus[d]) for q in sorted(run) for d, _ in formats.ranked(run[q])]
+
+
+def run_engine(model, settings, requests, rows: int, speculate: bool):
+    settings = dataclasses.replace(settings, speculate=speculate, batch_size=rows)
+    engine = ContinuousEngine(model, settings)
+    waiting = deque(requests)
+    done = {}
+    start = time.perf_counter()
+    while waiting or engine.rows:
+        for request, generation in engine.step(waiting):
+            done[request.id] = generation
+    seconds = time.perf_counter() - start
+    engine.close()
+    return seconds, engine.stats, [done[r.id] for r in requests]
+
+
+def same(a, b) -> bool:
+    return all(x.tokens == y.tokens and max(abs(p - q) for p, q in zip(x.readout, y.readout)) <= 1e-4
+               for x, y in zip(a, b))
+
+
+def measure(name: str, model, settings, requests_for, rows_list, rounds: int) -> None:
+    print(f"\n### workload {name}\n")
+    print("| rows | pairs | tokens | steps/token off | steps/token on | acceptance | s off | s on | steps on/off | "
+          "time on/off | same |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for rows in rows_list:
+        requests = requests_for(rows)
+        best = {}
+        results = {}
+        for _ in range(rounds):
+            for spec in (False, True):
+                seconds, stats, gens = run_engine(model, settings, requests, rows, spec)
+                if spec not in best or seconds < best[spec][0]:
+                    best[spec] = (seconds, stats)
+                results[spec] = gens
+        (s_off, off), (s_on, on) = best[False], best[True]
+        tokens = off.generated_tokens
+        acc = f"{on.acceptance:.0%} ({on.accepted_tokens}/{on.draft_tokens})" if on.draft_tokens else "-"
+        print(f"| {rows} | {len(requests)} | {tokens} | {off.steps / tokens:.3f} | {on.steps / tokens:.3f} | {acc} | "
+              f"{s_off:.1f} | {s_on:.1f} | {on.steps / off.steps:.2f} | {s_on / s_off:.2f} | "
+              f"{same(results[False], results[True])} |", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workloads", nargs="+", default=["a", "b", "c"], choices=["a", "b", "c"])
+    parser.add_argument("--rows", nargs="+", type=int, default=[1, 8, 64])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--max-new-tokens", type=int, default=160)
+    parser.add_argument("--pairs-at-1", type=int, default=4, help="pairs run at 1 row (more rows: as many pairs as rows)")
+    args = parser.parse_args()
+    n = lambda rows: max(rows, args.pairs_at_1) if rows == 1 else rows  # noqa: E731
+    print(f"torch threads: {torch.get_num_threads()}, max_new_tokens {args.max_new_tokens}")
+    if {"a", "b"} & set(args.workloads):
+        from rank1_hf.model.assets import smollm2
+
+        demo = Rank1(str(smollm2()), max_new_tokens=args.max_new_tokens, context_size=4096, show_progress_bar=False)
+        settings = demo.core.settings
+        if "a" in args.workloads:
+            measure("a (SmolLM2, chat template, quoting)", demo.model, settings,
+                    lambda rows: chat_requests(demo.tokenizer, n(rows)), args.rows, args.rounds)
+        if "b" in args.workloads:
+            pairs = sample_pairs()
+            measure("b (SmolLM2, bundled sample, rank1 prompt)", demo.model, settings,
+                    lambda rows: rank1_requests(demo, pairs, n(rows)), args.rows, args.rounds)
+    if "c" in args.workloads:
+        import tempfile
+
+        from vllm_compare import make_model, make_pairs
+
+        with tempfile.TemporaryDirectory() as tmp:
+            make_model(Path(tmp), answered=True)
+            ranker = Rank1(tmp, max_new_tokens=args.max_new_tokens, context_size=4096, show_progress_bar=False)
+            pairs = make_pairs(64)
+            measure("c (random Qwen2, 4 layers, hidden 512: the cost of trying)", ranker.model, ranker.core.settings,
+                    lambda rows: rank1_requests(ranker, pairs, n(rows)), args.rows, args.rounds)
+
+
+if __name__ == "__main__":
+    main()
