@@ -11,8 +11,9 @@ Workloads:
   c  a random-weight Qwen2 (4 layers, hidden 512, the real Qwen2.5 tokenizer, </think>'s row scaled as in
      benchmarks/vllm_compare.py): drafts almost never match, so this is the cost of trying.
 
-For each workload and row count the same prompts run with speculation off and on, alternating (off, on,
-off, on ...), the fastest run of each kept. Printed: decode steps per generated token, the acceptance rate,
+For each workload and row count the same prompts run with speculation off and on (each --configs
+setting), alternating (off, on, off, on ...), the fastest run of each kept (wall seconds, and the
+process's CPU seconds, which another process's load on shared cores disturbs less). Printed: decode steps per generated token, the acceptance rate,
 seconds, and the ratios on/off (steps and time; < 1: speculation faster), and whether every row's tokens
 and readout agree (tokens equal, readout logits within 1e-4). No OMP_WAIT_POLICY, as users run it.
 """
@@ -21,8 +22,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import random
+import json
+import os
+import subprocess
 import sys
+import tempfile
+import textwrap
 import time
 from collections import deque
 from pathlib import Path
@@ -32,6 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from rank1_hf import Rank1  # noqa: E402
+from rank1_hf.engine import speculation  # noqa: E402
 from rank1_hf.engine.continuous import ContinuousEngine  # noqa: E402
 from rank1_hf.engine.types import Request  # noqa: E402
 from rank1_hf.prompt import build_prompt  # noqa: E402
@@ -87,18 +93,21 @@ def sample_pairs() -> list[tuple[str, str]]:
     return [(queries[q], corpus[d]) for q in sorted(run) for d, _ in formats.ranked(run[q])]
 
 
-def run_engine(model, settings, requests, rows: int, speculate: bool):
-    settings = dataclasses.replace(settings, speculate=speculate, batch_size=rows)
+def run_engine(model, settings, requests, rows: int, config: tuple[int, int] | None):
+    """One run of ``requests`` at ``rows`` rows: plain (config None) or speculating with (max drafts, budget)."""
+    if config is not None:
+        speculation.MAX_DRAFTS, speculation.STEP_BUDGET = config
+    settings = dataclasses.replace(settings, speculate=config is not None, batch_size=rows)
     engine = ContinuousEngine(model, settings)
     waiting = deque(requests)
     done = {}
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     while waiting or engine.rows:
         for request, generation in engine.step(waiting):
             done[request.id] = generation
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     engine.close()
-    return seconds, engine.stats, [done[r.id] for r in requests]
+    return (seconds, cpu), engine.stats, [done[r.id] for r in requests]
 
 
 def same(a, b) -> bool:
@@ -106,27 +115,92 @@ def same(a, b) -> bool:
                for x, y in zip(a, b))
 
 
-def measure(name: str, model, settings, requests_for, rows_list, rounds: int) -> None:
+def measure(name: str, model, settings, requests_for, rows_list, rounds: int, configs) -> dict[int, list[list[int]]]:
+    """Print the table of one workload; returns plain decoding's tokens per row count."""
     print(f"\n### workload {name}\n")
-    print("| rows | pairs | tokens | steps/token off | steps/token on | acceptance | s off | s on | steps on/off | "
-          "time on/off | same |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| rows | pairs | tokens | drafts, budget | steps/token off | steps/token on | acceptance | s off | s on | "
+          "steps on/off | time on/off | CPU s off | CPU s on | CPU on/off | same |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    tokens_off = {}
     for rows in rows_list:
         requests = requests_for(rows)
-        best = {}
-        results = {}
+        best, results, cpus = {}, {}, {}
         for _ in range(rounds):
-            for spec in (False, True):
-                seconds, stats, gens = run_engine(model, settings, requests, rows, spec)
-                if spec not in best or seconds < best[spec][0]:
-                    best[spec] = (seconds, stats)
-                results[spec] = gens
-        (s_off, off), (s_on, on) = best[False], best[True]
+            for config in [None, *configs]:  # off, then each configuration, alternating round by round
+                (seconds, cpu), stats, gens = run_engine(model, settings, requests, rows, config)
+                if config not in best or seconds < best[config][0]:
+                    best[config] = (seconds, stats)
+                cpus[config] = min(cpus.get(config, cpu), cpu)
+                results[config] = gens
+        s_off, off = best[None]
         tokens = off.generated_tokens
-        acc = f"{on.acceptance:.0%} ({on.accepted_tokens}/{on.draft_tokens})" if on.draft_tokens else "-"
-        print(f"| {rows} | {len(requests)} | {tokens} | {off.steps / tokens:.3f} | {on.steps / tokens:.3f} | {acc} | "
-              f"{s_off:.1f} | {s_on:.1f} | {on.steps / off.steps:.2f} | {s_on / s_off:.2f} | "
-              f"{same(results[False], results[True])} |", flush=True)
+        tokens_off[rows] = [g.tokens for g in results[None]]
+        for config in configs:
+            s_on, on = best[config]
+            acc = f"{on.acceptance:.0%} ({on.accepted_tokens}/{on.draft_tokens})" if on.draft_tokens else "-"
+            print(f"| {rows} | {len(requests)} | {tokens} | {config[0]}, {config[1]} | {off.steps / tokens:.3f} | "
+                  f"{on.steps / tokens:.3f} | {acc} | {s_off:.1f} | {s_on:.1f} | {on.steps / off.steps:.2f} | "
+                  f"{s_on / s_off:.2f} | {cpus[None]:.1f} | {cpus[config]:.1f} | {cpus[config] / cpus[None]:.2f} | "
+                  f"{same(results[None], results[config])} |", flush=True)
+    return tokens_off
+
+
+VLLM_CHILD = textwrap.dedent(
+    """
+    import json, os, sys, time
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+    spec = json.load(open(sys.argv[1]))
+    extra = {}
+    if spec["ngram"]:
+        extra["speculative_config"] = {"method": "ngram", "num_speculative_tokens": spec["drafts"],
+                                       "prompt_lookup_max": 3, "prompt_lookup_min": 1}
+    llm = LLM(spec["model"], dtype="float32", max_model_len=4096, max_num_seqs=spec["rows"], seed=0, **extra)
+    params = SamplingParams(temperature=0, max_tokens=spec["max_new_tokens"])
+    prompts = [TokensPrompt(prompt_token_ids=p) for p in spec["prompt_ids"]]
+    llm.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)  # warm-up
+    start = time.perf_counter()
+    out = llm.generate(prompts, params, use_tqdm=False)
+    seconds = time.perf_counter() - start
+    json.dump({"seconds": seconds, "tokens": [list(o.outputs[0].token_ids) for o in out]}, open(sys.argv[2], "w"))
+    """
+)
+
+
+def run_vllm(python: str, model_dir: str, requests, rows: int, max_new: int, ngram: bool, drafts: int, eos) -> dict:
+    """vLLM's CPU build on the same weights and prompt ids (its ngram speculation when ``ngram``), in its own
+    process; None (and a note) when it fails."""
+    spec = {"model": model_dir, "prompt_ids": [r.ids for r in requests], "rows": rows, "max_new_tokens": max_new,
+            "ngram": ngram, "drafts": drafts}
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, "spec.json").write_text(json.dumps(spec))
+        Path(tmp, "run.py").write_text(VLLM_CHILD)
+        env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="2")
+        done = subprocess.run([python, str(Path(tmp, "run.py")), str(Path(tmp, "spec.json")), str(Path(tmp, "out.json"))],
+                              env=env, capture_output=True, text=True, timeout=900)
+        if done.returncode != 0:
+            print(f"vLLM ({'ngram' if ngram else 'plain'}) failed: {done.stderr.strip().splitlines()[-1:]}", flush=True)
+            return None
+        out = json.loads(Path(tmp, "out.json").read_text())
+    out["tokens"] = [t[:-1] if t and t[-1] in eos else t for t in out["tokens"]]
+    return out
+
+
+def measure_vllm(python: str, model_dir: str, settings, requests_for, rows_list, max_new: int, ours) -> None:
+    print("\n| rows | vLLM s plain | vLLM s ngram | ngram/plain | tokens as ours (plain, ngram) |")
+    print("|---|---|---|---|---|")
+    for rows in rows_list:
+        requests = requests_for(rows)
+        mine = ours[rows]
+        got = {ngram: run_vllm(python, model_dir, requests, rows, max_new, ngram, speculation.MAX_DRAFTS,
+                               settings.eos_ids) for ngram in (False, True)}
+        if got[False] is None or got[True] is None:
+            continue
+        agree = [sum(a == b for a, b in zip(got[k]["tokens"], mine)) for k in (False, True)]
+        print(f"| {rows} | {got[False]['seconds']:.1f} | {got[True]['seconds']:.1f} | "
+              f"{got[True]['seconds'] / got[False]['seconds']:.2f} | {agree[0]}/{len(mine)}, {agree[1]}/{len(mine)} |",
+              flush=True)
 
 
 def main() -> None:
@@ -135,9 +209,14 @@ def main() -> None:
     parser.add_argument("--rows", nargs="+", type=int, default=[1, 8, 64])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=160)
-    parser.add_argument("--pairs-at-1", type=int, default=4, help="pairs run at 1 row (more rows: as many pairs as rows)")
+    parser.add_argument("--configs", nargs="+", default=[f"{speculation.MAX_DRAFTS}:{speculation.STEP_BUDGET}"],
+                        help="speculation settings to run, each MAX_DRAFTS:STEP_BUDGET (default: the library's)")
+    parser.add_argument("--vllm-python", help="a vLLM CPU venv's python: workload a on vLLM too, plain and ngram")
+    parser.add_argument("--pairs-per-row", type=int, default=4, help="pairs queued per row (a job's throughput)")
+    parser.add_argument("--most-pairs", type=int, default=64)
     args = parser.parse_args()
-    n = lambda rows: max(rows, args.pairs_at_1) if rows == 1 else rows  # noqa: E731
+    configs = [tuple(int(x) for x in c.split(":")) for c in args.configs]
+    n = lambda rows: max(rows, min(args.most_pairs, args.pairs_per_row * rows))  # noqa: E731
     print(f"torch threads: {torch.get_num_threads()}, max_new_tokens {args.max_new_tokens}")
     if {"a", "b"} & set(args.workloads):
         from rank1_hf.model.assets import smollm2
@@ -145,12 +224,15 @@ def main() -> None:
         demo = Rank1(str(smollm2()), max_new_tokens=args.max_new_tokens, context_size=4096, show_progress_bar=False)
         settings = demo.core.settings
         if "a" in args.workloads:
-            measure("a (SmolLM2, chat template, quoting)", demo.model, settings,
-                    lambda rows: chat_requests(demo.tokenizer, n(rows)), args.rows, args.rounds)
+            chats = lambda rows: chat_requests(demo.tokenizer, n(rows))  # noqa: E731
+            ours = measure("a (SmolLM2, chat template, quoting)", demo.model, settings, chats, args.rows, args.rounds,
+                           configs)
+            if args.vllm_python:
+                measure_vllm(args.vllm_python, str(smollm2()), settings, chats, args.rows, args.max_new_tokens, ours)
         if "b" in args.workloads:
             pairs = sample_pairs()
             measure("b (SmolLM2, bundled sample, rank1 prompt)", demo.model, settings,
-                    lambda rows: rank1_requests(demo, pairs, n(rows)), args.rows, args.rounds)
+                    lambda rows: rank1_requests(demo, pairs, n(rows)), args.rows, args.rounds, configs)
     if "c" in args.workloads:
         import tempfile
 
@@ -161,7 +243,7 @@ def main() -> None:
             ranker = Rank1(tmp, max_new_tokens=args.max_new_tokens, context_size=4096, show_progress_bar=False)
             pairs = make_pairs(64)
             measure("c (random Qwen2, 4 layers, hidden 512: the cost of trying)", ranker.model, ranker.core.settings,
-                    lambda rows: rank1_requests(ranker, pairs, n(rows)), args.rows, args.rounds)
+                    lambda rows: rank1_requests(ranker, pairs, n(rows)), args.rows, args.rounds, configs)
 
 
 if __name__ == "__main__":

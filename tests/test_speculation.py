@@ -1,6 +1,6 @@
 """The prompt-lookup proposer (engine/speculation.py): no model, no torch."""
 
-from rank1_hf.engine.speculation import MAX_WAIT, Lookup, plan_drafts
+from rank1_hf.engine.speculation import MAX_DRAFTS, MAX_WAIT, MISSES, Lookup, draft_cap, plan_drafts
 
 
 def test_longest_tail_first_at_its_most_recent_occurrence():
@@ -32,15 +32,15 @@ def test_generated_tokens_join_the_index_and_drafts_stop_at_the_end():
 def test_rows_whose_drafts_fail_wait_longer_each_time_and_recover():
     lookup = Lookup([1, 2, 1, 2], max_drafts=4)
     waits = []
-    for _ in range(8):
+    for _ in range(MISSES + 7):
         lookup.record(proposed=3, accepted=0)
         waits.append(lookup.wait)
         while not lookup.ready():
             pass
-    assert waits == [1, 2, 4, 8, 16, MAX_WAIT, MAX_WAIT, MAX_WAIT]
+    assert waits == [0] * (MISSES - 1) + [1, 2, 4, 8, 16, MAX_WAIT, MAX_WAIT, MAX_WAIT]
     assert lookup.length == 1
-    lookup.record(proposed=1, accepted=1)  # all accepted: doubles
-    assert (lookup.length, lookup.backoff, lookup.ready()) == (2, 0, True)
+    lookup.record(proposed=1, accepted=1)  # all accepted: doubles, and the misses start again
+    assert (lookup.length, lookup.backoff, lookup.misses, lookup.ready()) == (2, 0, 0, True)
     lookup.record(proposed=2, accepted=2)
     lookup.record(proposed=4, accepted=2)  # partly accepted: one more than accepted
     assert lookup.length == 3
@@ -48,9 +48,12 @@ def test_rows_whose_drafts_fail_wait_longer_each_time_and_recover():
     assert (lookup.length, lookup.wait) == (3, 0)
 
 
-def test_a_step_proposes_within_its_budget_and_each_rows_room():
+def test_a_step_keeps_rows_x_longest_draft_within_its_budget():
     rows = [Lookup([1, 2, 3, 1, 2, 3, 1, 2, 3], max_drafts=4) for _ in range(4)]
     rows[1].wait = 2
-    drafts = plan_drafts([rows[0], rows[1], None, rows[2], rows[3]], [4, 4, 4, 2, 4], budget=6)
-    assert drafts == [[1, 2, 3], [], [], [1, 2], [1]]  # row 0: the sequence ends after 3
+    drafts = plan_drafts([rows[0], rows[1], None, rows[2], rows[3]], [4, 4, 4, 1, 4], budget=10)
+    assert drafts == [[1, 2], [], [], [1], [1, 2]]  # 10 // 5 rows: at most 2 each
     assert rows[1].wait == 1
+    assert plan_drafts([rows[0]], [9], budget=100) == [[1, 2, 3]]  # the sequence ends after 3
+    assert draft_cap(1, 32) == MAX_DRAFTS and draft_cap(8, 32) == min(MAX_DRAFTS, 4) and draft_cap(33, 32) == 0
+    assert plan_drafts(rows, [4] * 4, budget=3) == [[]] * 4

@@ -11,6 +11,7 @@ from conftest import FAMILIES, PLANT_FACTOR, WORDS, make_pairs
 from plant import plant_quoting, plant_think
 
 from rank1_hf import Rank1
+from rank1_hf.engine import speculation
 from rank1_hf.engine.scheduler import RowState, Scheduler
 from rank1_hf.model.kv_budget import PAGE_SIZE, kv_bytes_per_token
 from rank1_hf.testing import tiny_model
@@ -99,7 +100,9 @@ def test_rejected_drafts_leave_nothing_behind(tokenizers, family):
 def test_accepted_drafts_judge_as_plain_decoding(tokenizers, family, monkeypatch):
     """A model that quotes its passage: drafts are accepted, </think> closes inside accepted runs (its readout
     from the same call; for qwen-plain it ends inside a token, ">\\n") and max_new_tokens cuts inside
-    them, and every judgement, at one row and at eight, equals plain decoding's in fewer steps."""
+    them, and every judgement, at one row and at eight, equals plain decoding's in fewer steps. (A step
+    budget that lets eight rows draft 8 tokens each, so that runs reach past </think>.)"""
+    monkeypatch.setattr(speculation, "STEP_BUDGET", 64)
     tok = tokenizers[family]
     model = tiny_model(tok, FAMILIES[family][1], seed=0)
     tail = ">\n" if family == "qwen-plain" else None

@@ -31,7 +31,7 @@ from .types import DecodeSettings, EngineStats, Generation, Request
 from .readout import closing_ids, forced_readout
 from .runner import ModelRunner, supports
 from .scheduler import Prefill, Row, RowState, Scheduler
-from .speculation import Lookup, plan_drafts
+from .speculation import Lookup, draft_cap, plan_drafts
 
 logger = logging.getLogger(__name__)
 
@@ -176,10 +176,13 @@ class ContinuousEngine:
         self.stats.decode_slots += n
         self.stats.peak_rows = max(self.stats.peak_rows, n)
 
-    def _drafts(self) -> list[list[int]]:
+    def _drafts(self) -> list[list[int]] | None:
         """Each DECODING row's drafts, in the pages it holds or can take now (never preempting for them),
-        and short of ``max_new_tokens`` (the run's last pick is a token of its own)."""
+        and short of ``max_new_tokens`` (the run's last pick is a token of its own); None when this step has
+        too many rows to verify drafts (speculation.draft_cap)."""
         s, pages = self.settings, self.scheduler.pages
+        if draft_cap(len(self.rows)) == 0:
+            return None
         lookups, rooms = [], []
         for row in self.rows:
             if row.state is not RowState.DECODING:

@@ -7,9 +7,12 @@ longest first) are looked up at their most recent earlier occurrence, and the to
 drafts. The engine verifies them in one forward call and keeps those that equal the model's greedy
 choice (continuous.py), so the reasoning is the one plain decoding gives.
 
-Drafts cost compute when they fail, so a row that proposed and saw nothing accepted waits before it
-proposes again (twice as long each time, up to :data:`MAX_WAIT` steps), its draft length follows what it
-recently had accepted, and a step proposes at most ``budget`` drafts in all (:func:`plan_drafts`).
+Drafts cost compute when they fail, so a row whose last :data:`MISSES` proposals kept nothing waits before
+it proposes again (twice as long each time, up to :data:`MAX_WAIT` steps), and its draft length follows
+what it recently had accepted. A verification call pads every row to the longest run, so its cost is rows x
+(1 + the longest draft): a step lets each row propose at most ``budget // rows`` drafts
+(:func:`draft_cap`), which keeps a step within ``rows + budget`` positions and turns speculation off
+where many rows decode together and extra positions cost as much as they save (on a CPU).
 """
 
 from __future__ import annotations
@@ -19,10 +22,11 @@ from typing import Sequence
 # Longest n-gram looked up (prompt-lookup decoding's usual 3).
 MAX_NGRAM = 3
 # Defaults chosen on benchmarks/speculation.py (benchmarks/RESULTS.md): most drafts one row verifies per
-# step, and most drafts one step verifies over all its rows.
-MAX_DRAFTS = 4
+# step, and the extra positions (padding included) one verification step may run over all its rows.
+MAX_DRAFTS = 8
 STEP_BUDGET = 16
-# Most steps a row whose drafts keep failing waits before it proposes again.
+# A row whose last MISSES proposals all failed waits before it proposes again: 1, 2, 4 ... MAX_WAIT steps.
+MISSES = 6
 MAX_WAIT = 32
 
 
@@ -33,13 +37,14 @@ class Lookup:
     occurrence, for occurrences ending before the last token (the last n-gram must match an earlier one).
     """
 
-    def __init__(self, prompt: Sequence[int], max_drafts: int = MAX_DRAFTS):
+    def __init__(self, prompt: Sequence[int], max_drafts: int | None = None):
         self.sequence = list(prompt)
         self.prompt_length = len(prompt)
-        self.max_drafts = max_drafts
+        self.max_drafts = max_drafts = max_drafts or MAX_DRAFTS
         self.length = max_drafts  # drafts to propose next, adapted to what was accepted
         self.wait = 0  # steps left before proposing again
         self.backoff = 0  # the wait after the next failure
+        self.misses = 0  # proposals in a row that kept nothing
         self.index: dict[tuple[int, ...], int] = {}
         self._indexed = 0  # n-grams ending at positions < this are in the index
 
@@ -71,11 +76,13 @@ class Lookup:
         if proposed == 0:
             return
         if accepted == 0:
-            self.backoff = min(MAX_WAIT, max(1, 2 * self.backoff))
-            self.wait = self.backoff
+            self.misses += 1
             self.length = max(1, self.length // 2)
+            if self.misses >= MISSES:
+                self.backoff = min(MAX_WAIT, max(1, 2 * self.backoff))
+                self.wait = self.backoff
         else:
-            self.backoff = 0
+            self.backoff = self.misses = 0
             self.length = min(self.max_drafts, 2 * self.length if accepted == proposed else accepted + 1)
 
     def ready(self) -> bool:
@@ -86,16 +93,19 @@ class Lookup:
         return True
 
 
-def plan_drafts(lookups: Sequence[Lookup | None], rooms: Sequence[int], budget: int = STEP_BUDGET) -> list[list[int]]:
-    """Drafts for one step's rows: row r proposes at most ``rooms[r]`` tokens (None: it does not propose),
-    and the step at most ``budget`` in all, first come first served in row order."""
+def draft_cap(rows: int, budget: int | None = None) -> int:
+    """Most drafts one row may propose in a step of ``rows`` rows (0: this step runs plain)."""
+    return min(MAX_DRAFTS, (budget or STEP_BUDGET) // max(1, rows))
+
+
+def plan_drafts(lookups: Sequence[Lookup | None], rooms: Sequence[int], budget: int | None = None) -> list[list[int]]:
+    """Drafts for one step's rows: row r proposes at most ``rooms[r]`` tokens (None: it does not propose)
+    and at most :func:`draft_cap` of the step's rows."""
+    cap = draft_cap(len(lookups), budget)
     drafts: list[list[int]] = []
-    left = budget
     for lookup, room in zip(lookups, rooms):
-        if lookup is None or left <= 0 or room <= 0 or not lookup.ready():
+        if lookup is None or cap <= 0 or room <= 0 or not lookup.ready():
             drafts.append([])
             continue
-        proposal = lookup.propose(min(room, lookup.length, left))
-        left -= len(proposal)
-        drafts.append(proposal)
+        drafts.append(lookup.propose(min(room, lookup.length, cap)))
     return drafts
