@@ -14,6 +14,8 @@ from typing import Any, Mapping, Union
 from .errors import Rank1Error
 
 ENGINES = ("auto", "continuous", "generate")
+#: ``speculate``: drafts by prompt lookup verified in the continuous engine, or none.
+SPECULATE = ("prompt-lookup", "off")
 #: The quantization names ``load_model(quantization=...)`` accepts (besides a BitsAndBytesConfig).
 QUANTIZATIONS = ("bnb-4bit", "bnb-8bit")
 
@@ -65,6 +67,8 @@ class JudgeOptions:
     token_budget: retired (a pair no longer reserves prompt + max_new_tokens); use kv_memory.
     dataset_prompt: a template with ``FILL_QUERY_HERE`` applied to every query.
     engine: "continuous", "generate" or "auto" (continuous where the model's cache allows it).
+    speculate: "prompt-lookup" (the continuous engine guesses each pair's next tokens from its own prompt
+        and reasoning and verifies them in one step; judgements are unchanged) or "off".
     """
 
     max_new_tokens: int = 8192
@@ -74,10 +78,13 @@ class JudgeOptions:
     token_budget: int | None = None
     dataset_prompt: str | None = None
     engine: str = "auto"
+    speculate: str = "off"
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
             raise Rank1Error(f"unknown engine {self.engine!r}: choose one of {', '.join(ENGINES)}")
+        if self.speculate not in SPECULATE:
+            raise Rank1Error(f"unknown speculate {self.speculate!r}: choose one of {', '.join(SPECULATE)}")
         if self.token_budget is not None:
             raise Rank1Error("token_budget is retired: pairs no longer reserve prompt + max_new_tokens each; give "
                              "the memory for keys and values instead, kv_memory (bytes, or a string like '12GiB')")

@@ -160,6 +160,8 @@ class Summary:
     no_documents: list[str] = field(default_factory=list)  # qids the run names with no documents (read_job)
     elapsed_s: float = 0.0
     judging_s: float = 0.0  # time this process spent in judge_iter
+    draft_tokens: int = 0  # speculation: draft tokens verified by this process's engine
+    accepted_tokens: int = 0  # and those kept
 
     @property
     def pairs_per_s(self) -> float | None:
@@ -179,6 +181,9 @@ class Summary:
             f"truncated: {len(self.truncated)}",
             f"elapsed: {self.elapsed_s:.1f} s ({rate})",
         ]
+        if self.draft_tokens:
+            out.append(f"speculation: {self.accepted_tokens} of {self.draft_tokens} draft tokens accepted "
+                       f"({self.accepted_tokens / self.draft_tokens:.0%})")
         if self.outcomes and not self.outcomes.get("answered"):
             out.append("note: no pair was answered: every score was read after reasoning the model did not finish. "
                        "Raise --max-new-tokens (rank1's reasoning runs to about 1000 tokens; the reference allows "
@@ -376,6 +381,7 @@ def judge_items(
                     progress(1)
             summary.judging_s = time.monotonic() - judging
             stats = judged.stats
+            summary.draft_tokens, summary.accepted_tokens = stats.draft_tokens, stats.accepted_tokens
     finally:
         writer.flush()  # also on KeyboardInterrupt and errors: finished work is never thrown away
 

@@ -130,3 +130,19 @@ def plant_lengths(model, tokenizer, lengths: dict[int, int], never: set[int] = f
         return output
 
     return model.register_forward_hook(hook, with_kwargs=True)
+
+
+def plant_quoting(model, tokenizer, words: list[str], tail: str | None = None):
+    """Make a model reason by quoting: right after the prompt it writes ``words`` (one token each, with a
+    leading space) and then ``</think>``, whatever the pair. A passage that contains the same text lets
+    prompt lookup guess the reasoning, so speculative drafts get accepted. ``tail`` replaces the last
+    token of ``</think>`` (e.g. ``">\n"``: it ends inside a token). Returns the hook handle."""
+    chain = [tokenizer.encode(" " + w, add_special_tokens=False) for w in words]
+    assert all(len(c) == 1 for c in chain), "each word must be one token"
+    chain = [c[0] for c in chain]
+    think = tokenizer.encode("</think>", add_special_tokens=False)
+    if tail is not None:
+        think = think[:-1] + tokenizer.encode(tail, add_special_tokens=False)
+    last_prompt_token = tokenizer("x\n<think>", add_special_tokens=False)["input_ids"][-1]
+    order = [last_prompt_token] + chain + think
+    return plant_rules(model, dict(zip(order, order[1:])))

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from ..errors import Rank1Error
-from ..options import ENGINES, QUANTIZATIONS, JudgeOptions, LoadOptions
+from ..options import ENGINES, QUANTIZATIONS, SPECULATE, JudgeOptions, LoadOptions
 
 PROG = "rank1-hf"
 DEMO_NAMES = ("demo", "demo:smollm2")
@@ -113,6 +113,10 @@ def add_judge_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--engine", choices=ENGINES, default="auto",
                    help="continuous: pairs join and leave the batch as they finish (paged KV pool); generate: "
                         "transformers' generate, batch by batch; auto (default): continuous where the model allows")
+    g.add_argument("--speculate", choices=SPECULATE, default=JudgeOptions.speculate,
+                   help="prompt-lookup: the continuous engine guesses each pair's next tokens from its own prompt and "
+                        "reasoning and verifies them in one step (same judgements, fewer steps when the reasoning "
+                        f"quotes the passage); off: one token per step (default {JudgeOptions.speculate})")
     g.add_argument("--threads", type=int,
                    help="CPU threads for torch (default: torch's choice; 1 is much faster on a busy shared CPU)")
     g.add_argument("--dataset-prompt", metavar="TEMPLATE_OR_NAME",
@@ -130,7 +134,8 @@ def judge_options(args: argparse.Namespace) -> JudgeOptions:
     try:
         return JudgeOptions(max_new_tokens=args.max_new_tokens, context_size=args.context_size,
                             batch_size=args.batch_size, kv_memory=args.kv_memory,
-                            dataset_prompt=resolve_dataset_prompt(args.dataset_prompt), engine=args.engine)
+                            dataset_prompt=resolve_dataset_prompt(args.dataset_prompt), engine=args.engine,
+                            speculate=args.speculate)
     except Rank1Error as e:  # the library names its parameters; the user typed flags
         raise Rank1Error(as_flags(str(e))) from None
 

@@ -31,6 +31,7 @@ from .types import DecodeSettings, EngineStats, Generation, Request
 from .readout import closing_ids, forced_readout
 from .runner import ModelRunner, supports
 from .scheduler import Prefill, Row, RowState, Scheduler
+from .speculation import Lookup, draft_cap, plan_drafts
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,8 @@ class ContinuousEngine:
        part of a prompt no row in the pool holds; their last logits give their first token);
     2. give every row the page its next token needs, preempting the newest rows while the pool is
        short (a preempted row waits again, and its prompt and tokens are prefilled when it comes back);
-    3. one decode step for every row; a READING row takes its readout;
+    3. one decode step for every row (a READING row takes its readout); with speculation, a verification
+       step when any row has drafts (the row's last token and its drafts, kept as far as they are greedy);
     4. close the rows that need it (one batched pass over only the tokens their cache lacks);
     5. return the finished rows, free their pages and compact: the last row moves into each freed slot.
     """
@@ -158,16 +160,60 @@ class ContinuousEngine:
                     self.scheduler.advance(p.row, int(token), t, f)
 
     def _decode(self) -> None:
+        """One decode step for every row: a verification step when any row has drafts, else a plain one."""
         rows = self.rows
         n = self.rows_stepped = len(rows)
-        last = [r.tokens[-1] if r.tokens else self.settings.pad_id for r in rows]
-        picked = self.runner.decode(last, [r.cached for r in rows])
+        drafts = self._drafts() if self.settings.speculate else None
+        if drafts is not None and any(drafts):
+            self._verify(drafts)
+        else:
+            last = [r.tokens[-1] if r.tokens else self.settings.pad_id for r in rows]
+            picked = self.runner.decode(last, [r.cached for r in rows])
+            for row, (token, t, f) in zip(rows, picked):
+                row.cached += 1
+                self.scheduler.advance(row, int(token), t, f)
         self.stats.steps += 1
         self.stats.decode_slots += n
         self.stats.peak_rows = max(self.stats.peak_rows, n)
-        for row, (token, t, f) in zip(rows, picked):
-            row.cached += 1
-            self.scheduler.advance(row, int(token), t, f)
+
+    def _drafts(self) -> list[list[int]] | None:
+        """Each DECODING row's drafts, in the pages it holds or can take now (never preempting for them),
+        and short of ``max_new_tokens`` (the run's last pick is a token of its own); None when this step has
+        too many rows to verify drafts (speculation.draft_cap)."""
+        s, pages = self.settings, self.scheduler.pages
+        if draft_cap(len(self.rows)) == 0:
+            return None
+        lookups, rooms = [], []
+        for row in self.rows:
+            if row.state is not RowState.DECODING:
+                lookups.append(None)
+                rooms.append(0)
+                continue
+            if row.lookup is None:
+                row.lookup = Lookup(row.request.ids)
+            row.lookup.sync(row.tokens)
+            lookups.append(row.lookup)
+            rooms.append(s.max_new_tokens - len(row.tokens) - 1)
+        drafts = plan_drafts(lookups, rooms)
+        for slot, (row, draft) in enumerate(zip(self.rows, drafts)):
+            if draft and not pages.grow(slot, row.cached + 1 + len(draft)):
+                del draft[max(0, pages.held(slot) * pages.page_size - row.cached - 1) :]  # what its pages hold
+        return drafts
+
+    def _verify(self, drafts: list[list[int]]) -> None:
+        """Every row's last token and its drafts in one call; each row keeps the drafts the model agrees with
+        (scheduler.accept) and the rest leave no trace: hidden from attention, their extra pages given back."""
+        rows, pages = self.rows, self.scheduler.pages
+        inputs = [[r.tokens[-1]] + d for r, d in zip(rows, drafts)]
+        picked = self.runner.verify(inputs, [r.cached for r in rows])
+        for slot, (row, run, draft) in enumerate(zip(rows, picked, drafts)):
+            kept = self.scheduler.accept(row, inputs[slot], run)
+            if draft:
+                row.lookup.record(len(draft), kept)
+                self.stats.draft_tokens += len(draft)
+                self.stats.accepted_tokens += kept
+                self.runner.forget(slot, row.cached)
+                pages.shrink(slot, row.cached + 1)
 
     def _close(self) -> None:
         """Read the CLOSING rows' closing sequences, running only the tokens their cache lacks."""

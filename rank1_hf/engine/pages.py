@@ -59,17 +59,29 @@ class PageAllocator:
         self.dirty.add(slot)
         return True
 
+    def shrink(self, slot: int, tokens: int) -> None:
+        """Give back ``slot``'s pages past its first ``tokens`` tokens (taken for drafts it did not keep)."""
+        table = self.tables[slot]
+        keep = pages_for(tokens, self.page_size)
+        while len(table) > keep:
+            self._drop(table.pop())
+            self.dirty.add(slot)
+
     def release(self, slot: int) -> None:
         """Drop ``slot``'s hold on its pages; a page nobody holds any more goes back to the free list."""
         for page in reversed(self.tables[slot]):
-            self.refs[page] -= 1
-            if self.refs[page] == 0:
-                key = self._key.pop(page, None)
-                if key is not None:
-                    del self._published[key]
-                self.free.append(page)
+            self._drop(page)
         self.tables[slot] = []
         self.dirty.add(slot)
+
+    def _drop(self, page: int) -> None:
+        """One hold on ``page`` less; a page nobody holds goes back to the free list and is no longer found."""
+        self.refs[page] -= 1
+        if self.refs[page] == 0:
+            key = self._key.pop(page, None)
+            if key is not None:
+                del self._published[key]
+            self.free.append(page)
 
     def move(self, source: int, target: int) -> None:
         """Slot ``target`` (empty) takes over ``source``'s pages: compaction moves no keys or values."""

@@ -97,12 +97,13 @@ class ModelRunner:
     # ---- forward calls -------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def forward(self, slots: list[int], inputs: list[list[int]], offsets: list[int]) -> torch.Tensor:
+    def forward(self, slots: list[int], inputs: list[list[int]], offsets: list[int], every: bool = False) -> torch.Tensor:
         """One model call: row r's ``inputs[r]`` go to positions ``offsets[r]..`` of slot ``slots[r]``, seeing
         positions 0.. of that slot (a prefix already there, such as shared prompt pages, is read, not run).
 
         Rows are left-padded to a common width; padding writes to the cache's scratch page and attends to
-        column 0 only. Returns the last position's logits, (rows, vocab) float32.
+        column 0 only. Returns the last position's logits, (rows, vocab) float32, or with ``every`` the
+        logits of every input position, (rows, width, vocab) (row r's inputs are its last len(inputs[r])).
         """
         cache, device = self.cache, input_device(self.model)
         cache.sync()
@@ -123,9 +124,10 @@ class ModelRunner:
         for slot, length in zip(slots, [o + len(x) for x, o in zip(inputs, offsets)]):
             self._visible[slot, :length] = True
             self._visible[slot, length:] = False
-        return self._logits(ids, positions.clamp(max=cache.capacity - 1), mask[:, None], device)
+        logits = self._logits(ids, positions.clamp(max=cache.capacity - 1), mask[:, None], device, width_in if every else 1)
+        return logits if every else logits[:, -1]
 
-    def _logits(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, device) -> torch.Tensor:
+    def _logits(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, device, keep: int = 1) -> torch.Tensor:
         if not self._sdpa:  # eager attention adds its mask
             mask = additive_mask(mask, self.model.dtype)
         out = self.model(
@@ -134,9 +136,9 @@ class ModelRunner:
             position_ids=positions.to(device),
             cache=self.cache,
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=keep,
         )
-        return out.logits[:, -1, :].float()
+        return out.logits.float()
 
     @torch.inference_mode()
     def decode(self, last: list[int], cached: list[int]) -> list[tuple[float, float, float]]:
@@ -152,7 +154,24 @@ class ModelRunner:
         self._visible[torch.arange(n), positions[:, 0]] = True
         mask = self._visible[:n, None, None, :width]
         ids = torch.tensor(last, dtype=torch.long)[:, None]
-        return self.pick(self._logits(ids, positions, mask, input_device(self.model)))
+        return self.pick(self._logits(ids, positions, mask, input_device(self.model))[:, -1])
+
+    @torch.inference_mode()
+    def verify(self, inputs: list[list[int]], cached: list[int]) -> list[list[tuple[float, float, float]]]:
+        """Rows in slots 0..n-1 run their last token and its drafts (``inputs[r]``, written from position
+        ``cached[r]``) in one call: (greedy token, true logit, false logit) at every input position.
+
+        Eager on every device (the captured step runs one token per row). The caller keeps what it accepts
+        and hides the rest with :meth:`forget`.
+        """
+        logits = self.forward(list(range(len(inputs))), inputs, cached, every=True)
+        width = logits.shape[1]
+        picked = self.pick(logits.reshape(-1, logits.shape[-1]))
+        return [picked[r * width + width - len(x) : (r + 1) * width] for r, x in enumerate(inputs)]
+
+    def forget(self, slot: int, start: int) -> None:
+        """Positions ``start``.. of ``slot`` hold nothing any more (rejected drafts): no step attends to them."""
+        self._visible[slot, start:] = False
 
     def pick(self, logits: torch.Tensor) -> list[tuple[float, float, float]]:
         """(greedy token, true logit, false logit) per row of (rows, vocab) logits: one device-to-host copy."""

@@ -26,6 +26,7 @@ from ..model.kv_budget import pages_for
 
 if TYPE_CHECKING:
     from .pages import PageAllocator
+    from .speculation import Lookup
     from .stopping import ThinkEnd
 
 # Free pages kept per row in flight when a new row is admitted: 0.5 took the fewest decode steps of 1,
@@ -54,6 +55,7 @@ class Row:
     state: RowState = RowState.DECODING
     age: int = 0  # admission order: the newest row is preempted first
     resumes: RowState = RowState.DECODING  # the state a PREEMPTED row goes back to
+    lookup: Lookup | None = None  # its draft proposer, when the engine speculates (speculation.py)
 
     def sequence(self) -> list[int]:
         """Prompt and generated tokens: what a (re)admitted row prefills."""
@@ -185,6 +187,21 @@ class Scheduler:
             row.state = RowState.READING if row.think.clean else RowState.CLOSING
         elif len(row.tokens) >= s.max_new_tokens:
             row.state = RowState.CLOSING
+
+    def accept(self, row: Row, inputs: list[int], picked: list[tuple[float, float, float]]) -> int:
+        """A verified run applied to a row: ``inputs`` (its last token, then drafts) ran from position
+        ``row.cached``, and ``picked[j]`` is the (greedy token, true, false) after ``inputs[j]``.
+
+        Position by position, as plain decoding would take them: each pick goes through :meth:`advance`
+        (one home for the stop rules), and the next input counts only while the row still runs and that
+        input is the token just picked. ``row.cached`` grows by the inputs kept; returns the drafts kept.
+        """
+        for j, (token, true, false) in enumerate(picked):
+            row.cached += 1
+            self.advance(row, int(token), true, false)
+            if row.state not in (RowState.DECODING, RowState.READING) or j + 1 == len(inputs) or inputs[j + 1] != int(token):
+                return j
+        return len(picked) - 1
 
     # ---- leaving -------------------------------------------------------------------------------------
 

@@ -44,7 +44,7 @@ class Generation:
 
 # EngineStats fields that add up over steps and calls (peak_rows is a maximum).
 _ADDITIVE = ("prefill_tokens", "prefill_tokens_shared", "decode_slots", "generated_tokens", "readout_tokens",
-             "reused_tokens", "steps", "oom_retries", "preemptions")
+             "reused_tokens", "steps", "oom_retries", "preemptions", "draft_tokens", "accepted_tokens")
 
 
 @dataclass
@@ -57,10 +57,17 @@ class EngineStats:
     generated_tokens: int = 0  # tokens kept as reasoning
     readout_tokens: int = 0  # tokens run only to read a readout (the step after </think>, closing suffixes)
     reused_tokens: int = 0  # tokens of closing sequences served from the cache instead of being run again
-    steps: int = 0
+    steps: int = 0  # decode steps (a verification step counts one)
+    draft_tokens: int = 0  # draft tokens verified (speculation)
+    accepted_tokens: int = 0  # draft tokens kept: each saved a decode step
     oom_retries: int = 0
     preemptions: int = 0  # rows that gave their pages back when the pool was full (and were prefilled again)
     peak_rows: int = 0
+
+    @property
+    def acceptance(self) -> float | None:
+        """The share of draft tokens kept (None: none proposed)."""
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else None
 
     def copy(self) -> "EngineStats":
         return dataclasses.replace(self)
@@ -85,6 +92,7 @@ class DecodeSettings:
     context_size: int  # the most tokens of one row: prompt + max_new_tokens
     kv_tokens: int  # the KV pool, in tokens: the continuous engine's pages, the generate engine's budget
     batch_size: int  # most rows decoded together (resolved: judging.default_batch_size when not asked)
+    speculate: bool = False  # continuous engine: verify prompt-lookup drafts (speculation.py)
 
 
 def fits(lengths: Sequence[int], rows_limit: int, settings: DecodeSettings) -> bool:
