@@ -128,7 +128,7 @@ class Judge:
             context_size=options.context_size,
             kv_tokens=pool_tokens(model, options.kv_memory),
             batch_size=options.batch_size,
-            speculate=options.speculate == "prompt-lookup",
+            speculate=options.speculate,
         )
         self.kind = engine_kind(model, options.engine)
         if self.settings.kv_tokens < options.max_new_tokens + _SHORT_PROMPT:

@@ -14,8 +14,10 @@ from typing import Any, Mapping, Union
 from .errors import Rank1Error
 
 ENGINES = ("auto", "continuous", "generate")
-#: ``speculate``: drafts by prompt lookup verified in the continuous engine, or none.
-SPECULATE = ("prompt-lookup", "off")
+#: ``speculate``: drafts by prompt lookup verified in the continuous engine, or none; "auto" speculates
+#: where decode steps run eager and not where they replay captured CUDA graphs (a verification step runs
+#: eager: unmeasured against a captured step so far).
+SPECULATE = ("auto", "prompt-lookup", "off")
 #: The quantization names ``load_model(quantization=...)`` accepts (besides a BitsAndBytesConfig).
 QUANTIZATIONS = ("bnb-4bit", "bnb-8bit")
 
@@ -68,7 +70,9 @@ class JudgeOptions:
     dataset_prompt: a template with ``FILL_QUERY_HERE`` applied to every query.
     engine: "continuous", "generate" or "auto" (continuous where the model's cache allows it).
     speculate: "prompt-lookup" (the continuous engine guesses each pair's next tokens from its own prompt
-        and reasoning and verifies them in one step; judgements are unchanged) or "off".
+        and reasoning and verifies them in one step; judgements are unchanged), "off", or "auto" (the
+        default: prompt lookup where decode steps run eager, on a CPU, a device map or tensor parallel;
+        off on one GPU, whose plain steps are captured CUDA graphs).
     """
 
     max_new_tokens: int = 8192
@@ -78,7 +82,7 @@ class JudgeOptions:
     token_budget: int | None = None
     dataset_prompt: str | None = None
     engine: str = "auto"
-    speculate: str = "off"
+    speculate: str = "auto"
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:

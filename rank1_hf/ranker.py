@@ -133,7 +133,8 @@ class Rank1:
                 cache allows it).
             speculate: "prompt-lookup" (the continuous engine guesses each pair's next tokens from its own
                 prompt and reasoning and verifies them in one step: same judgements, fewer steps when the
-                reasoning quotes the passage) or "off".
+                reasoning quotes the passage), "off", or "auto" (the default: prompt lookup where decode
+                steps run eager; off on one GPU, whose plain steps are captured CUDA graphs).
             show_progress_bar: None shows one when stderr is a terminal.
             store: a :class:`~rank1_hf.io.store.JudgementStore` or the path of one (created if missing):
                 :meth:`judge` reuses the judgements stored for these settings and stores new ones as
@@ -180,7 +181,7 @@ class Rank1:
     kv_memory = property(lambda self: self.options.kv_memory, doc="The KV pool asked for (None: the default).")
     dataset_prompt = property(lambda self: self.options.dataset_prompt)
     engine = property(lambda self: self.options.engine, doc="The engine asked for (see ``core.kind``).")
-    speculate = property(lambda self: self.options.speculate, doc="Speculative decoding: 'prompt-lookup' or 'off'.")
+    speculate = property(lambda self: self.options.speculate, doc="Speculative decoding: 'auto', 'prompt-lookup' or 'off'.")
     readout = property(lambda self: self.core.readout, doc='The ids of " true" and " false".')
 
     def prepare(self, query: str, passage: str) -> Prepared:

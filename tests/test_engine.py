@@ -69,7 +69,8 @@ class Calls:
 
 def test_planted_lengths_and_free_readout(planted):
     model, tok, pairs, reasoning, refs = planted
-    ranker = Rank1.from_model(model, tok, max_new_tokens=MAX_NEW, engine="continuous", batch_size=4)
+    # Plain decode steps (one token per row per step) are what this counts.
+    ranker = Rank1.from_model(model, tok, max_new_tokens=MAX_NEW, engine="continuous", batch_size=4, speculate="off")
     judged = ranker.judge_with_stats(pairs)
     js = judged.judgements
     assert_same(js, refs)
@@ -92,7 +93,8 @@ def test_rows_join_while_others_are_decoding(planted):
     model, tok, pairs, _, refs = planted
     calls = Calls(model)
     try:
-        ranker = Rank1.from_model(model, tok, max_new_tokens=MAX_NEW, engine="continuous", batch_size=4)
+        ranker = Rank1.from_model(model, tok, max_new_tokens=MAX_NEW, engine="continuous", batch_size=4,
+                                  speculate="off")  # decode steps of width 1
         judged = ranker.judge_with_stats(pairs)
     finally:
         calls.handle.remove()
@@ -109,13 +111,13 @@ def test_rows_join_while_others_are_decoding(planted):
     assert judged.stats.peak_rows == 4
 
 
-def judge_failing_once(planted, engine, fail):
+def judge_failing_once(planted, engine, fail, speculate="off"):
     """Judge the planted pairs with out-of-memory injected where ``fail`` says; every pair must come out
     exactly once, equal to the reference, after exactly one retry. Returns the call trace."""
     model, tok, pairs, _, refs = planted
     calls = Calls(model, fail=fail)
     try:
-        ranker = Rank1.from_model(model, tok, max_new_tokens=MAX_NEW, engine=engine, batch_size=4)
+        ranker = Rank1.from_model(model, tok, max_new_tokens=MAX_NEW, engine=engine, batch_size=4, speculate=speculate)
         got = {}
         judging = ranker.judge_iter(pairs)
         for i, j in judging:
@@ -137,6 +139,23 @@ def test_out_of_memory_on_a_decode_step_loses_and_repeats_nothing(planted, engin
     assert calls.fired_after is not None, "the injected error never fired"
     if engine == "continuous" and step == 30:
         assert calls.fired_after >= 1  # some rows were yielded before the error, and not again after
+
+
+def test_out_of_memory_on_a_verification_step_loses_and_repeats_nothing(planted, monkeypatch):
+    """The same on the 5th step that verifies drafts (speculation): nothing lost, nothing twice."""
+    from rank1_hf.engine.runner import ModelRunner
+
+    verify, seen = ModelRunner.verify, []
+
+    def failing(self, inputs, cached):
+        seen.append(len(inputs))
+        if len(seen) == 5:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return verify(self, inputs, cached)
+
+    monkeypatch.setattr(ModelRunner, "verify", failing)
+    judge_failing_once(planted, "continuous", lambda c, ids: False, speculate="prompt-lookup")
+    assert len(seen) > 5
 
 
 @pytest.mark.parametrize("engine", ["continuous", "generate"])

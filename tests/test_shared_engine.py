@@ -123,7 +123,8 @@ def wait_until(condition, seconds=30.0):
 
 def test_a_closed_iterator_frees_its_waiting_pairs(planted):
     model, tok, pairs = planted
-    ranker = Rank1.from_model(model, tok, max_new_tokens=MAX_NEW, engine="continuous", batch_size=2)
+    # speculate="off": Prefills counts every call wider than one token, as a verification step would be.
+    ranker = Rank1.from_model(model, tok, max_new_tokens=MAX_NEW, engine="continuous", batch_size=2, speculate="off")
     prefills = Prefills(model, delay=0.01)
     try:
         judging = ranker.judge_iter(pairs[:16])
@@ -143,7 +144,8 @@ def test_a_closed_iterator_frees_its_waiting_pairs(planted):
 
 def test_a_cancelled_task_frees_its_waiting_pairs(planted):
     model, tok, pairs = planted
-    ranker = Rank1.from_model(model, tok, max_new_tokens=MAX_NEW, engine="continuous", batch_size=2)
+    # speculate="off": Prefills counts every call wider than one token, as a verification step would be.
+    ranker = Rank1.from_model(model, tok, max_new_tokens=MAX_NEW, engine="continuous", batch_size=2, speculate="off")
     prefills = Prefills(model, delay=0.01)
 
     async def main():

@@ -23,15 +23,25 @@ def test_every_judging_command_takes_speculate(command):
         parser.parse_args(base + ["--speculate", "ngram"])
 
 
-def test_the_option_reaches_the_engine_settings(tiny):
+def test_the_option_reaches_the_engine_and_auto_speculates_only_where_steps_run_eager(tiny, monkeypatch):
     from rank1_hf import Rank1
+    from rank1_hf.engine.continuous import ContinuousEngine
+    from rank1_hf.engine.runner import ModelRunner
 
     model, tok = tiny
     with pytest.raises(Rank1Error, match="unknown speculate 'ngram'"):
         JudgeOptions(speculate="ngram")
-    for value, on in (("prompt-lookup", True), ("off", False)):
+    assert JudgeOptions().speculate == "auto"
+    settings = {}
+    for value in ("auto", "prompt-lookup", "off"):
         with Rank1.from_model(model, tok, speculate=value, max_new_tokens=4, context_size=512) as ranker:
-            assert (ranker.speculate, ranker.core.settings.speculate) == (value, on)
+            assert ranker.speculate == ranker.core.settings.speculate == value
+            settings[value] = ranker.core.settings
+    eager = {value: ContinuousEngine(model, s).speculates for value, s in settings.items()}
+    assert eager == {"auto": True, "prompt-lookup": True, "off": False}  # a CPU: plain steps run eager
+    monkeypatch.setattr(ModelRunner, "captures", property(lambda self: True))  # as on one GPU
+    captured = {value: ContinuousEngine(model, s).speculates for value, s in settings.items()}
+    assert captured == {"auto": False, "prompt-lookup": True, "off": False}
 
 
 def test_acceptance_in_stats_summary_and_metrics():

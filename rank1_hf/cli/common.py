@@ -116,7 +116,8 @@ def add_judge_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--speculate", choices=SPECULATE, default=JudgeOptions.speculate,
                    help="prompt-lookup: the continuous engine guesses each pair's next tokens from its own prompt and "
                         "reasoning and verifies them in one step (same judgements, fewer steps when the reasoning "
-                        f"quotes the passage); off: one token per step (default {JudgeOptions.speculate})")
+                        "quotes the passage); off: one token per step; auto (default): prompt-lookup where decode steps run eager "
+                        "(CPU, device map, tensor parallel), off on one GPU (captured steps)")
     g.add_argument("--threads", type=int,
                    help="CPU threads for torch (default: torch's choice; 1 is much faster on a busy shared CPU)")
     g.add_argument("--dataset-prompt", metavar="TEMPLATE_OR_NAME",

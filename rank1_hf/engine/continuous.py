@@ -63,6 +63,10 @@ class ContinuousEngine:
         self.runner = ModelRunner(model, settings)
         self.rows_stepped = 0  # rows in the last step's decode
         self.kv_tokens = settings.kv_tokens  # the pool, in tokens (halved by each out-of-memory retry)
+        # "auto" verifies drafts only where plain steps run eager: a verification step always does, and
+        # against a captured step it is unmeasured (benchmarks/RESULTS.md, the GPU plan).
+        self.speculates = settings.speculate == "prompt-lookup" or (
+            settings.speculate == "auto" and not self.runner.captures)
 
     supports = staticmethod(supports)
 
@@ -163,7 +167,7 @@ class ContinuousEngine:
         """One decode step for every row: a verification step when any row has drafts, else a plain one."""
         rows = self.rows
         n = self.rows_stepped = len(rows)
-        drafts = self._drafts() if self.settings.speculate else None
+        drafts = self._drafts() if self.speculates else None
         if drafts is not None and any(drafts):
             self._verify(drafts)
         else:

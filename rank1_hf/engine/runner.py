@@ -52,6 +52,11 @@ class ModelRunner:
         self._static: StaticDecode | None = None  # bound to the current cache and mask
         self._head = contextlib.ExitStack()  # the fast output head, in place while rows are in flight
 
+    @property
+    def captures(self) -> bool:
+        """Plain decode steps replay CUDA graphs (one GPU, plain weights, sdpa)."""
+        return self._static_step
+
     # ---- the pool ------------------------------------------------------------------------------------
 
     @torch.inference_mode()

@@ -92,7 +92,7 @@ class DecodeSettings:
     context_size: int  # the most tokens of one row: prompt + max_new_tokens
     kv_tokens: int  # the KV pool, in tokens: the continuous engine's pages, the generate engine's budget
     batch_size: int  # most rows decoded together (resolved: judging.default_batch_size when not asked)
-    speculate: bool = False  # continuous engine: verify prompt-lookup drafts (speculation.py)
+    speculate: str = "off"  # continuous engine: "prompt-lookup" drafts verified (speculation.py), "off", "auto"
 
 
 def fits(lengths: Sequence[int], rows_limit: int, settings: DecodeSettings) -> bool:
