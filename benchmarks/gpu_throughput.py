@@ -79,12 +79,16 @@ def copy_bandwidth(device: torch.device) -> float:
 @contextmanager
 def engine_named(ranker: Rank1, name: str, batch: int):
     """A ranker over ``ranker``'s model as engine ``name`` with ``batch`` rows; "continuous-eager" turns the
-    captured decode step off. Its engine (cache, graphs) lives until the block ends."""
+    captured decode step off; "continuous-lookup" verifies prompt-lookup drafts (eager verification steps
+    beside captured plain ones); the others decode plainly. Its engine (cache, graphs) lives until the
+    block ends."""
     saved = runner_module.graphable
     if name.endswith("-eager"):
         runner_module.graphable = lambda model: False
+    speculate = "prompt-lookup" if name.endswith("-lookup") else "off"
     other = Rank1.from_model(ranker.model, ranker.tokenizer, max_new_tokens=ranker.max_new_tokens,
-                             context_size=ranker.context_size, engine=name.removesuffix("-eager"), batch_size=batch)
+                             context_size=ranker.context_size, engine=name.split("-")[0], batch_size=batch,
+                             speculate=speculate)
     try:
         yield other
     finally:
@@ -210,7 +214,9 @@ def main() -> None:
     ap.add_argument("--long", action="store_true", help="rank1's lengths: ~1,500 tokens per row when timed")
     ap.add_argument("--skip-workload", action="store_true")
     ap.add_argument("--skip-steps", action="store_true", help="only the workload-1 run")
-    ap.add_argument("--engines", nargs="+", default=["generate", "continuous-eager", "continuous"])
+    ap.add_argument("--engines", nargs="+", default=["generate", "continuous-eager", "continuous"],
+                    help="also continuous-lookup: speculation by prompt lookup")
+    ap.add_argument("--workload-batch", type=int, default=64, help="rows in flight in the workload-1 run")
     args = ap.parse_args()
     began = time.perf_counter()
     captures = Captures()
@@ -260,9 +266,9 @@ def main() -> None:
     pairs, planted, never = workload(1, tok, args.pairs)
     ranker = Rank1.from_model(model, tok, max_new_tokens=max(planted.values()) + 8)
     handle = plant_lengths(model, tok, planted, never)
-    print("\n| engine (workload 1) | pairs | s | pairs/s | generated tokens/s | steps | s in forward | slot eff "
-          "| same reasoning as eager | max score diff |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(f"\n| engine (workload 1, {args.workload_batch} rows) | pairs | s | pairs/s | generated tokens/s | steps "
+          "| drafts accepted | s in forward | slot eff | same reasoning as eager | max score diff |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     eager = None
     # eager first: the others compare to it
     for engine in dict.fromkeys(("continuous-eager", *args.engines, "continuous")):
@@ -272,7 +278,7 @@ def main() -> None:
         clock = ForwardClock(model)
         sync()
         start = time.perf_counter()
-        with engine_named(ranker, engine, 64) as named:
+        with engine_named(ranker, engine, args.workload_batch) as named:
             result = named.judge_with_stats(pairs)
         sync()
         elapsed = time.perf_counter() - start
@@ -282,7 +288,8 @@ def main() -> None:
         same = sum(a.reasoning == b.reasoning for a, b in zip(judged, eager)) / len(pairs)
         diff = max(abs(a.score - b.score) for a, b in zip(judged, eager))
         print(f"| {engine} | {len(pairs)} | {elapsed:.1f} | {len(pairs) / elapsed:.2f} | "
-              f"{st.generated_tokens / elapsed:.0f} | {st.steps} | {clock.total:.1f} | "
+              f"{st.generated_tokens / elapsed:.0f} | {st.steps} | {st.accepted_tokens}/{st.draft_tokens} | "
+              f"{clock.total:.1f} | "
               f"{st.generated_tokens / max(st.decode_slots, 1):.3f} | {same:.3f} | {diff:.2e} |", flush=True)
     print(f"\ngraphs: {captures}", flush=True)
     handle.remove()

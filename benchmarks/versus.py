@@ -41,8 +41,11 @@ CHILD = textwrap.dedent(
     from rank1_hf import Rank1
     spec = json.load(open(sys.argv[1]))
     pairs = [tuple(p) for p in spec["pairs"]]
+    from rank1_hf.options import JudgeOptions
+    # Plain decode steps on every revision: speculation (a default since issue 31) changes what a step is.
+    plain = {"speculate": "off"} if hasattr(JudgeOptions, "speculate") else {}
     ranker = Rank1(spec["model"], max_new_tokens=spec["max_new_tokens"], batch_size=len(pairs),
-                   show_progress_bar=False)
+                   show_progress_bar=False, **plain)
     ranker.judge(pairs[:2])  # warm-up: the engine is made here (where engines are kept)
     out = {}
     start = time.perf_counter()

@@ -459,7 +459,7 @@ def test_bnb_4bit_computes_in_the_models_dtype(monkeypatch, dtype):
 # ---- benchmarks/gpu_run.sh: one device call that surely ends in time -------------------------------------
 
 ROOT = Path(__file__).resolve().parent.parent
-STAGES = ("steps", "gather", "workload", "check")
+STAGES = ("steps", "gather", "workload", "speculation", "check")
 
 
 def test_gpu_run_timeouts_add_up_to_under_eight_minutes():
@@ -480,9 +480,10 @@ def test_gpu_run_dry_run_on_cpu_prints_every_stage(tmp_path):
         assert f"=== {stage}: exit 0" in out, out[-3000:]
         assert (tmp_path / f"{stage}.log").read_text().strip()
     for row in ("| continuous | 1 |", "| continuous-eager | 2 |", "| whole pages, 1.5x buckets |",
-                "| continuous | 4 |", "| small random Qwen2 packed as AWQ int4 vs bf16 twin (cpu) | PASS |"):
+                "| continuous | 4 |", "| continuous-lookup | 4 |",
+                "| small random Qwen2 packed as AWQ int4 vs bf16 twin (cpu) | PASS |"):
         assert row in out, row
-    assert out.count("graphs: 0 captured") == 2  # reported by both gpu_throughput runs (none on CPU)
+    assert out.count("graphs: 0 captured") == 3  # reported by every gpu_throughput run (none on CPU)
     assert "=== done in" in out
 
 
