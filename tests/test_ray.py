@@ -210,10 +210,16 @@ def test_bad_ray_flags_are_one_line_errors_before_ray_starts(tmp_path, capsys, m
     assert not (tmp_path / "out.trec").exists()
 
 
-def test_ray_serve_checks_model_and_loading_flags_before_ray_starts(tmp_path, capsys):
+def test_ray_serve_checks_model_and_loading_flags_before_ray_starts(tmp_path, capsys, monkeypatch):
     import ray
 
     from rank1_hf.scale.__main__ import main as scale_main
+
+    def touched(*args, **kwargs):  # another test's cluster may be up in this process: fail on any use
+        raise AssertionError("Ray was used before the flags were checked")
+
+    monkeypatch.setattr(ray, "is_initialized", touched)
+    monkeypatch.setattr(ray, "init", touched)
 
     assert scale_main(["serve", "--model", str(tmp_path / "missing")]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
@@ -222,7 +228,6 @@ def test_ray_serve_checks_model_and_loading_flags_before_ray_starts(tmp_path, ca
     (tmp_path / "m" / "config.json").write_text("{}")
     assert scale_main(["serve", "--model", str(tmp_path / "m"), "--dtype", "float64"]) == 2
     assert "--dtype: unknown dtype 'float64'" in capsys.readouterr().err
-    assert not ray.is_initialized()
 
 
 def test_judge_batch_on_a_numpy_batch_gives_the_rankers_judgements_and_keeps_other_columns(model_dir):
