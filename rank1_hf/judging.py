@@ -26,7 +26,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .engine.continuous import ContinuousEngine
 from .engine.generate import GenerateEngine
-from .engine.lockstep import STOP, LeaderEngine, follow
+from .engine.lockstep import LeaderEngine, follow
 from .engine.readout import readout_ids, score
 from .engine.stopping import ThinkDetector, split_reasoning
 from .engine.types import DecodeSettings, EngineStats, Generation
@@ -34,7 +34,7 @@ from .engine.worker import EngineWorker, Ticket
 from .errors import Rank1Error
 from .judgement import Judgement
 from .model.kv_budget import pool_tokens
-from .model.tensor_parallel import followed, is_followed, layout, send, tp_size
+from .model.tensor_parallel import STOP, followed, is_followed, layout, send, tp_size
 from .options import JudgeOptions
 from .prompt import Pair, build_prompt, unpack_pair
 

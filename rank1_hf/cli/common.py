@@ -167,7 +167,7 @@ def make_ranker(model: str, load: LoadOptions, judge: JudgeOptions, threads: int
         tensor_parallel.start(layout)
         if not layout.is_leader:
             follow_job()
-        tensor_parallel.send(("load", path, load, judge))  # the followers load it too
+        tensor_parallel.send((tensor_parallel.LOAD, path, load, judge))  # the followers load it too
         tensor_parallel.followed(True, job=True)
     return Rank1(path, load=load, judge=judge, show_progress_bar=show_progress_bar, store=store)
 
@@ -175,15 +175,14 @@ def make_ranker(model: str, load: LoadOptions, judge: JudgeOptions, threads: int
 def follow_job() -> NoReturn:
     """A tensor-parallel process other than rank 0: load each model rank 0 loads and follow its engine
     (engine/lockstep.py) until rank 0's job ends, then exit 0. It reads and writes nothing of the job."""
-    from ..engine.lockstep import END
     from ..model import tensor_parallel
     from ..ranker import Rank1
 
     message = tensor_parallel.receive()
-    while message[0] == "load":
+    while message[0] == tensor_parallel.LOAD:
         _, path, load, judge = message
         message = Rank1(path, load=load, judge=judge, show_progress_bar=False).follow()
-        if message != END and message[0] != "load":  # rank 0 closed that ranker: wait for its next one
+        if message != tensor_parallel.END and message[0] != tensor_parallel.LOAD:  # rank 0 closed that ranker: wait for its next one
             message = tensor_parallel.receive()
     raise SystemExit(0)
 

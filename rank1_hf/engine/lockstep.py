@@ -20,11 +20,10 @@ from typing import Any, Callable
 
 from ..errors import Rank1Error
 from ..model import tensor_parallel
+from ..model.tensor_parallel import END, LOAD, STOP
 
 logger = logging.getLogger(__name__)
 
-#: The message that ends :func:`follow` for the ranker it follows, and the one that ends the job.
-STOP, END = ("stop",), ("end",)
 
 
 class LeaderEngine:
@@ -72,14 +71,15 @@ class LeaderEngine:
 
 def follow(make_engine: Callable[[], Any]) -> tuple[str, ...]:
     """Follower: run the leader's engine calls on engines made by ``make_engine`` until the leader sends
-    :data:`STOP` or :data:`END` (returned). A failing call raises a Rank1Error naming this process."""
+    :data:`~rank1_hf.model.tensor_parallel.STOP`, :data:`~rank1_hf.model.tensor_parallel.END` or another
+    ranker's ``LOAD`` (returned). A failing call raises a Rank1Error naming this process."""
     engine = None
     rank = tensor_parallel.layout().rank
     try:
         while True:
             message = tensor_parallel.receive()
             op = message[0]
-            if op in (STOP[0], END[0]) or op == "load":
+            if op in (STOP[0], END[0], LOAD):
                 return message
             if op == "close":
                 if engine is not None:

@@ -26,6 +26,12 @@ from ..errors import Rank1Error
 
 logger = logging.getLogger(__name__)
 
+#: The leader's messages about whole rankers (engine/lockstep.py sends the engine calls between them):
+#: a follower loads ``(LOAD, path, load options, judge options)`` too and follows that ranker until
+#: :data:`STOP` (the ranker was closed) or :data:`END` (the leader's job is over).
+LOAD = "load"
+STOP, END = ("stop",), ("end",)
+
 _LAUNCH = "start it with torchrun --nproc-per-node N -m rank1_hf -- COMMAND ... --tensor-parallel"
 
 # The followers wait on the control group between the leader's engine calls, which may be far apart (a
@@ -195,7 +201,7 @@ def end_job() -> None:
     layout = _Group.layout
     if layout is not None and layout.is_leader and (_Group.job or _Group.following) and not _Group.ended:
         try:
-            send(("end",))
+            send(END)
         except Exception as error:  # noqa: BLE001 - a follower already gone: torchrun ends the job anyway
             logger.debug("could not end the followers: %s", error)
     _Group.ended = True
