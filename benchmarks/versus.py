@@ -42,8 +42,9 @@ CHILD = textwrap.dedent(
     spec = json.load(open(sys.argv[1]))
     pairs = [tuple(p) for p in spec["pairs"]]
     from rank1_hf.options import JudgeOptions
-    # Plain decode steps on every revision: speculation (a default since issue 31) changes what a step is.
-    plain = {"speculate": "off"} if hasattr(JudgeOptions, "speculate") else {}
+    # Plain decode steps unless --speculate says otherwise (issue 31's default "auto" changes what a step is);
+    # a revision without the option decodes plainly.
+    plain = {"speculate": spec["speculate"]} if hasattr(JudgeOptions, "speculate") else {}
     ranker = Rank1(spec["model"], max_new_tokens=spec["max_new_tokens"], batch_size=len(pairs),
                    show_progress_bar=False, **plain)
     ranker.judge(pairs[:2])  # warm-up: the engine is made here (where engines are kept)
@@ -111,6 +112,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="alternating runs per revision (the fastest is kept)")
     ap.add_argument("--vllm-python", default=os.environ.get("VLLM_PYTHON"), help="vLLM's CPU venv python")
     ap.add_argument("--passive", action="store_true", help="set OMP_WAIT_POLICY=PASSIVE in the runs")
+    ap.add_argument("--speculate", default="off", choices=["off", "auto", "prompt-lookup"],
+                    help="speculation in revisions that have it (default off: plain decode steps everywhere)")
     args = ap.parse_args()
     revisions = {"base": args.base, "head": args.head}
     print(f"# base {args.base}, head {args.head}, {args.pairs} pairs, {args.callers} threads x "
@@ -132,7 +135,7 @@ def main() -> None:
             pairs = make_pairs(args.pairs)
             spec = tmp / f"{workload}.json"
             spec.write_text(json.dumps({"model": str(model), "pairs": pairs, "max_new_tokens": MAX_NEW[workload],
-                                        "callers": args.callers}))
+                                        "callers": args.callers, "speculate": args.speculate}))
             best: dict = {}
             for r in range(args.rounds):
                 for name in ("base", "head"):
